@@ -1,0 +1,3 @@
+from vieval_runner.cli import main
+
+raise SystemExit(main())

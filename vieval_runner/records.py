@@ -1,0 +1,98 @@
+"""The records that travel through the stages: `Specimen` in, `Prediction` out.
+
+Every stage module imports these; none defines its own copy. Boxes are always in
+original-image pixels, ``x1 <= x2`` and ``y1 <= y2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Task = Literal["grounding", "vqa"]
+TASKS: tuple[str, ...] = ("grounding", "vqa")
+
+ParseStatus = Literal["ok", "empty", "truncated", "malformed", "out_of_range"]
+PARSE_STATUSES: tuple[str, ...] = ("ok", "empty", "truncated", "malformed", "out_of_range")
+
+
+@dataclass(frozen=True)
+class Box:
+    """One box in original-image pixels, with an optional label and confidence score."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str = ""
+    score: float | None = None
+
+    def as_list(self) -> list[float]:
+        return [self.x1, self.y1, self.x2, self.y2]
+
+    def to_row(self) -> dict:
+        """The store's box struct: ``{x1, y1, x2, y2, label, score}``."""
+        return {
+            "x1": float(self.x1),
+            "y1": float(self.y1),
+            "x2": float(self.x2),
+            "y2": float(self.y2),
+            "label": self.label,
+            "score": None if self.score is None else float(self.score),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict) -> Box:
+        return cls(row["x1"], row["y1"], row["x2"], row["y2"], row.get("label") or "", row.get("score"))
+
+
+@dataclass
+class Specimen:
+    """One evaluation specimen: an image, a prompt and its reference."""
+
+    specimen_id: str
+    task: Task
+    prompt: str
+    width: int
+    height: int
+    image_path: str | None = None
+    image_bytes: bytes | None = None
+    ref_boxes: list[Box] = field(default_factory=list)
+    ref_answers: list[str] = field(default_factory=list)
+
+    def load_image(self):
+        """The image as an RGB ``PIL.Image`` (decoded on demand, never cached here)."""
+        import io
+
+        from PIL import Image
+
+        if self.image_bytes is not None:
+            img = Image.open(io.BytesIO(self.image_bytes))
+        elif self.image_path is not None:
+            img = Image.open(self.image_path)
+        else:
+            raise ValueError(f"specimen {self.specimen_id!r} has neither image_path nor image_bytes")
+        return img.convert("RGB")
+
+
+@dataclass
+class ParseResult:
+    """What a parser made of one model output. Parsers never raise: junk is a status."""
+
+    status: ParseStatus
+    boxes: list[Box] = field(default_factory=list)
+    answer: str | None = None
+
+
+@dataclass
+class Prediction:
+    """One specimen's result at one step: raw text, what was parsed, and its scores."""
+
+    specimen_id: str
+    raw_text: str
+    parse_status: ParseStatus
+    pred_boxes: list[Box] = field(default_factory=list)
+    pred_answer: str | None = None
+    metrics: dict[str, float | int | None] = field(default_factory=dict)
+    failure_category: str = ""
+    input_size: tuple[int, int] | None = None
