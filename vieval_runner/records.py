@@ -43,7 +43,9 @@ class Box:
 
     @classmethod
     def from_row(cls, row: dict) -> Box:
-        return cls(row["x1"], row["y1"], row["x2"], row["y2"], row.get("label") or "", row.get("score"))
+        return cls(
+            row["x1"], row["y1"], row["x2"], row["y2"], row.get("label") or "", row.get("score")
+        )
 
 
 @dataclass
@@ -71,7 +73,9 @@ class Specimen:
         elif self.image_path is not None:
             img = Image.open(self.image_path)
         else:
-            raise ValueError(f"specimen {self.specimen_id!r} has neither image_path nor image_bytes")
+            raise ValueError(
+                f"specimen {self.specimen_id!r} has neither image_path nor image_bytes"
+            )
         return img.convert("RGB")
 
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: offline mode, tiny training runs built once per session, mixed specimens."""
+
+from __future__ import annotations
+
+import io
+import os
+
+# set before anything imports transformers / huggingface_hub: nothing may be downloaded
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+
+from vieval_runner.records import Specimen  # noqa: E402
+
+_SIZES = [
+    (64, 48),
+    (96, 96),
+    (120, 80),
+    (80, 120),
+    (128, 64),
+    (50, 70),
+    (100, 100),
+    (72, 56),
+    (110, 90),
+]
+_PROMPTS = [
+    "red circle",
+    "the blue square on the left",
+    "triangle",
+    "what color is the big star at the top right",
+    "a",
+    "green",
+    "the small black circle near the middle of the picture",
+    "yellow box",
+    "car",
+]
+
+
+def make_specimens(task: str = "grounding") -> list[Specimen]:
+    """Nine specimens whose images differ in size and whose prompts differ in length."""
+    from PIL import Image, ImageDraw
+
+    specimens = []
+    for i, ((w, h), prompt) in enumerate(zip(_SIZES, _PROMPTS, strict=True)):
+        image = Image.new("RGB", (w, h), (20 * i, 100, 200 - 10 * i))
+        ImageDraw.Draw(image).rectangle(
+            [w // 4, h // 4, w // 2, h // 2], fill=(255, 255 - 25 * i, 0)
+        )
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        specimens.append(Specimen(f"img{i}.png", task, prompt, w, h, image_bytes=buf.getvalue()))
+    return specimens
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``tiny_run(family)`` -> TinyRun, written once per session per family (steps 100-300)."""
+    from transformers.utils import logging as hf_logging
+
+    from vieval_runner.tiny_models import write_tiny_run
+
+    hf_logging.disable_progress_bar()
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = write_tiny_run(tmp_path_factory.mktemp(f"tiny_{family}"), family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def specimens() -> list[Specimen]:
+    return make_specimens()

@@ -1,0 +1,215 @@
+"""Prompts, cached processor outputs, batch invariance, order, forced texts, OOM halving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vieval_runner.generation import build_prompt, collate, generate, prepare
+from vieval_runner.models import load_base, swap_weights
+from vieval_runner.records import Specimen
+from vieval_runner.tiny_models import FAMILIES_BUILDABLE
+
+_FORCED = {
+    "qwen2_vl": "<|object_ref_start|>red circle<|object_ref_end|>"
+    "<|box_start|>(100,200),(300,400)<|box_end|>",
+    "qwen25_vl": '```json\n[\n  {"bbox_2d": [12, 34, 56, 78], "label": "red circle"}\n]\n```',
+    "qwen3_vl": '[{"bbox_2d": [100, 200, 300, 400], "label": "blue square"}]',
+    "paligemma": "<loc0256><loc0128><loc0768><loc0512> red circle ; "
+    "<loc0000><loc0010><loc1023><loc0999> blue square",
+}
+
+
+@pytest.fixture(scope="module")
+def loaded_at_200(tiny_run):
+    """family -> (LoadedModel at checkpoint-200, run); built lazily."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            run = tiny_run(family)
+            loaded = load_base(run.base_model_dir, device="cpu")
+            swap_weights(loaded, run.run_dir / "checkpoint-200")
+            cache[family] = (loaded, run)
+        return cache[family]
+
+    return get
+
+
+def test_build_prompt_qwen_chat_and_templates(loaded_at_200):
+    loaded, _ = loaded_at_200("qwen25_vl")
+    spec = Specimen("a", "grounding", "red circle", 10, 10, image_bytes=b"")
+    text = build_prompt(loaded, spec)
+    assert text.endswith(
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Locate red circle in the "
+        "image and output its bbox coordinates in JSON format.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    custom = build_prompt(
+        loaded, spec, 'Box {prompt} as {"bbox_2d": [...]}', system_prompt="Be brief."
+    )
+    assert custom.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert 'Box red circle as {"bbox_2d": [...]}<|im_end|>' in custom
+    vqa = Specimen("b", "vqa", "What color?", 10, 10, image_bytes=b"")
+    assert "<|vision_end|>What color?<|im_end|>" in build_prompt(loaded, vqa)
+    qwen2, _ = loaded_at_200("qwen2_vl")
+    assert "Find <|object_ref_start|>red circle<|object_ref_end|>" in build_prompt(qwen2, spec)
+
+
+def test_build_prompt_paligemma(loaded_at_200):
+    loaded, _ = loaded_at_200("paligemma")
+    assert build_prompt(loaded, Specimen("a", "grounding", "cat", 1, 1)) == "<image>detect cat"
+    assert build_prompt(loaded, Specimen("a", "vqa", "why?", 1, 1)) == "<image>answer en why?"
+
+
+def test_prepare_caches_per_specimen_outputs(loaded_at_200, specimens):
+    loaded, _ = loaded_at_200("qwen25_vl")
+    prepared = prepare(loaded, specimens)
+    assert [p.specimen_id for p in prepared] == [s.specimen_id for s in specimens]
+    assert len({p.prompt_len for p in prepared}) > 3  # image and prompt lengths vary
+    for p in prepared:
+        grid = p.tensors["image_grid_thw"]
+        assert grid.shape == (1, 3)
+        assert p.tensors["pixel_values"].shape[0] == int(grid.prod())
+        assert p.input_size == (int(grid[0, 2]) * 14, int(grid[0, 1]) * 14)
+        image_pad = loaded.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert int((p.input_ids == image_pad).sum()) == int(grid.prod()) // 4
+
+
+def test_collate_left_pads_and_concatenates(loaded_at_200, specimens):
+    loaded, _ = loaded_at_200("qwen25_vl")
+    prepared = prepare(loaded, specimens[:3])
+    batch = collate(loaded, prepared)
+    width = max(p.prompt_len for p in prepared)
+    pad = loaded.processor.tokenizer.pad_token_id
+    assert batch["input_ids"].shape == (3, width)
+    for row, p in enumerate(prepared):
+        n_pad = width - p.prompt_len
+        assert torch.equal(batch["input_ids"][row, n_pad:], p.input_ids)
+        assert (batch["input_ids"][row, :n_pad] == pad).all()
+        assert batch["attention_mask"][row].tolist() == [0] * n_pad + [1] * p.prompt_len
+    assert batch["pixel_values"].shape[0] == sum(
+        p.tensors["pixel_values"].shape[0] for p in prepared
+    )
+    assert batch["image_grid_thw"].shape == (3, 3)
+    pali, _ = loaded_at_200("paligemma")
+    pbatch = collate(pali, prepare(pali, specimens[:3]))
+    assert pbatch["pixel_values"].shape == (3, 3, 32, 32)
+    assert pbatch["token_type_ids"].shape == pbatch["input_ids"].shape
+
+
+@pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
+def test_batch_invariance_and_order(loaded_at_200, family, specimens):
+    loaded, _ = loaded_at_200(family)
+    prepared = prepare(loaded, specimens)
+    one = generate(loaded, prepared, batch_size=1, max_new_tokens=10)
+    many = generate(loaded, prepared, batch_size=8, max_new_tokens=10)
+    assert [g.text for g in many] == [g.text for g in one]
+    assert [g.n_new_tokens for g in many] == [g.n_new_tokens for g in one]
+    assert len({g.text for g in one}) > 2  # distinct outputs, so a mix-up would show
+    # order: results follow the prepared list, whatever order it comes in
+    perm = [3, 0, 8, 5, 1, 7, 2, 6, 4]
+    shuffled = generate(loaded, [prepared[i] for i in perm], batch_size=4, max_new_tokens=10)
+    assert [g.text for g in shuffled] == [one[i].text for i in perm]
+    assert [g.input_size for g in many] == [p.input_size for p in prepared]
+
+
+def test_prepared_inputs_are_reused_across_checkpoints(loaded_at_200, specimens):
+    loaded, run = loaded_at_200("qwen2_vl")
+    prepared = prepare(loaded, specimens)
+    snapshot = [p.input_ids.clone() for p in prepared]
+    at_200 = [g.text for g in generate(loaded, prepared, max_new_tokens=8)]
+    swap_weights(loaded, run.run_dir / "checkpoint-300")
+    at_300 = [g.text for g in generate(loaded, prepared, max_new_tokens=8)]
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    assert at_300 != at_200
+    assert [g.text for g in generate(loaded, prepared, max_new_tokens=8)] == at_200
+    assert all(torch.equal(a, p.input_ids) for a, p in zip(snapshot, prepared, strict=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
+def test_forced_texts_survive_padding_sorting_and_decoding(loaded_at_200, family, specimens):
+    loaded, _ = loaded_at_200(family)
+    prepared = prepare(loaded, specimens)
+    forced = [None if i % 4 == 3 else f"{_FORCED[family]} {i}" for i in range(len(specimens))]
+    out = generate(loaded, prepared, batch_size=4, max_new_tokens=80, forced_texts=forced)
+    tok = loaded.processor.tokenizer
+    for i, (g, text) in enumerate(zip(out, forced, strict=True)):
+        if text is None:
+            continue
+        assert g.text == text, i
+        assert g.n_new_tokens == len(tok.encode(text, add_special_tokens=False))
+        assert not g.truncated
+
+
+def test_truncation_is_flagged(loaded_at_200, specimens):
+    loaded, _ = loaded_at_200("qwen25_vl")
+    prepared = prepare(loaded, specimens[:2])
+    out = generate(loaded, prepared, max_new_tokens=5, forced_texts=[_FORCED["qwen25_vl"]] * 2)
+    assert all(g.truncated and g.n_new_tokens == 5 for g in out)
+    assert all(_FORCED["qwen25_vl"].startswith(g.text) and g.text for g in out)
+
+
+def test_oom_halves_the_batch_and_keeps_every_specimen(loaded_at_200, specimens, monkeypatch):
+    loaded, _ = loaded_at_200("paligemma")
+    prepared = prepare(loaded, specimens)
+    expected = [g.text for g in generate(loaded, prepared, batch_size=8, max_new_tokens=6)]
+    real_generate = loaded.model.generate
+    sizes = []
+
+    def small_memory(**kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(loaded.model, "generate", small_memory)
+    done = []
+    with pytest.warns(RuntimeWarning, match="out of memory at batch size 8; halving to 4") as rec:
+        out = generate(loaded, prepared, batch_size=8, max_new_tokens=6, progress=done.append)
+    assert len([w for w in rec if "out of memory" in str(w.message)]) == 1  # warned once
+    assert [g.text for g in out] == expected
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2
+    assert sum(done) == len(specimens)
+
+    def no_memory(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(loaded.model, "generate", no_memory)
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning):
+        generate(loaded, prepared[:2], batch_size=2)
+
+
+def test_generate_rejects_bad_arguments(loaded_at_200, specimens):
+    loaded, _ = loaded_at_200("paligemma")
+    prepared = prepare(loaded, specimens[:2])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate(loaded, prepared, batch_size=0)
+    with pytest.raises(ValueError, match="1 forced_texts for 2 specimens"):
+        generate(loaded, prepared, forced_texts=["x"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
+def test_batch_invariance_on_gpu_bf16(tiny_run, family, specimens):
+    run = tiny_run(family)
+    loaded = load_base(run.base_model_dir, device="cuda", dtype="bf16")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    prepared = prepare(loaded, specimens)
+    forced = [_FORCED[family]] * len(specimens)
+    one = generate(loaded, prepared, batch_size=1, max_new_tokens=80, forced_texts=forced)
+    many = generate(loaded, prepared, batch_size=8, max_new_tokens=80, forced_texts=forced)
+    assert [g.text for g in one] == [g.text for g in many] == forced
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
+def test_batch_invariance_on_gpu_fp32_free_running(tiny_run, family, specimens):
+    run = tiny_run(family)
+    loaded = load_base(run.base_model_dir, device="cuda", dtype="fp32")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    prepared = prepare(loaded, specimens)
+    one = generate(loaded, prepared, batch_size=1, max_new_tokens=10)
+    many = generate(loaded, prepared, batch_size=8, max_new_tokens=10)
+    assert [g.text for g in one] == [g.text for g in many]

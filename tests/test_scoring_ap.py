@@ -1,0 +1,140 @@
+"""COCO AP of scored boxes against pycocotools COCOeval and torchmetrics on the same boxes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from vieval_runner.records import Box
+from vieval_runner.scoring import aggregate_grounding, coco_average_precision, score_grounding
+from vieval_runner.scoring.iou import step_ious
+
+
+def scored_step(seed: int, n: int = 30) -> tuple[list[list[Box]], list[list[Box]]]:
+    """References plus predictions: jittered copies of references (some far off), random
+    extra boxes, random scores; some specimens without references or without predictions."""
+    rng = np.random.default_rng(seed)
+    preds, refs = [], []
+    for i in range(n):
+        ref = []
+        for _ in range(int(rng.integers(0, 4))):
+            x, y = rng.uniform(0, 300, 2)
+            w, h = rng.uniform(5, 100, 2)
+            ref.append(Box(x, y, x + w, y + h))
+        pred = []
+        for b in ref:
+            if rng.uniform() < 0.8:
+                j = rng.normal(0, rng.choice([2.0, 8.0, 20.0]), 4)
+                x1, y1, x2, y2 = np.array(b.as_list()) + j
+                pred.append(Box(min(x1, x2), min(y1, y2), max(x1, x2) + 1, max(y1, y2) + 1))
+        for _ in range(int(rng.integers(0, 3))):
+            x, y = rng.uniform(0, 300, 2)
+            w, h = rng.uniform(5, 100, 2)
+            pred.append(Box(x, y, x + w, y + h))
+        pred = [Box(*b.as_list(), score=float(rng.uniform())) for b in pred]
+        if i % 7 == 3:
+            pred = []
+        preds.append(list(rng.permutation(np.array(pred, dtype=object))) if pred else [])
+        refs.append(ref)
+    return preds, refs
+
+
+def _xywh(b: Box) -> list[float]:
+    return [b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1]
+
+
+def cocoeval_stats(preds, refs, max_dets=(1, 10, 100)) -> np.ndarray:
+    """Built straight from pycocotools: every specimen an image, one category."""
+    anns, aid = [], 1
+    for img, bs in enumerate(refs, 1):
+        for b in bs:
+            x, y, w, h = _xywh(b)
+            anns.append({"id": aid, "image_id": img, "category_id": 1, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})  # fmt: skip
+            aid += 1
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i} for i in range(1, len(refs) + 1)],
+                  "categories": [{"id": 1, "name": "phrase"}], "annotations": anns}  # fmt: skip
+    results = [{"image_id": img, "category_id": 1, "bbox": _xywh(b), "score": b.score}
+               for img, bs in enumerate(preds, 1) for b in bs]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.maxDets = list(max_dets)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # summarize() hard-codes maxDets=100 for AP, so read AP at the last maxDets from the
+    # accumulated precision array [iou, recall, class, area, maxDets] ("all" area is index 0).
+    prec = ev.eval["precision"][:, :, 0, 0, -1]
+    return np.array([prec.mean(), prec[0].mean(), prec[5].mean()])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_ap_equals_pycocotools(seed):
+    preds, refs = scored_step(seed)
+    stats = cocoeval_stats(preds, refs)
+    got = coco_average_precision(preds, refs, step_ious(preds, refs))
+    assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
+    assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
+    assert got["ap75"] == pytest.approx(stats[2], abs=1e-6)
+    assert 0.0 < got["ap"] < got["ap50"] < 1.0  # the data is neither trivial nor hopeless
+
+
+def test_ap_max_dets_truncation_equals_pycocotools():
+    preds, refs = scored_step(11)
+    stats = cocoeval_stats(preds, refs, max_dets=(1, 1, 2))  # COCOeval sorts maxDets
+    got = coco_average_precision(preds, refs, step_ious(preds, refs), max_dets=2)
+    assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
+    assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
+    full = coco_average_precision(preds, refs, step_ious(preds, refs))
+    assert full["ap"] != pytest.approx(got["ap"], abs=1e-6)  # truncation really happened
+
+
+def test_ap_with_tied_scores_equals_pycocotools():
+    preds, refs = scored_step(5)
+    preds = [[Box(*b.as_list(), score=round(b.score, 1)) for b in bs] for bs in preds]
+    stats = cocoeval_stats(preds, refs)
+    got = coco_average_precision(preds, refs, step_ious(preds, refs))
+    assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
+    assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
+
+
+def test_ap_equals_torchmetrics():
+    from torchmetrics.detection import MeanAveragePrecision
+
+    preds, refs = scored_step(8)
+    metric = MeanAveragePrecision(iou_type="bbox", box_format="xyxy")
+
+    def boxes(bs):
+        return torch.tensor([b.as_list() for b in bs], dtype=torch.float64).reshape(-1, 4)
+
+    metric.update(
+        [{"boxes": boxes(bs), "scores": torch.tensor([b.score for b in bs], dtype=torch.float64),
+          "labels": torch.zeros(len(bs), dtype=torch.long)} for bs in preds],
+        [{"boxes": boxes(bs), "labels": torch.zeros(len(bs), dtype=torch.long)} for bs in refs],
+    )  # fmt: skip
+    tm = metric.compute()
+    agg = aggregate_grounding(
+        score_grounding(preds, refs, ["ok"] * len(preds)), ["ok"] * len(preds), preds, refs
+    )
+    assert agg["ap"] == pytest.approx(float(tm["map"]), abs=1e-6)
+    assert agg["ap50"] == pytest.approx(float(tm["map_50"]), abs=1e-6)
+
+
+def test_ap_undefined_cases():
+    refs = [[Box(0, 0, 10, 10)]]
+    assert coco_average_precision([[Box(0, 0, 10, 10)]], refs, [np.ones((1, 1))]) is None
+    assert coco_average_precision([[]], refs, [np.zeros((0, 1))]) is None
+    scored = [[Box(0, 0, 10, 10, score=0.5)]]
+    assert coco_average_precision(scored, [[]], [np.zeros((1, 0))]) is None
+    perfect = coco_average_precision(scored, refs, [np.ones((1, 1))])
+    assert perfect == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0),
+                       "ap75": pytest.approx(1.0)}  # fmt: skip

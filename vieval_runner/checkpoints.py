@@ -1,0 +1,254 @@
+"""Find a training run's checkpoints, decide which are complete, and fingerprint their weights.
+
+Folder names accepted under ``run_dir``: ``checkpoint-<step>`` (Hugging Face Trainer),
+``step_<n>``, ``step-<n>`` and ``global_step<n>``. Anything else (``runs/``,
+``checkpoint-final``, ``checkpoint-100.tmp``, plain files) is ignored. Step 0 is the base model
+(``base_model``: a local folder or a hub name) unless the run holds a real step-0 folder, which
+then wins because it holds the actual step-0 weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+CheckpointKind = Literal["base", "full", "lora"]
+
+_STEP_DIR = re.compile(r"^(?:checkpoint-|step_|step-|global_step)(\d+)$")
+_INDEX = "model.safetensors.index.json"
+_FULL = "model.safetensors"
+_ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER = "adapter_model.safetensors"
+_STATE = "trainer_state.json"
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+class CheckpointError(Exception):
+    """A run folder or checkpoint that cannot be used as asked (message says which and why)."""
+
+
+@dataclass
+class Checkpoint:
+    """One evaluable checkpoint; step 0 is the base model (``path`` = its folder or hub name)."""
+
+    step: int
+    path: Path
+    kind: CheckpointKind
+    complete: bool
+    reason: str = ""
+
+
+def _safetensors_intact(file: Path) -> str:
+    """'' when the file's size matches what its header promises, else why not.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header whose
+    ``data_offsets`` give each tensor's byte range, then the data. A file still being written
+    (or truncated) is shorter than header + largest end offset, which a bare ``exists()`` misses.
+    """
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{file.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{file.name} is truncated (header says {n} bytes, file has {size})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"{file.name} is unreadable ({e})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"{file.name} is incomplete ({size} of {expected} bytes)"
+    return ""
+
+
+def _weights_status(path: Path) -> tuple[CheckpointKind | None, str]:
+    """Which kind of weights the folder holds and '' if they are all there, else why not."""
+    index = path / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return "full", f"{_INDEX} is unreadable ({e})"
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            return "full", f"missing shard(s) named by {_INDEX}: {', '.join(missing)}"
+        for s in shards:
+            if problem := _safetensors_intact(path / s):
+                return "full", problem
+        return "full", ""
+    if (path / _FULL).is_file():
+        return "full", _safetensors_intact(path / _FULL)
+    if (path / _ADAPTER_CONFIG).is_file():
+        if not (path / _ADAPTER).is_file():
+            return "lora", f"{_ADAPTER_CONFIG} present but {_ADAPTER} missing"
+        return "lora", _safetensors_intact(path / _ADAPTER)
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    return None, (
+        f"no weights: expected {_FULL}, {_INDEX} + shards, or {_ADAPTER_CONFIG} + {_ADAPTER}; "
+        f"found: {', '.join(found) or 'nothing'}"
+    )
+
+
+def checkpoint_status(
+    path: str | Path, settle_seconds: float = 30.0, now: float | None = None
+) -> tuple[bool, str]:
+    """``(complete, reason)`` for one checkpoint folder.
+
+    Complete = the weights are all there (single file, every shard named by the index, or a
+    LoRA adapter; each safetensors file as long as its header says) AND either
+    ``trainer_state.json`` exists (the Trainer writes it last) or no file in the folder changed
+    during the last ``settle_seconds`` (for trainers that write no state file).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return False, f"{path} is not a directory"
+    _, problem = _weights_status(path)
+    if problem:
+        return False, problem
+    if (path / _STATE).is_file():
+        return True, ""
+    now = time.time() if now is None else now
+    newest = max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0)
+    age = now - newest
+    if age < settle_seconds:
+        return False, (
+            f"no {_STATE} and files changed {age:.1f} s ago (settle time {settle_seconds:g} s)"
+        )
+    return True, ""
+
+
+def _kind(path: Path) -> CheckpointKind:
+    kind, _ = _weights_status(path)
+    # A folder with no weights yet is reported as "full": it is incomplete anyway.
+    return kind or "full"
+
+
+def _scan(run_dir: Path) -> dict[int, Path]:
+    """Step -> folder for every checkpoint-like folder; two folders for one step is an error."""
+    found: dict[int, Path] = {}
+    for p in sorted(run_dir.iterdir()):
+        m = _STEP_DIR.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        step = int(m.group(1))
+        if step in found:
+            raise CheckpointError(
+                f"{run_dir}: two folders map to step {step}: {found[step].name} and {p.name}"
+            )
+        found[step] = p
+    return found
+
+
+def find_checkpoints(
+    run_dir: str | Path,
+    base_model: str | Path | None,
+    *,
+    steps: list[int] | None = None,
+    every: int | None = None,
+    step_range: tuple[int | None, int | None] | None = None,
+    include_base: bool = True,
+    settle_seconds: float = 30.0,
+    now: float | None = None,
+) -> list[Checkpoint]:
+    """The run's checkpoints, step-sorted, with step 0 (the base model) first when included.
+
+    Selection: ``steps`` (explicit list; a missing step is an error, and 0 selects the base
+    model even when ``include_base`` is False) or ``every`` (steps divisible by N) and/or
+    ``step_range`` (inclusive, ``None`` = open). With ``every``, step 0 is always kept when
+    ``include_base``; with ``step_range``, step 0 is kept only if the range includes 0.
+    Incomplete checkpoints are returned with ``complete=False`` and a ``reason``.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run_dir {run_dir} does not exist or is not a directory")
+    if steps is not None and (every is not None or step_range is not None):
+        raise CheckpointError("give either an explicit steps list or every/step_range, not both")
+    if every is not None and every <= 0:
+        raise CheckpointError(f"every must be a positive number of steps, got {every}")
+    now = time.time() if now is None else now
+
+    folders = _scan(run_dir)
+    has_base = 0 in folders or bool(base_model)
+    available = sorted(set(folders) | ({0} if has_base else set()))
+
+    if steps is not None:
+        missing = sorted(set(steps) - set(available))
+        if missing:
+            raise CheckpointError(
+                f"{run_dir}: requested step(s) {missing} not found; available steps: "
+                f"{available or 'none'}"
+            )
+        selected = sorted(set(steps))
+    else:
+        selected = [s for s in available if s != 0 or include_base]
+        if every is not None:
+            selected = [s for s in selected if s % every == 0]
+        if step_range is not None:
+            lo, hi = step_range
+            selected = [s for s in selected if (lo is None or s >= lo) and (hi is None or s <= hi)]
+
+    out: list[Checkpoint] = []
+    for s in selected:
+        if s in folders:
+            complete, reason = checkpoint_status(folders[s], settle_seconds, now)
+            out.append(Checkpoint(s, folders[s], _kind(folders[s]), complete, reason))
+        else:
+            out.append(Checkpoint(0, Path(str(base_model)), "base", True, ""))
+    return out
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    files += [path / n for n in (_INDEX, _ADAPTER_CONFIG) if (path / n).is_file()]
+    return files
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """Content hash (blake2b-256 hex) of a checkpoint's weights.
+
+    Covers every ``*.safetensors`` file plus the shard index and ``adapter_config.json`` (LoRA
+    rank/alpha change outputs): file names, sizes and the full bytes, read in 8 MiB chunks.
+    Full hashing, not sampling, so a single flipped byte anywhere in a tensor changes the hash;
+    it runs at roughly disk/page-cache speed (~1 GB/s), small next to loading the weights.
+    """
+    path = Path(path)
+    files = _weight_files(path) if path.is_dir() else []
+    if not files:
+        raise CheckpointError(f"{path}: no weight files to hash (no *.safetensors found)")
+    h = hashlib.blake2b(digest_size=32)
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    for f in files:
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with f.open("rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                h.update(view[:n])
+    return h.hexdigest()
+
+
+def read_trainer_state(path: str | Path) -> dict | None:
+    """The checkpoint's ``trainer_state.json`` as a dict (``path``: the folder or the file).
+
+    ``None`` when the file does not exist; malformed JSON raises ``CheckpointError`` naming it.
+    """
+    path = Path(path)
+    file = path / _STATE if path.is_dir() else path
+    if not file.is_file():
+        return None
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: malformed trainer state ({e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: trainer state is not a JSON object")
+    return state

@@ -1,0 +1,282 @@
+"""`vieval` command line: run | watch | rescore | summary | view | export | compact | demo | parse.
+
+Exit status: 0 success, 2 bad input or config (the message names the file/row/key),
+1 internal error, 3 a run in which some checkpoints failed (the message says which).
+Heavy libraries are imported inside the commands so `vieval parse` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_CHECKPOINTS_FAILED = 0, 1, 2, 3
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(float(v)) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected W,H (e.g. 640,480), got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return w, h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vieval", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser(
+        "run", help="evaluate a run's checkpoints once (resumes; skips stored steps)"
+    )
+    p.add_argument("config", help="evaluation config (YAML)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. batch_size=16")
+    p.add_argument("--force", action="store_true", help="re-evaluate steps already stored")
+
+    p = sub.add_parser("watch", help="evaluate checkpoints as training writes them")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("summary", help="per-step metrics, best checkpoint, overfitting signal")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--run", help="only this run id")
+    p.add_argument("--as-of", help="a predictions table version or an ISO timestamp (time travel)")
+
+    p = sub.add_parser("rescore", help="re-parse and re-score stored raw text (no model needed)")
+    p.add_argument("store")
+    p.add_argument("--run", help="only this run id")
+
+    p = sub.add_parser("view", help="serve the viewer on 127.0.0.1")
+    p.add_argument("stores", nargs="+")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+
+    p = sub.add_parser("export", help="write the viewer as static files")
+    p.add_argument("stores", nargs="+")
+    p.add_argument("--html", required=True, metavar="DIR")
+
+    p = sub.add_parser("compact", help="compact small files and vacuum past a retention window")
+    p.add_argument("store")
+    p.add_argument("--retention-hours", type=float, default=168.0)
+
+    p = sub.add_parser("demo", help="build a tiny run, evaluate it and open the viewer")
+    p.add_argument("--task", choices=("grounding", "vqa"), default="grounding")
+    p.add_argument("--out", default="vieval-demo", metavar="DIR")
+    p.add_argument("--no-view", action="store_true", help="print the store path instead of serving")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8765)
+
+    p = sub.add_parser("parse", help="parse one model output from stdin (debugging aid)")
+    p.add_argument("--format", dest="fmt", help="output format, e.g. qwen25_vl_json")
+    p.add_argument("--image-size", type=_size, help="original image W,H")
+    p.add_argument("--input-size", type=_size, help="resized model-input W,H (qwen25_vl_json)")
+    p.add_argument("--coords", help="coordinate convention for plain_xyxy")
+    p.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="one JSON object per line: text, format, image_size, input_size",
+    )
+    return parser
+
+
+def cmd_parse(args) -> int:
+    from vieval_runner import parsing
+
+    if args.jsonl:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                result = {"status": "error", "error": f"not JSON: {exc}"}
+            else:
+                result = parsing.parse_record(record)
+            sys.stdout.write(json.dumps(result) + "\n")
+        return EXIT_OK
+    if not args.fmt or not args.image_size:
+        print(
+            "vieval parse: --format and --image-size are required (or use --jsonl)", file=sys.stderr
+        )
+        return EXIT_BAD_INPUT
+    if args.fmt not in parsing.FORMATS:
+        allowed = ", ".join(sorted(parsing.FORMATS))
+        print(f"vieval parse: unknown format {args.fmt!r} (allowed: {allowed})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    result = parsing.parse_grounding(
+        sys.stdin.read(), args.fmt, args.image_size, input_size=args.input_size, coords=args.coords
+    )
+    print(json.dumps(parsing.result_to_json(result)))
+    return EXIT_OK
+
+
+def cmd_run(args, watch: bool = False) -> int:
+    from rich.console import Console
+
+    from vieval_runner import report, runner, store
+    from vieval_runner.config import load_config
+    from vieval_runner.logfile import attach_run_log
+
+    overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
+    config = load_config(args.config, overrides)
+    console = Console()
+    log_path = attach_run_log(config)
+    if log_path:
+        console.print(f"[dim]log: {log_path}[/]")
+    if watch:
+        from vieval_runner import watch as watch_mod
+
+        outcome = watch_mod.watch(config, console)
+    else:
+        outcome = runner.run(config, console)
+    reader = store.open_store(config.store)
+    report.print_summary(report.summarize(reader, config.effective_run_id), console)
+    if outcome.failed:
+        steps = ", ".join(f"{s} ({e})" for s, e in sorted(outcome.failed.items()))
+        console.print(f"[red]{len(outcome.failed)} checkpoint(s) failed[/]: {steps}")
+    console.print(
+        f"evaluated steps {outcome.evaluated}, skipped (already stored) {outcome.skipped}"
+    )
+    print(f"store: {config.store}")
+    return outcome.exit_status
+
+
+def cmd_summary(args) -> int:
+    from rich.console import Console
+
+    from vieval_runner import report, store
+
+    reader = store.open_store(args.store, as_of=_as_of(args.as_of))
+    summaries = report.summarize(reader, args.run)
+    if args.json:
+        print(
+            json.dumps(
+                {"store": args.store, "version": reader.version, "runs": summaries}, default=str
+            )
+        )
+    else:
+        report.print_summary(summaries, Console())
+    return EXIT_OK
+
+
+def _as_of(value: str | None):
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def cmd_rescore(args) -> int:
+    from rich.console import Console
+
+    from vieval_runner import report, rescore, store
+
+    console = Console()
+    steps = rescore.rescore_store(args.store, run_id=args.run, console=console)
+    console.print(f"rescored {len(steps)} step(s)")
+    report.print_summary(report.summarize(store.open_store(args.store), args.run), console)
+    return EXIT_OK
+
+
+def cmd_view(args) -> int:
+    from vieval_runner.viewer import serve
+
+    server = serve(args.stores, host=args.host, port=args.port)
+    print(f"viewer: {server.url}  (Ctrl+C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from vieval_runner.viewer import export_html
+
+    out = export_html(args.stores, args.html)
+    print(f"exported: {Path(out) / 'index.html'}")
+    return EXIT_OK
+
+
+def cmd_compact(args) -> int:
+    from vieval_runner import store
+
+    result = store.compact(args.store, retention_hours=args.retention_hours)
+    print(json.dumps(result, default=str, indent=2))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from vieval_runner import demo
+
+    return demo.main(
+        task=args.task, out=args.out, view=not args.no_view, seed=args.seed, port=args.port
+    )
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "watch": lambda args: cmd_run(args, watch=True),
+    "summary": cmd_summary,
+    "rescore": cmd_rescore,
+    "view": cmd_view,
+    "export": cmd_export,
+    "compact": cmd_compact,
+    "demo": cmd_demo,
+    "parse": cmd_parse,
+}
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the user's input is wrong (exit 2), imported lazily."""
+    errors: list[type[BaseException]] = [FileNotFoundError]
+    for module, name in (
+        ("vieval_runner.config", "ConfigError"),
+        ("vieval_runner.data", "DataError"),
+        ("vieval_runner.checkpoints", "CheckpointError"),
+        ("vieval_runner.store", "StoreError"),
+        ("vieval_runner.models", "ModelConfigError"),
+    ):
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, name):
+            errors.append(getattr(mod, name))
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from vieval_runner import __version__
+
+        print(__version__)
+        return EXIT_OK
+    if not args.command:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; the store keeps every step committed so far", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _bad_input_errors()):
+            print(f"vieval {args.command}: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        import traceback
+
+        traceback.print_exc()
+        print(
+            f"vieval {args.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,262 @@
+"""Evaluation config: YAML file + dotted ``key=value`` overrides, validated on load.
+
+Every field has a one-line description (``Field(description=...)``); unknown keys are errors
+that name the key and the allowed ones. ``vieval run CONFIG batch_size=16 data.strict=false``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    path: str = Field(
+        description="Validation split: a JSONL/COCO/RefCOCO file or an HF dataset folder/Parquet file."
+    )
+    format: Literal["auto", "jsonl", "coco", "refcoco", "hf"] = Field(
+        "auto", description="Input adapter; 'auto' detects it from the path."
+    )
+    images_root: str | None = Field(
+        None, description="Folder image paths are relative to (default: the data file's folder)."
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="HF datasets column mapping: image, prompt, answers, boxes, id -> column name.",
+    )
+    strict: bool = Field(
+        True,
+        description="Stop at the first bad row (true) or skip bad rows and report them (false).",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Evaluate only the first N specimens (quick looks)."
+    )
+
+
+class ScoringConfig(_Strict):
+    iou_threshold: float = Field(
+        0.5, gt=0, le=1, description="IoU at which a predicted box matches a reference box."
+    )
+    tight_iou: float = Field(
+        0.75, gt=0, le=1, description="Matches below this IoU make a specimen 'loose'."
+    )
+    anls_threshold: float = Field(
+        0.5, gt=0, le=1, description="ANLS: similarities below this count as 0."
+    )
+    format_ratio: float = Field(
+        3.0,
+        gt=1,
+        description="VQA answers this many times longer/shorter than the reference are 'format_mismatch'.",
+    )
+
+
+class WatchConfig(_Strict):
+    poll_seconds: float = Field(
+        10.0, gt=0, description="How often watch mode looks for new checkpoints."
+    )
+    settle_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A checkpoint without trainer_state.json counts as complete once its files are this old.",
+    )
+    idle_timeout: float | None = Field(
+        3600.0,
+        description="Watch mode exits after this many seconds without a new checkpoint (null: never).",
+    )
+
+
+class Config(_Strict):
+    run_dir: str = Field(description="Training output folder holding checkpoint-<step>/ folders.")
+    base_model: str = Field(
+        description="Base model folder (step 0 and the architecture every checkpoint is swapped into)."
+    )
+    store: str = Field(
+        description="Store root: a local folder or a deltalake URL such as s3://bucket/prefix."
+    )
+    run_id: str | None = Field(
+        None, description="Name of this run in the store (default: the run_dir folder name)."
+    )
+    task: Literal["grounding", "vqa"] = Field(
+        "grounding", description="grounding (phrase -> boxes) or vqa (question -> answer)."
+    )
+    data: DataConfig = Field(description="The validation split.")
+    steps: list[int] | None = Field(
+        None, description="Evaluate exactly these steps (0 = base model)."
+    )
+    every: int | None = Field(
+        None, ge=1, description="Evaluate only steps divisible by N (the checkpoint frequency)."
+    )
+    step_range: tuple[int | None, int | None] | None = Field(
+        None, description="Inclusive [first, last] step range."
+    )
+    include_base: bool = Field(
+        True, description="Evaluate step 0 (the base model before training)."
+    )
+    output_format: str | None = Field(
+        None, description="Box output format; default from the model family."
+    )
+    coords: str | None = Field(
+        None, description="Coordinate convention for output_format plain_xyxy."
+    )
+    prompt_template: str | None = Field(
+        None, description="Prompt with {prompt} for the phrase/question; default from the family."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message for chat-template families."
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Specimens per generate call (halved automatically on out-of-memory)."
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="Generation budget per specimen (greedy decoding)."
+    )
+    device: str = Field(
+        "auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    force: bool = Field(
+        False, description="Re-evaluate steps already stored for the same checkpoint and config."
+    )
+    thumb_px: int = Field(
+        768, ge=32, description="Longest side of the image copy embedded in the store."
+    )
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig, description="Thresholds for metrics and failure categories."
+    )
+    watch: WatchConfig = Field(default_factory=WatchConfig, description="Watch-mode timing.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        ):
+            return value
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+    @model_validator(mode="after")
+    def _selection_ok(self) -> Config:
+        if self.steps is not None and (self.every is not None or self.step_range is not None):
+            raise ValueError("give either 'steps' or 'every'/'step_range', not both")
+        return self
+
+    @property
+    def effective_run_id(self) -> str:
+        return self.run_id or Path(self.run_dir.rstrip("/")).name or "run"
+
+
+def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
+    return [prefix + name for name in model.model_fields]
+
+
+def _describe(error: dict, source: str) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent: type[BaseModel] = Config
+        for part in error["loc"][:-1]:
+            annotation = parent.model_fields[str(part)].annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                parent = annotation
+        allowed = ", ".join(parent.model_fields)
+        return f"{source}: unknown key '{loc}' (allowed here: {allowed})"
+    if kind == "missing":
+        return f"{source}: missing required key '{loc}'"
+    if kind == "literal_error":
+        return f"{source}: '{loc}' {error['msg'].lower()} (got {error.get('input')!r})"
+    return f"{source}: '{loc}': {error['msg']} (got {error.get('input')!r})"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "steps=[0,100]"]`` -> ``[("a.b", 1), ("steps", [0, 100])]`` (YAML values)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(tree: dict, source: str = "config") -> Config:
+    """Validate a plain dict; errors name ``source`` and the offending key."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e, source) for e in exc.errors())) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, validate.
+
+    Relative ``run_dir``, ``base_model``, ``store``, ``data.path`` and ``data.images_root`` are
+    resolved against the config file's folder, so a config travels with its data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(tree).__name__}")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    _resolve_paths(tree, path.parent)
+    return config_from_dict(tree, str(path))
+
+
+def _resolve_paths(tree: dict, base: Path) -> None:
+    def resolve(value: Any, *, must_be_local: bool) -> Any:
+        if not isinstance(value, str) or not value or "://" in value:
+            return value
+        candidate = Path(value).expanduser()
+        if candidate.is_absolute():
+            return str(candidate)
+        local = (base / candidate).resolve()
+        # A hub-style base model name ("org/model") that is no local folder stays as given.
+        return str(local) if must_be_local or local.exists() else value
+
+    for key, must_be_local in (("run_dir", True), ("store", True), ("base_model", False)):
+        if key in tree:
+            tree[key] = resolve(tree[key], must_be_local=must_be_local)
+    data = tree.get("data")
+    if isinstance(data, dict):
+        for key in ("path", "images_root"):
+            if key in data:
+                data[key] = resolve(data[key], must_be_local=True)
+
+
+def dump_config(config: Config) -> dict:
+    """The validated config as plain data (stored with each evaluation)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,252 @@
+"""Prompt building, cached per-specimen processor outputs, and batched greedy generation.
+
+Processor outputs are computed once per specimen (``prepare``) and reused for every
+checkpoint. ``generate`` sorts by prompt length (longest first, so out-of-memory shows at
+once), pads each batch itself (left for decoder-only models, right for encoder-decoder),
+decodes only the new tokens and returns results in specimen order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import FAMILIES, LoadedModel, input_size_for
+from .records import Specimen
+
+# processor outputs aligned with the token sequence: padded per batch; the rest are concatenated
+_SEQ_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+_DROP_KEYS = {"labels"}
+
+
+@dataclass
+class PreparedSpecimen:
+    """One specimen's processor outputs (batch dim removed for sequence tensors)."""
+
+    specimen_id: str
+    input_ids: torch.Tensor  # (seq,)
+    # every other processor output, as the processor gave it (pixels, grids, type ids)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_size: tuple[int, int] | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class GeneratedText:
+    """The decoded new tokens of one specimen."""
+
+    text: str
+    input_size: tuple[int, int] | None
+    n_new_tokens: int  # tokens before the end token
+    truncated: bool  # hit max_new_tokens without an end token
+
+
+def build_prompt(
+    loaded: LoadedModel,
+    specimen: Specimen,
+    template: str | None = None,
+    system_prompt: str | None = None,
+) -> str:
+    """The family's (or the given) template filled with the specimen's prompt, as model text."""
+    facts = FAMILIES[loaded.family]
+    template = template if template is not None else facts["templates"][specimen.task]
+    # replace, not str.format: templates legitimately contain JSON braces
+    text = template.replace("{prompt}", specimen.prompt)
+    processor = loaded.processor
+    if facts["chat_template"]:
+        messages = []
+        if system_prompt is not None:
+            messages.append({"role": "system", "content": system_prompt})
+        content = [{"type": "image"}, {"type": "text", "text": text}]
+        messages.append({"role": "user", "content": content})
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # PaliGemma-style: image placeholder first; the processor adds <bos> and the "\n"
+    image_token = getattr(processor, "image_token", "<image>")
+    prefix = "" if system_prompt is None else system_prompt + " "
+    return f"{image_token}{prefix}{text}"
+
+
+def prepare(
+    loaded: LoadedModel,
+    specimens: Sequence[Specimen],
+    template: str | None = None,
+    system_prompt: str | None = None,
+) -> list[PreparedSpecimen]:
+    """Processor outputs of each specimen, computed once and reusable across checkpoints."""
+    prepared = []
+    for specimen in specimens:
+        prompt = build_prompt(loaded, specimen, template, system_prompt)
+        outputs = loaded.processor(
+            images=[specimen.load_image()], text=[prompt], return_tensors="pt"
+        )
+        tensors = {}
+        for key, value in outputs.items():
+            if key in _DROP_KEYS or not isinstance(value, torch.Tensor):
+                continue
+            tensors[key] = value[0] if key in _SEQ_KEYS else value
+        input_ids = tensors.pop("input_ids")
+        size = input_size_for(loaded, outputs, 0)
+        prepared.append(PreparedSpecimen(specimen.specimen_id, input_ids, tensors, size))
+    return prepared
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    tokenizer = loaded.processor.tokenizer
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(_end_ids(loaded)[0])
+
+
+def _end_ids(loaded: LoadedModel) -> list[int]:
+    """Token ids that end a generation: eos (all of them), pad and end-of-turn."""
+    gen = loaded.model.generation_config
+    eos = gen.eos_token_id
+    ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    tokenizer = loaded.processor.tokenizer
+    for token_id in (tokenizer.eos_token_id, tokenizer.pad_token_id, gen.pad_token_id):
+        if token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+    return ids
+
+
+def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str, torch.Tensor]:
+    """Pad sequence tensors to the batch's longest prompt and concatenate the others.
+
+    Qwen: pixel patch rows concatenate, ``image_grid_thw`` rows stack; PaliGemma: pixel
+    images stack. Padding side follows the family (left for decoder-only).
+    """
+    left = FAMILIES[loaded.family]["padding_side"] == "left"
+    width = max(p.prompt_len for p in batch)
+    pad_id = _pad_id(loaded)
+    out: dict[str, torch.Tensor] = {}
+    for key, fill in _SEQ_KEYS.items():
+        rows = []
+        for p in batch:
+            seq = p.input_ids if key == "input_ids" else p.tensors.get(key)
+            if seq is None:
+                break
+            pad = torch.full(
+                (width - seq.shape[0],), pad_id if fill == "pad" else fill, dtype=seq.dtype
+            )
+            rows.append(torch.cat([pad, seq] if left else [seq, pad]))
+        else:
+            out[key] = torch.stack(rows)
+    for key in batch[0].tensors:
+        if key not in _SEQ_KEYS:
+            out[key] = torch.cat([p.tensors[key] for p in batch], dim=0)
+    return out
+
+
+def _to_device(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    moved = {}
+    for key, value in inputs.items():
+        value = value.to(loaded.device)
+        if value.is_floating_point():  # pixel values follow the model's dtype
+            value = value.to(loaded.dtype)
+        moved[key] = value
+    return moved
+
+
+def _decode_rows(
+    loaded: LoadedModel, new_tokens: torch.Tensor, max_new_tokens: int
+) -> list[tuple[str, int, bool]]:
+    tokenizer = loaded.processor.tokenizer
+    ends = set(_end_ids(loaded))
+    rows = []
+    for row in new_tokens.tolist():
+        stop = next((i for i, tok in enumerate(row) if tok in ends), None)
+        content = row if stop is None else row[:stop]
+        # keep special tokens: Qwen2-VL boxes and PaliGemma <locNNNN> are (special) tokens
+        text = tokenizer.decode(
+            content, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        rows.append((text, len(content), stop is None and len(row) >= max_new_tokens))
+    return rows
+
+
+def _generate_batch(
+    loaded: LoadedModel,
+    batch: list[PreparedSpecimen],
+    max_new_tokens: int,
+    forced: list[str | None] | None,
+) -> list[tuple[str, int, bool]]:
+    inputs = _to_device(loaded, collate(loaded, batch))
+    kwargs = {}
+    if forced is not None:
+        from transformers import LogitsProcessorList
+
+        from .tiny_models import ForcedTextLogitsProcessor
+
+        eos = _end_ids(loaded)[0]
+        processor = ForcedTextLogitsProcessor(loaded.processor.tokenizer, forced, eos_token_id=eos)
+        kwargs["logits_processor"] = LogitsProcessorList([processor])
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=_pad_id(loaded),
+            eos_token_id=_end_ids(loaded),
+            **kwargs,
+        )
+    if not FAMILIES[loaded.family]["encoder_decoder"]:
+        out = out[:, inputs["input_ids"].shape[1] :]  # decoder-only: drop the prompt
+    else:
+        out = out[:, 1:]  # encoder-decoder: drop the decoder start token
+    return _decode_rows(loaded, out, max_new_tokens)
+
+
+def generate(
+    loaded: LoadedModel,
+    prepared: Sequence[PreparedSpecimen],
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    forced_texts: Sequence[str | None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[GeneratedText]:
+    """Greedy generation in length-sorted batches; results in ``prepared`` order.
+
+    ``forced_texts`` (aligned with ``prepared``) scripts the outputs through the real
+    generate/decode path (tests, demo). On out-of-memory the batch is halved and retried;
+    no specimen is dropped. ``progress(n)`` is called with the number finished per batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if forced_texts is not None and len(forced_texts) != len(prepared):
+        raise ValueError(f"{len(forced_texts)} forced_texts for {len(prepared)} specimens")
+    # longest first (stable), so the largest batch memory shows at once
+    order = sorted(range(len(prepared)), key=lambda i: -prepared[i].prompt_len)
+    results: list[GeneratedText | None] = [None] * len(prepared)
+    pos, warned = 0, False
+    while pos < len(order):
+        chunk = order[pos : pos + batch_size]
+        forced = None if forced_texts is None else [forced_texts[i] for i in chunk]
+        try:
+            rows = _generate_batch(loaded, [prepared[i] for i in chunk], max_new_tokens, forced)
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            batch_size = len(chunk) // 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not warned:
+                warnings.warn(
+                    f"out of memory at batch size {len(chunk)}; halving to {batch_size}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                warned = True
+            continue
+        for i, (text, n_new, truncated) in zip(chunk, rows, strict=True):
+            results[i] = GeneratedText(text, prepared[i].input_size, n_new, truncated)
+        pos += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return results  # type: ignore[return-value]

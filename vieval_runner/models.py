@@ -1,0 +1,348 @@
+"""Model families, loading the base model once, and swapping checkpoint weights in place.
+
+The swap maps checkpoint file keys to in-memory parameter names with transformers' own
+conversion mapping (what ``from_pretrained`` applies), then enforces strict coverage: a
+checkpoint that would load nothing, or part of the model, is an error, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_QWEN_CHAT = {"chat_template": True, "encoder_decoder": False, "padding_side": "left"}
+
+# family -> facts. Plain data: add a family by adding an entry (and a tiny builder for tests).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen2_vl": {
+        **_QWEN_CHAT,
+        "model_types": ("qwen2_vl",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "qwen2_vl",
+        "templates": {
+            "grounding": "Find <|object_ref_start|>{prompt}<|object_ref_end|>",
+            "vqa": "{prompt}",
+        },
+    },
+    "qwen25_vl": {
+        **_QWEN_CHAT,
+        "model_types": ("qwen2_5_vl",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "qwen25_vl_json",
+        "templates": {
+            "grounding": "Locate {prompt} in the image and output its bbox coordinates in JSON format.",
+            "vqa": "{prompt}",
+        },
+    },
+    "qwen3_vl": {
+        **_QWEN_CHAT,
+        "model_types": ("qwen3_vl", "qwen3_vl_moe"),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "qwen3_vl_json",
+        "templates": {
+            "grounding": 'Locate every instance that belongs to the following categories: "{prompt}". '
+            "Report bbox coordinates in JSON format.",
+            "vqa": "{prompt}",
+        },
+    },
+    "paligemma": {
+        "model_types": ("paligemma",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "paligemma_loc",
+        "padding_side": "left",
+        "encoder_decoder": False,
+        "chat_template": False,
+        "templates": {"grounding": "detect {prompt}", "vqa": "answer en {prompt}"},
+    },
+}
+
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+class CheckpointError(Exception):
+    """A checkpoint's weights cannot be swapped in (missing, unexpected or mismatched tensors)."""
+
+
+@dataclass
+class LoadedModel:
+    """The resident model and what the later stages need to know about it."""
+
+    model: Any
+    processor: Any
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    base_model: str
+    base_weights_dir: Path | None = None
+    current: str = "base"  # which weights are resident: "base" or a checkpoint path
+    _base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return FAMILIES[self.family]
+
+
+def family_for_model_type(model_type: str, source: str = "config.json") -> str:
+    """The family whose config ``model_type`` is ``model_type``; clear error if none."""
+    for family, facts in FAMILIES.items():
+        if model_type in facts["model_types"]:
+            return family
+    supported = sorted(t for f in FAMILIES.values() for t in f["model_types"])
+    raise ValueError(
+        f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported)}"
+    )
+
+
+def detect_family(model_dir: str | Path) -> str:
+    """The family of the model in ``model_dir``, read from its ``config.json``."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no config.json, so the model family is unknown") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    if "model_type" not in config:
+        raise ValueError(f"{path}: no 'model_type' key, so the model family is unknown")
+    return family_for_model_type(config["model_type"], str(path))
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _local_weights_dir(base_model: str) -> Path | None:
+    """The local folder holding the base model's safetensors (a path or an offline hub cache)."""
+    path = Path(base_model)
+    if path.is_dir():
+        return path if _weight_files(path, required=False) else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(base_model, local_files_only=True))
+    except Exception:  # not cached / not a repo id: restore_base falls back to a CPU copy
+        return None
+    return snap if _weight_files(snap, required=False) else None
+
+
+def load_base(base_model: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load the base model and its processor once, in eval mode, on ``device`` with SDPA."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    base = str(base_model)
+    dev = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    if Path(base).is_dir():
+        family = detect_family(base)
+    else:
+        family = family_for_model_type(AutoConfig.from_pretrained(base).model_type, base)
+    cls = getattr(transformers, FAMILIES[family]["model_class"])
+    try:
+        model = cls.from_pretrained(base, dtype=torch_dtype, attn_implementation="sdpa")
+    except (ValueError, ImportError):  # a family without SDPA support: use its default
+        model = cls.from_pretrained(base, dtype=torch_dtype)
+    model.to(dev).eval()
+    processor = AutoProcessor.from_pretrained(base)
+    _set_padding_side(processor, family)
+    weights_dir = _local_weights_dir(base)
+    loaded = LoadedModel(model, processor, family, dev, torch_dtype, base, weights_dir)
+    if weights_dir is None:  # no files to re-read: keep a host copy for restore_base
+        loaded._base_state = {
+            k: v.detach().to("cpu", copy=True) for k, v in _targets(model).items()
+        }
+    return loaded
+
+
+def _set_padding_side(processor, family: str) -> None:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = FAMILIES[family]["padding_side"]
+
+
+def load_processor_for(checkpoint_dir: str | Path, base_model: str | Path) -> tuple[Any, bool]:
+    """``(processor, from_checkpoint)``: the checkpoint's processor if it ships one, else the base's.
+
+    Trainer checkpoints carry processor files only if a processor was given to the Trainer,
+    so ``from_checkpoint`` False is normal (the runner prints a one-time notice).
+    """
+    from transformers import AutoProcessor
+
+    ckpt = Path(checkpoint_dir)
+    has_own = any((ckpt / name).is_file() for name in _PROCESSOR_FILES)
+    source = ckpt if has_own else base_model
+    processor = AutoProcessor.from_pretrained(str(source))
+    family = detect_family(ckpt) if (ckpt / "config.json").is_file() else None
+    if family is not None:
+        _set_padding_side(processor, family)
+    return processor, has_own
+
+
+# ---------------------------------------------------------------- weight swapping
+
+
+def _weight_files(ckpt: Path, required: bool = True) -> dict[Path, list[str] | None]:
+    """Safetensors files of a checkpoint -> keys to take from each (None: all)."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: unreadable shard index ({exc!r})") from None
+        files: dict[Path, list[str] | None] = {}
+        for key, name in weight_map.items():
+            files.setdefault(ckpt / name, []).append(key)
+        absent = [str(p) for p in files if not p.is_file()]
+        if absent:
+            raise CheckpointError(f"{ckpt}: shards named by the index are missing: {absent[:3]}")
+        return files
+    single = ckpt / "model.safetensors"
+    if single.is_file():
+        return {single: None}
+    if required:
+        found = sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else "no such folder"
+        raise CheckpointError(
+            f"{ckpt}: no model.safetensors or model.safetensors.index.json (found: {found})"
+        )
+    return {}
+
+
+def _targets(model) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint must provide: parameters and persistent buffers by name."""
+    return dict(model.state_dict(keep_vars=True))
+
+
+def _key_mapper(model):
+    """file key -> in-memory name, the way ``from_pretrained`` renames (transformers >= 5)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = _targets(model)
+    prefix = model.base_model_prefix
+
+    def rename(key: str) -> str:
+        new_key, converter_pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if converter_pattern is not None:
+            # fusing/splitting converters (MoE experts ...) are not an in-place copy
+            raise CheckpointError(f"key {key!r} needs a weight converter; swap unsupported")
+        return new_key
+
+    return rename
+
+
+def _summary(keys: list[str]) -> str:
+    head = ", ".join(keys[:5])
+    return f"{len(keys)} ({head}{', ...' if len(keys) > 5 else ''})"
+
+
+def _plan(model, ckpt: Path) -> tuple[dict[Path, dict[str, str]], dict[str, torch.Tensor]]:
+    """Check a checkpoint against the model; per file, file key -> model name to copy into."""
+    from safetensors import safe_open
+
+    targets = _targets(model)
+    rename = _key_mapper(model)
+    plan: dict[Path, dict[str, str]] = {}
+    unexpected, mismatched, covered = [], [], set()
+    for path, wanted in _weight_files(ckpt).items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys()) if wanted is None else wanted
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+        for key, shape in shapes.items():
+            name = rename(key)
+            if name not in targets:
+                unexpected.append(key)
+            elif tuple(targets[name].shape) != shape:
+                mismatched.append(f"{key}: file {list(shape)} vs model {list(targets[name].shape)}")
+            else:
+                plan.setdefault(path, {})[key] = name
+                covered.add(id(targets[name]))
+    # tied weights share one tensor object: covered through any of their names
+    missing = [name for name, t in targets.items() if id(t) not in covered]
+    problems = []
+    if missing:
+        problems.append(f"missing {_summary(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_summary(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_summary(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"{ckpt}: checkpoint does not match the model: " + "; ".join(problems)
+        )
+    return plan, targets
+
+
+def swap_weights(loaded: LoadedModel, checkpoint_dir: str | Path) -> None:
+    """Copy a full checkpoint's weights into the resident model in place (strict coverage).
+
+    Everything is checked before any tensor is copied, so a bad checkpoint leaves the
+    resident weights untouched. Raises ``CheckpointError`` naming the path and the keys.
+    """
+    from safetensors import safe_open
+
+    ckpt = Path(checkpoint_dir)
+    plan, targets = _plan(loaded.model, ckpt)
+    with torch.no_grad():
+        for path, keys in plan.items():
+            with safe_open(str(path), framework="pt") as f:
+                for key, name in keys.items():
+                    # copy_ casts to the resident dtype/device the way from_pretrained does
+                    targets[name].copy_(f.get_tensor(key))
+    loaded.current = str(ckpt)
+
+
+def restore_base(loaded: LoadedModel) -> None:
+    """Put the base model's weights back (step 0), from its files or the host copy."""
+    if loaded.base_weights_dir is not None:
+        swap_weights(loaded, loaded.base_weights_dir)
+    else:
+        targets = _targets(loaded.model)
+        with torch.no_grad():
+            for name, value in (loaded._base_state or {}).items():
+                targets[name].copy_(value)
+    loaded.current = "base"
+
+
+def input_size_for(loaded: LoadedModel, processor_outputs, index: int) -> tuple[int, int] | None:
+    """``(w, h)`` of the image as the model saw it (Qwen: grid x patch), else None.
+
+    Qwen2.5-VL answers in absolute pixels of this resized input, so parsers need it.
+    """
+    grid = processor_outputs.get("image_grid_thw") if hasattr(processor_outputs, "get") else None
+    if grid is None or not loaded.family.startswith("qwen"):
+        return None
+    image_processor = loaded.processor.image_processor
+    patch = int(image_processor.patch_size)
+    _, h, w = (int(v) for v in grid[index])
+    return (w * patch, h * patch)

@@ -1,0 +1,164 @@
+"""Shared pieces of the parsers: the context, residue stripping, numbers, and box collection.
+
+Pure Python on purpose: ``vieval parse --jsonl`` must start without importing model libraries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from vieval_runner.records import Box, ParseResult
+
+#: ``plain_xyxy`` coordinate systems -> (divisor of x, divisor of y) relative to W, H.
+#: ``pixel``: absolute original-image pixels; ``relative_1000``: 0-1000 of the image size;
+#: ``relative_1024``: 0-1024; ``normalized_1``: 0-1; ``percent``: 0-100.
+COORDS: dict[str, float | None] = {
+    "pixel": None,
+    "relative_1000": 1000.0,
+    "relative_1024": 1024.0,
+    "normalized_1": 1.0,
+    "percent": 100.0,
+}
+
+# A number as models write it, including the non-finite spellings that Python's float() reads.
+NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?<![A-Za-z])(?:nan|inf(?:inity)?)(?![A-Za-z])"
+NUM_RE = re.compile(NUM, re.IGNORECASE)
+
+# End-of-turn / end-of-sequence tokens of the supported families: the answer stops at the first.
+END_TOKENS: tuple[str, ...] = (
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<end_of_utterance>",
+    "<eos>",
+    "</s>",
+)
+_END_RE = re.compile("|".join(re.escape(t) for t in END_TOKENS))
+# Residue that can precede the answer: BOS, padding, a role header, Florence-2's "</s><s>" start.
+_LEAD_RE = re.compile(
+    r"\A(?:\s+|<s>|<bos>|<pad>|<\|begin_of_text\|>|</s><s>|<\|im_start\|>(?:assistant)?"
+    r"|<start_of_turn>(?:model)?|<\|start_header_id\|>assistant<\|end_header_id\|>"
+    r"|<\|assistant\|>)+"
+)
+_PAD_RE = re.compile(r"<pad>|<\|pad\|>|<unk>")
+
+
+def clean_text(text: str) -> str:
+    """Drop leading BOS/role/padding residue, cut at the first end-of-turn token, strip."""
+    text = _PAD_RE.sub("", text)
+    text = _LEAD_RE.sub("", text)
+    m = _END_RE.search(text)
+    if m:
+        text = text[: m.start()]
+    return text.strip()
+
+
+def to_float(value: object) -> float | None:
+    """A coordinate as float (``inf`` for overflowing ints), or None if it is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _check_size(name: str, size: object) -> tuple[float, float]:
+    ok = isinstance(size, (tuple, list)) and len(size) == 2
+    if ok:
+        vals = [to_float(v) for v in size]
+        ok = all(v is not None and math.isfinite(v) and v > 0 for v in vals)
+    if not ok:
+        raise ValueError(f"{name} must be [width, height] with two positive numbers, got {size!r}")
+    return (size[0], size[1])  # type: ignore[index]
+
+
+@dataclass(frozen=True)
+class ParseContext:
+    """What a parser needs besides the text.
+
+    ``image_size``: original image (W, H); boxes come back in these pixels.
+    ``input_size``: the resized model-input (W, H) (``qwen25_vl_json`` coordinates are in it);
+    None means the same as ``image_size``.
+    ``coords``: coordinate system of ``plain_xyxy``, a key of ``COORDS`` (None = ``pixel``).
+    ``default_label``: label for boxes whose output names none (the prompt's phrase).
+    """
+
+    image_size: tuple[float, float]
+    input_size: tuple[float, float] | None = None
+    coords: str | None = None
+    default_label: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", _check_size("image_size", self.image_size))
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", _check_size("input_size", self.input_size))
+        if self.coords is not None and (
+            not isinstance(self.coords, str) or self.coords not in COORDS
+        ):
+            raise ValueError(f"unknown coords {self.coords!r}; allowed: {', '.join(COORDS)}")
+        if not isinstance(self.default_label, str):
+            object.__setattr__(self, "default_label", str(self.default_label))
+
+
+class Collector:
+    """Accumulates one output's boxes and the problems seen while parsing it.
+
+    ``flags`` may hold ``truncated``, ``malformed``, ``out_of_range`` and ``empty`` (the output
+    was an explicitly empty structure such as ``[]``); ``result`` turns them into one status.
+    """
+
+    def __init__(self, ctx: ParseContext) -> None:
+        self.ctx = ctx
+        self.boxes: list[Box] = []
+        self.flags: set[str] = set()
+
+    def add(self, xyxy: list[float | None] | tuple, label: object = None) -> None:
+        """Add a box given in original-image pixels; order corners, clamp, note problems."""
+        if len(xyxy) != 4 or any(v is None or math.isnan(v) for v in xyxy):
+            self.flags.add("malformed")  # NaN has no place in the image: the box is dropped
+            return
+        w, h = (float(v) for v in self.ctx.image_size)
+        x1, x2 = sorted((xyxy[0], xyxy[2]))
+        y1, y2 = sorted((xyxy[1], xyxy[3]))
+        tol = 1e-6 * max(w, h)  # float noise of bin arithmetic is not "out of range"
+        if x1 < -tol or y1 < -tol or x2 > w + tol or y2 > h + tol:
+            self.flags.add("out_of_range")
+        x1, x2 = (min(max(v, 0.0), w) for v in (x1, x2))
+        y1, y2 = (min(max(v, 0.0), h) for v in (y1, y2))
+        text = label.strip() if isinstance(label, str) else ("" if label is None else str(label))
+        self.boxes.append(Box(x1, y1, x2, y2, label=text or self.ctx.default_label))
+
+    def result(self, text: str) -> ParseResult:
+        """Status precedence: truncated > malformed > empty > out_of_range > ok."""
+        f = self.flags
+        if "truncated" in f:
+            status = "truncated"
+        elif "malformed" in f:
+            status = "malformed"
+        elif not self.boxes:
+            status = "empty" if ("empty" in f or not text.strip()) else "malformed"
+        elif "out_of_range" in f:
+            status = "out_of_range"
+        else:
+            status = "ok"
+        return ParseResult(status=status, boxes=self.boxes)
+
+
+def floats(text: str) -> list[float | None]:
+    """Every number in ``text``, in order."""
+    return [to_float(m.group(0)) for m in NUM_RE.finditer(text)]

@@ -1,0 +1,255 @@
+"""Parsers for JSON box lists (Qwen2.5-VL, Qwen3-VL) and bare ``[x1, y1, x2, y2]`` lists.
+
+Models wrap JSON in prose and code fences, stop mid-list at ``max_new_tokens``, write trailing
+commas or single quotes. The reader takes every JSON value it can find, repairs what is cheap,
+and from a cut-off list salvages each entry that closed before the cut.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from vieval_runner.parsing.common import COORDS, NUM, Collector, ParseContext, clean_text, to_float
+from vieval_runner.records import ParseResult
+
+_BOX_KEYS = ("bbox_2d", "bbox", "box_2d", "box")
+_LABEL_KEYS = ("label", "name", "phrase", "category", "text")
+_POINT_KEYS = ("point_2d", "point", "points")
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)(?:```|\Z)", re.S)
+_OPEN = re.compile(r"[\[{]")
+_MAX_DEPTH = 8  # salvage/recursion depth: junk like "[[[[[[" must stay linear in time
+_FAIL = object()
+
+
+def _unfence(text: str) -> str:
+    blocks = _FENCE.findall(text)
+    return "\n".join(blocks) if blocks else text
+
+
+def _skip_string(s: str, i: int) -> int | None:
+    """Index after the JSON string starting at ``s[i] == '"'``, or None if it never closes."""
+    i += 1
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c == "\\":
+            i += 2
+        elif c == '"':
+            return i + 1
+        else:
+            i += 1
+    return None
+
+
+def _balanced_end(s: str, start: int, limit: int) -> int | None:
+    """Index after the bracket group opened at ``s[start]``, or None if it is still open."""
+    depth = 0
+    i = start
+    while i < limit:
+        c = s[i]
+        if c == '"':
+            j = _skip_string(s, i)
+            if j is None:
+                return None
+            i = j
+            continue
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def _loads(span: str) -> object:
+    """Strict JSON, then JSON without trailing commas, then a Python literal; else ``_FAIL``."""
+    for attempt in (span, re.sub(r",\s*([\]}])", r"\1", span)):
+        try:
+            return json.loads(attempt)
+        except (ValueError, RecursionError):
+            pass
+    try:
+        return ast.literal_eval(span)  # single quotes, None/True: Qwen fine-tunes write them
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return _FAIL
+
+
+def _salvage(s: str, start: int, limit: int, flags: set[str], depth: int = 0) -> list:
+    """Complete values inside the list opened at ``s[start]`` (not itself parseable)."""
+    out: list = []
+    if s[start] != "[" or depth > _MAX_DEPTH:
+        return out  # a dict cut in the middle has lost part of its entry: recover nothing
+    i = start + 1
+    while i < limit:
+        c = s[i]
+        if c == '"':
+            j = _skip_string(s, i)
+            if j is None:
+                break
+            i = j
+            continue
+        if c in "[{":
+            end = _balanced_end(s, i, limit)
+            if end is None:
+                out.extend(_salvage(s, i, limit, flags, depth + 1))
+                break
+            val = _loads(s[i:end])
+            if val is not _FAIL:
+                out.append(val)
+            elif c == "[":
+                out.extend(_salvage(s, i, end - 1, flags, depth + 1))
+            else:
+                flags.add("malformed")
+            i = end
+            continue
+        i += 1
+    return out
+
+
+def json_values(body: str) -> tuple[list, set[str]]:
+    """Every top-level JSON value in ``body`` (prose between them is skipped), and flags."""
+    decoder = json.JSONDecoder()
+    values: list = []
+    flags: set[str] = set()
+    pos = 0
+    while m := _OPEN.search(body, pos):
+        start = m.start()
+        try:
+            val, pos = decoder.raw_decode(body, start)
+            values.append(val)
+            continue
+        except (ValueError, RecursionError):
+            pass
+        end = _balanced_end(body, start, len(body))
+        if end is None:  # the output stops inside this value: keep what closed before the cut
+            values.extend(_salvage(body, start, len(body), flags))
+            flags.add("truncated")
+            break
+        val = _loads(body[start:end])
+        if val is not _FAIL:
+            values.append(val)
+        else:
+            values.extend(_salvage(body, start, end - 1, flags))
+        pos = end
+    return values, flags
+
+
+def _is_box_list(v: object) -> bool:
+    return (
+        isinstance(v, (list, tuple))
+        and len(v) == 4
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    )
+
+
+def _coords(v: object) -> list[float | None] | None:
+    """Four coordinates from ``[x1, y1, x2, y2]`` or ``[[x1, y1], [x2, y2]]``."""
+    if (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(p, (list, tuple)) for p in v)
+    ):
+        v = [*v[0], *v[1]]
+    if not isinstance(v, (list, tuple)) or len(v) != 4:
+        return None
+    return [to_float(x) for x in v]
+
+
+def _scale(xyxy: list[float | None], sx: float, sy: float) -> list[float | None]:
+    return [None if c is None else c * s for c, s in zip(xyxy, (sx, sy, sx, sy), strict=True)]
+
+
+def _label(entry: dict) -> object:
+    for key in _LABEL_KEYS:
+        if entry.get(key) not in (None, ""):
+            return entry[key]
+    return None
+
+
+def _collect(v: object, col: Collector, sx: float, sy: float, depth: int, top: bool) -> None:
+    """Add the boxes found in one parsed JSON value."""
+    if depth > _MAX_DEPTH:
+        col.flags.add("malformed")
+        return
+    if isinstance(v, dict):
+        key = next((k for k in _BOX_KEYS if k in v), None)
+        if key is not None:
+            xyxy = _coords(v[key])
+            if xyxy is None:
+                col.flags.add("malformed")
+                return
+            col.add(_scale(xyxy, sx, sy), _label(v))
+        elif any(k in v for k in _POINT_KEYS):
+            return  # a point is not a box: skipped, not an error
+        else:
+            nested = [x for x in v.values() if isinstance(x, (list, dict))]
+            if not nested:
+                col.flags.add("malformed")
+            for x in nested:
+                _collect(x, col, sx, sy, depth + 1, top=False)
+    elif isinstance(v, (list, tuple)):
+        if _is_box_list(v):
+            col.add(_scale([to_float(x) for x in v], sx, sy))
+        elif not v:
+            col.flags.add("empty")
+        else:
+            inner = [x for x in v if isinstance(x, (list, tuple, dict))]
+            if len(inner) < len(v) and not top:
+                col.flags.add("malformed")  # at top level, odd lists are prose like "[1]"
+            for x in inner:
+                _collect(x, col, sx, sy, depth + 1, top=False)
+
+
+def _parse_json(text: str, ctx: ParseContext, sx: float, sy: float) -> ParseResult:
+    text = clean_text(text)
+    col = Collector(ctx)
+    values, flags = json_values(_unfence(text))
+    col.flags |= flags
+    for v in values:
+        _collect(v, col, sx, sy, 0, top=True)
+    if not values and not flags:
+        _plain_boxes(text, col, sx, sy)  # no JSON at all: bare "(x1, y1, x2, y2)" tuples
+    return col.result(text)
+
+
+def parse_qwen25_vl_json(text: str, ctx: ParseContext) -> ParseResult:
+    """Qwen2.5-VL JSON: absolute pixels of the resized input, scaled by image/input size."""
+    w, h = ctx.image_size
+    iw, ih = ctx.input_size or ctx.image_size
+    return _parse_json(text, ctx, w / iw, h / ih)
+
+
+def parse_qwen3_vl_json(text: str, ctx: ParseContext) -> ParseResult:
+    """Qwen3-VL JSON: the same shape, coordinates 0-1000 relative."""
+    w, h = ctx.image_size
+    return _parse_json(text, ctx, w / 1000, h / 1000)
+
+
+# ---------------------------------------------------------------- plain_xyxy
+_SEP = r"\s*,\s*"
+_PLAIN = re.compile(rf"[\[(]\s*({NUM}){_SEP}({NUM}){_SEP}({NUM}){_SEP}({NUM})\s*[\])]", re.I)
+_PLAIN_CUT = re.compile(rf"[\[(]\s*(?:(?:{NUM}){_SEP}){{0,3}}(?:{NUM})?\s*\Z", re.I)
+
+
+def _plain_boxes(text: str, col: Collector, sx: float, sy: float) -> None:
+    for m in _PLAIN.finditer(text):
+        col.add(_scale([to_float(g) for g in m.groups()], sx, sy))
+    if _PLAIN_CUT.search(text):
+        col.flags.add("truncated")
+
+
+def parse_plain_xyxy(text: str, ctx: ParseContext) -> ParseResult:
+    """Every ``[x1, y1, x2, y2]`` / ``(x1, y1, x2, y2)`` in the text, in ``ctx.coords`` units."""
+    text = clean_text(text)
+    col = Collector(ctx)
+    div = COORDS[ctx.coords or "pixel"]
+    w, h = ctx.image_size
+    sx, sy = (1.0, 1.0) if div is None else (w / div, h / div)
+    _plain_boxes(text, col, sx, sy)
+    if not col.boxes and re.fullmatch(r"[\s\[\](){},.]*", text) and text:
+        col.flags.add("empty")  # "[]": the model says there is nothing to box
+    return col.result(text)

@@ -1,0 +1,406 @@
+"""The one loop: checkpoints -> data -> models -> generation -> parsing -> scoring -> store.
+
+``run(config)`` evaluates every selected checkpoint once and returns an exit status
+(0 all good, 3 some checkpoints failed). ``watch`` (in ``watch.py``) calls ``evaluate_pending``
+repeatedly as checkpoints land.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from vieval_runner import __version__, parsing, scoring, store
+from vieval_runner import checkpoints as ckpts
+from vieval_runner import data as data_mod
+from vieval_runner.config import Config, dump_config
+from vieval_runner.records import Prediction, Specimen
+
+log = logging.getLogger("vieval")
+
+
+@dataclass
+class RunOutcome:
+    """What a run did: evaluated, skipped (already stored) and failed steps."""
+
+    store: str
+    run_id: str
+    evaluated: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def exit_status(self) -> int:
+        return 3 if self.failed else 0
+
+
+@dataclass
+class Session:
+    """Everything loaded once per run and reused for every checkpoint."""
+
+    config: Config
+    specimens: list[Specimen]
+    dataset_version: str
+    loaded: object = None  # models.LoadedModel, loaded lazily (nothing to do -> no model load)
+    prepared: list | None = None
+    output_format: str | None = None
+    processor_notice_given: bool = False
+
+
+def config_hash(config: Config) -> str:
+    """Hash of the settings that change predictions (not paths to the store or the selection)."""
+    import hashlib
+
+    relevant = dump_config(config)
+    for key in (
+        "store",
+        "steps",
+        "every",
+        "step_range",
+        "include_base",
+        "force",
+        "watch",
+        "run_id",
+    ):
+        relevant.pop(key, None)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_session(config: Config, console: Console) -> Session:
+    """Load and validate the split, create the store and write the specimens table."""
+    data_cfg = config.data
+    console.print(f"[bold]data[/]  {data_cfg.path} ({data_cfg.format})")
+    loaded = data_mod.load_specimens(
+        data_cfg.path,
+        data_cfg.format,
+        config.task,
+        strict=data_cfg.strict,
+        images_root=data_cfg.images_root,
+        columns=data_cfg.columns,
+        limit=data_cfg.limit,
+    )
+    if loaded.skipped:
+        console.print(f"[yellow]skipped {len(loaded.skipped)} bad rows[/] (data.strict=false):")
+        for bad in loaded.skipped[:20]:
+            console.print(f"  {bad.file} row {bad.row}: {bad.problem}")
+        if len(loaded.skipped) > 20:
+            console.print(f"  ... and {len(loaded.skipped) - 20} more (see the log file)")
+        for bad in loaded.skipped:
+            log.warning("skipped %s row %s: %s", bad.file, bad.row, bad.problem)
+    console.print(
+        f"      {len(loaded.specimens)} specimens, dataset version {loaded.dataset_version[:12]}"
+    )
+    store.create_store(config.store)
+    store.write_specimens(
+        config.store, loaded.specimens, loaded.dataset_version, thumb_px=config.thumb_px
+    )
+    return Session(config, loaded.specimens, loaded.dataset_version)
+
+
+def _ensure_model(session: Session, console: Console) -> None:
+    if session.loaded is not None:
+        return
+    from transformers.utils import logging as hf_logging
+
+    from vieval_runner import generation, models
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
+    config = session.config
+    console.print(
+        f"[bold]model[/] {config.base_model} (device={config.device}, dtype={config.dtype})"
+    )
+    session.loaded = models.load_base(config.base_model, device=config.device, dtype=config.dtype)
+    family = session.loaded.family
+    session.output_format = config.output_format or models.FAMILIES[family]["output_format"]
+    console.print(
+        f"      family {family}, output format {session.output_format}, "
+        f"device {session.loaded.device}, dtype {session.loaded.dtype}"
+    )
+    t0 = time.perf_counter()
+    session.prepared = generation.prepare(
+        session.loaded,
+        session.specimens,
+        template=config.prompt_template,
+        system_prompt=config.system_prompt,
+    )
+    log.info("prepared %d specimens in %.2fs", len(session.specimens), time.perf_counter() - t0)
+
+
+def select_checkpoints(config: Config) -> list[ckpts.Checkpoint]:
+    return ckpts.find_checkpoints(
+        config.run_dir,
+        config.base_model,
+        steps=config.steps,
+        every=config.every,
+        step_range=tuple(config.step_range) if config.step_range else None,
+        include_base=config.include_base,
+        settle_seconds=config.watch.settle_seconds,
+    )
+
+
+def already_done(config: Config, checkpoint_hash: str, step: int, done: list[dict]) -> bool:
+    """True when this (run, step) was stored ok for the same checkpoint content and config."""
+    run_id, wanted = config.effective_run_id, config_hash(config)
+    for row in done:
+        if (
+            row.get("run_id") == run_id
+            and row.get("step") == step
+            and row.get("status") == "ok"
+            and row.get("checkpoint_hash") == checkpoint_hash
+            and row.get("config_hash") == wanted
+        ):
+            return True
+    return False
+
+
+def evaluate_checkpoints(
+    session: Session,
+    checkpoints: list[ckpts.Checkpoint],
+    console: Console,
+    outcome: RunOutcome,
+    *,
+    explicit: bool = False,
+) -> None:
+    """Evaluate each complete checkpoint not already stored; failures are recorded, not raised."""
+    config = session.config
+    done = [] if (config.force or explicit) else store.stored_evaluations(config.store)
+    todo = []
+    for ckpt in checkpoints:
+        if not ckpt.complete:
+            console.print(f"[dim]step {ckpt.step}: not complete yet ({ckpt.reason}), skipped[/]")
+            continue
+        digest = ckpts.checkpoint_hash(ckpt.path) if ckpt.kind != "base" else _base_hash(config)
+        if already_done(config, digest, ckpt.step, done):
+            outcome.skipped.append(ckpt.step)
+            continue
+        todo.append((ckpt, digest))
+    if outcome.skipped:
+        console.print(f"already stored (same checkpoint and config): steps {outcome.skipped}")
+    if not todo:
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        overall = progress.add_task("checkpoints", total=len(todo))
+        for ckpt, digest in todo:
+            batches = progress.add_task(f"  step {ckpt.step}", total=len(session.specimens))
+            try:
+                evaluate_one(
+                    session, ckpt, digest, console, lambda n, b=batches: progress.advance(b, n)
+                )
+                outcome.evaluated.append(ckpt.step)
+            except Exception as exc:  # one bad checkpoint must not stop the run
+                message = f"{type(exc).__name__}: {exc}"
+                outcome.failed[ckpt.step] = message
+                log.exception("step %s (%s) failed", ckpt.step, ckpt.path)
+                progress.console.print(f"[red]step {ckpt.step} failed[/]: {message}")
+                store.record_failed_evaluation(
+                    config.store, _eval_row(session, ckpt, digest, "failed", message)
+                )
+            progress.remove_task(batches)
+            progress.advance(overall)
+
+
+def _base_hash(config: Config) -> str:
+    from pathlib import Path
+
+    base = Path(config.base_model)
+    return ckpts.checkpoint_hash(base) if base.is_dir() else f"hub:{config.base_model}"
+
+
+def _eval_row(
+    session: Session, ckpt: ckpts.Checkpoint, digest: str, status: str, error: str | None
+) -> dict:
+    config = session.config
+    now = datetime.now(UTC)
+    family = getattr(session.loaded, "family", None)
+    return {
+        "eval_id": uuid.uuid4().hex,
+        "run_id": config.effective_run_id,
+        "step": ckpt.step,
+        "checkpoint_path": str(ckpt.path),
+        "checkpoint_hash": digest,
+        "status": status,
+        "error": error,
+        "started_at": now,
+        "finished_at": now,
+        "n_specimens": len(session.specimens),
+        "task": config.task,
+        "model_family": family,
+        "output_format": session.output_format,
+        "parser_version": parsing.PARSER_VERSION,
+        "scorer_version": scoring.SCORER_VERSION,
+        "dataset_version": session.dataset_version,
+        "config_hash": config_hash(config),
+        "generation": json.dumps(
+            {
+                "batch_size": config.batch_size,
+                "max_new_tokens": config.max_new_tokens,
+                "greedy": True,
+            }
+        ),
+        "config": json.dumps(dump_config(config)),
+        "device": str(getattr(session.loaded, "device", config.device)),
+        "vieval_version": __version__,
+    }
+
+
+def evaluate_one(
+    session: Session, ckpt: ckpts.Checkpoint, digest: str, console: Console, advance
+) -> None:
+    """Swap one checkpoint in, generate, parse, score and commit the step."""
+    from vieval_runner import generation, models
+
+    config = session.config
+    started = datetime.now(UTC)
+    _ensure_model(session, console)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if ckpt.kind == "base":
+        models.restore_base(session.loaded)
+    else:
+        models.swap_weights(session.loaded, ckpt.path)
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    generated = generation.generate(
+        session.loaded,
+        session.prepared,
+        batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens,
+        progress=advance,
+    )
+    timings["generate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    predictions = [
+        parse_one(session, specimen, out.text, out.input_size)
+        for specimen, out in zip(session.specimens, generated, strict=True)
+    ]
+    timings["parse_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    aggregates = score_predictions(
+        config, session.specimens, predictions, device=str(session.loaded.device)
+    )
+    timings["score_s"] = time.perf_counter() - t0
+
+    row = _eval_row(session, ckpt, digest, "ok", None)
+    row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
+    row["started_at"], row["finished_at"] = started, datetime.now(UTC)
+    t0 = time.perf_counter()
+    timings["commit_s"] = 0.0
+    row["timings"] = json.dumps(timings)
+    store.commit_step(
+        config.store,
+        row,
+        prediction_rows(config.effective_run_id, ckpt.step, row["eval_id"], predictions),
+    )
+    timings["commit_s"] = time.perf_counter() - t0
+    log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
+    if ckpt.kind != "base":
+        state = ckpts.read_trainer_state(ckpt.path)
+        if state and state.get("log_history"):
+            store.write_training_log(config.store, config.effective_run_id, state["log_history"])
+
+
+def parse_one(session: Session, specimen: Specimen, text: str, input_size) -> Prediction:
+    """Raw text -> Prediction (never raises: junk output is data)."""
+    if specimen.task == "grounding":
+        result = parsing.parse_grounding(
+            text,
+            session.output_format,
+            (specimen.width, specimen.height),
+            input_size=input_size,
+            coords=session.config.coords,
+            default_label=specimen.prompt,
+        )
+    else:
+        result = parsing.parse_answer(text)
+    return Prediction(
+        specimen_id=specimen.specimen_id,
+        raw_text=text,
+        parse_status=result.status,
+        pred_boxes=result.boxes,
+        pred_answer=result.answer,
+        input_size=tuple(input_size) if input_size else None,
+    )
+
+
+def score_predictions(
+    config: Config, specimens: list[Specimen], predictions: list[Prediction], device: str
+) -> dict:
+    """Fill each prediction's metrics and failure category; return the step's aggregates."""
+    statuses = [p.parse_status for p in predictions]
+    sc = config.scoring
+    if config.task == "grounding":
+        pred_boxes = [p.pred_boxes for p in predictions]
+        ref_boxes = [s.ref_boxes for s in specimens]
+        per = scoring.score_grounding(
+            pred_boxes,
+            ref_boxes,
+            statuses,
+            iou_threshold=sc.iou_threshold,
+            tight_iou=sc.tight_iou,
+            device=device,
+        )
+        aggregates = scoring.aggregate_grounding(
+            per, statuses, pred_boxes=pred_boxes, ref_boxes=ref_boxes
+        )
+    else:
+        answers = [p.pred_answer for p in predictions]
+        refs = [s.ref_answers for s in specimens]
+        per = scoring.score_vqa(
+            answers,
+            refs,
+            [s.prompt for s in specimens],
+            anls_threshold=sc.anls_threshold,
+            format_ratio=sc.format_ratio,
+        )
+        aggregates = scoring.aggregate_vqa(per, answers, refs)
+    for prediction, metrics in zip(predictions, per, strict=True):
+        prediction.failure_category = metrics.pop("failure_category", "")
+        metrics.pop("failure_action", None)
+        prediction.metrics = metrics
+    return aggregates
+
+
+def prediction_rows(
+    run_id: str, step: int, eval_id: str, predictions: list[Prediction]
+) -> list[dict]:
+    """Predictions as rows of the store's predictions table."""
+    rows = []
+    for prediction in predictions:
+        row = store.prediction_row(prediction)
+        row.update(run_id=run_id, step=step, eval_id=eval_id)
+        rows.append(row)
+    return rows
+
+
+def run(config: Config, console: Console | None = None) -> RunOutcome:
+    """Evaluate the configured checkpoints once (resume-aware) and return what happened."""
+    console = console or Console()
+    outcome = RunOutcome(store=config.store, run_id=config.effective_run_id)
+    session = open_session(config, console)
+    checkpoints = select_checkpoints(config)
+    if not checkpoints:
+        raise ckpts.CheckpointError(
+            f"{config.run_dir}: no checkpoints found (and include_base is false)"
+        )
+    console.print(
+        f"[bold]run[/]   {config.effective_run_id}: steps {[c.step for c in checkpoints]} from {config.run_dir}"
+    )
+    evaluate_checkpoints(session, checkpoints, console, outcome, explicit=config.steps is not None)
+    return outcome

@@ -1,0 +1,58 @@
+"""Scoring: predictions against references, per specimen and per step.
+
+Never touches storage or models. Grounding IoUs for a whole step are computed in batched
+tensor launches on the model's device; everything else is plain Python/numpy.
+See docs/metrics.md for every definition and convention.
+"""
+
+from vieval_runner.scoring.categories import (
+    FAILURE_ACTIONS,
+    GROUNDING_CATEGORIES,
+    PARSE_FAILURE_STATUSES,
+    VQA_CATEGORIES,
+)
+from vieval_runner.scoring.coco_ap import coco_average_precision
+from vieval_runner.scoring.grounding import aggregate_grounding, match_boxes, score_grounding
+from vieval_runner.scoring.iou import batched_box_iou, pad_boxes, step_ious
+from vieval_runner.scoring.steps import LOWER_IS_BETTER, best_step, overfitting_signal
+from vieval_runner.scoring.text import normalize_squad, normalize_vqa
+from vieval_runner.scoring.vqa import (
+    BERTSCORE_NOTE,
+    aggregate_vqa,
+    anls_single,
+    rouge_l,
+    score_vqa,
+    squad_f1,
+    vqa_accuracy,
+)
+
+# Bump when any metric definition or convention changes: stored evaluations carry it, and
+# `vieval rescore` uses it to tell stale scores from current ones.
+SCORER_VERSION = "1.0.0"
+
+__all__ = [
+    "BERTSCORE_NOTE",
+    "FAILURE_ACTIONS",
+    "GROUNDING_CATEGORIES",
+    "LOWER_IS_BETTER",
+    "PARSE_FAILURE_STATUSES",
+    "SCORER_VERSION",
+    "VQA_CATEGORIES",
+    "aggregate_grounding",
+    "aggregate_vqa",
+    "anls_single",
+    "batched_box_iou",
+    "best_step",
+    "coco_average_precision",
+    "match_boxes",
+    "normalize_squad",
+    "normalize_vqa",
+    "overfitting_signal",
+    "pad_boxes",
+    "rouge_l",
+    "score_grounding",
+    "score_vqa",
+    "squad_f1",
+    "step_ious",
+    "vqa_accuracy",
+]

@@ -1,0 +1,155 @@
+"""VQA scores: per-specimen answer metrics and the per-step aggregate."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from vieval_runner.scoring.categories import FAILURE_ACTIONS, vqa_category
+from vieval_runner.scoring.text import (
+    lcs_length,
+    levenshtein,
+    normalize_squad,
+    normalize_vqa,
+    rouge_tokens,
+)
+
+BERTSCORE_NOTE = (
+    "BERTScore needs a pretrained language model; vieval never downloads one, so it is not "
+    "computed."
+)
+
+
+def vqa_accuracy(pred: str | None, refs: list[str]) -> float | None:
+    """Official VQA accuracy: min(#other refs equal to pred / 3, 1), averaged over the
+    leave-one-out subsets of the references; None with fewer than 3 references."""
+    if len(refs) < 3:
+        return None
+    p = normalize_vqa(pred)
+    norm = [normalize_vqa(r) for r in refs]
+    hits = sum(r == p for r in norm)
+    # Leaving out reference i leaves hits - [ref i matched] matching references.
+    return sum(min(1.0, (hits - (r == p)) / 3) for r in norm) / len(norm)
+
+
+def squad_f1(pred: str | None, ref: str) -> float:
+    """SQuAD token F1 between one prediction and one reference."""
+    p, g = normalize_squad(pred).split(), normalize_squad(ref).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(pred: str | None, ref: str) -> float:
+    """ROUGE-L F-measure (LCS of tokens, beta = 1), 0 when either side has no tokens."""
+    p, g = rouge_tokens(pred), rouge_tokens(ref)
+    lcs = lcs_length(p, g)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def anls_single(pred: str | None, ref: str, threshold: float = 0.5) -> float:
+    """1 - normalized Levenshtein distance (case- and space-normalized), 0 if it is >= threshold."""
+    a = " ".join((pred or "").strip().lower().split())
+    b = " ".join(ref.strip().lower().split())
+    length = max(len(a), len(b))
+    nl = levenshtein(a, b) / length if length else 0.0
+    return 1.0 - nl if nl < threshold else 0.0
+
+
+def score_vqa(
+    pred_answers: list[str | None],
+    ref_answers: list[list[str]],
+    prompts: list[str] | None = None,
+    *,
+    anls_threshold: float = 0.5,
+    format_ratio: float = 3.0,
+    good_f1: float = 0.8,
+    incomplete_precision: float = 0.75,
+    hallucination_min_tokens: int = 2,
+    hallucination_share: float = 0.5,
+    specimen_ids: list[str] | None = None,
+) -> list[dict]:
+    """Per-specimen VQA metrics: ``exact_match, vqa_accuracy, token_f1, bleu, rouge_l, anls,
+    bertscore, failure_category, failure_action``. A None prediction scores as ""."""
+    import sacrebleu  # here, not at module top: grounding-only installs need not have it
+
+    n = len(pred_answers)
+    if len(ref_answers) != n or (prompts is not None and len(prompts) != n):
+        raise ValueError(
+            f"score_vqa: {n} predictions, {len(ref_answers)} reference lists and "
+            f"{'no' if prompts is None else len(prompts)} prompts; they must be one per specimen"
+        )
+    out = []
+    for i, (pred, refs) in enumerate(zip(pred_answers, ref_answers, strict=True)):
+        if not refs:
+            name = specimen_ids[i] if specimen_ids else f"#{i}"
+            raise ValueError(f"score_vqa: specimen {name} has no reference answers")
+        p = normalize_vqa(pred)
+        em = float(pred is not None and any(p == normalize_vqa(r) for r in refs))
+        f1 = max(squad_f1(pred, r) for r in refs)
+        category = vqa_category(
+            pred,
+            refs,
+            None if prompts is None else prompts[i],
+            f1,
+            em,
+            good_f1=good_f1,
+            format_ratio=format_ratio,
+            incomplete_precision=incomplete_precision,
+            hallucination_min_tokens=hallucination_min_tokens,
+            hallucination_share=hallucination_share,
+        )
+        out.append(
+            {
+                "exact_match": em,
+                "vqa_accuracy": vqa_accuracy(pred, refs),
+                "token_f1": f1,
+                "bleu": sacrebleu.sentence_bleu(pred or "", list(refs)).score,
+                "rouge_l": max(rouge_l(pred, r) for r in refs),
+                "anls": max(anls_single(pred, r, anls_threshold) for r in refs),
+                "bertscore": None,
+                "failure_category": category,
+                "failure_action": FAILURE_ACTIONS[category],
+            }
+        )
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def aggregate_vqa(
+    per_specimen: list[dict], pred_answers: list[str | None], ref_answers: list[list[str]]
+) -> dict:
+    """Per-step VQA metrics: means of the per-specimen scores, corpus BLEU (sacrebleu), and
+    the share of empty answers as ``parse_failure_rate``."""
+    n = len(per_specimen)
+    if not len(pred_answers) == len(ref_answers) == n:
+        raise ValueError(
+            f"aggregate_vqa: {n} specimens, {len(pred_answers)} predictions and "
+            f"{len(ref_answers)} reference lists"
+        )
+    import sacrebleu
+
+    bleu = None
+    if n:
+        # sacrebleu takes reference *streams*; None pads specimens with fewer references.
+        width = max(len(r) for r in ref_answers)
+        streams = [[r[k] if k < len(r) else None for r in ref_answers] for k in range(width)]
+        bleu = sacrebleu.corpus_bleu([p or "" for p in pred_answers], streams).score
+    means = ("exact_match", "vqa_accuracy", "token_f1", "rouge_l", "anls")
+    return {k: _mean([d[k] for d in per_specimen]) for k in means} | {
+        "bleu": bleu,
+        "parse_failure_rate": (sum(not (p or "").strip() for p in pred_answers) / n if n else None),
+        "n_specimens": n,
+        "bertscore": None,
+        "bertscore_note": BERTSCORE_NOTE,
+    }

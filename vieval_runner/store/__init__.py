@@ -1,0 +1,51 @@
+"""The versioned Delta Lake store: ``specimens``, ``predictions``, ``evaluations``,
+``training_log`` tables under one root. See ``docs/store.md``."""
+
+from vieval_runner.store.maintenance import compact
+from vieval_runner.store.reader import StoreReader, open_store
+from vieval_runner.store.schema import (
+    AGGREGATE_METRICS,
+    BOX,
+    EVALUATIONS_SCHEMA,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    PREDICTIONS_SCHEMA,
+    SPECIMENS_SCHEMA,
+    TRAINING_LOG_SCHEMA,
+    StoreError,
+    table_uri,
+)
+from vieval_runner.store.writer import (
+    commit_step,
+    create_store,
+    has_dataset_version,
+    prediction_row,
+    record_failed_evaluation,
+    stored_evaluations,
+    write_specimens,
+    write_training_log,
+)
+
+__all__ = [
+    "AGGREGATE_METRICS",
+    "BOX",
+    "EVALUATIONS_SCHEMA",
+    "FORMAT_KEY",
+    "FORMAT_VERSION",
+    "PREDICTIONS_SCHEMA",
+    "SPECIMENS_SCHEMA",
+    "TRAINING_LOG_SCHEMA",
+    "StoreError",
+    "StoreReader",
+    "commit_step",
+    "compact",
+    "create_store",
+    "has_dataset_version",
+    "open_store",
+    "prediction_row",
+    "record_failed_evaluation",
+    "stored_evaluations",
+    "table_uri",
+    "write_specimens",
+    "write_training_log",
+]
