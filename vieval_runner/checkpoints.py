@@ -102,29 +102,30 @@ def _weights_status(path: Path) -> tuple[CheckpointKind | None, str]:
 def checkpoint_status(
     path: str | Path, settle_seconds: float = 30.0, now: float | None = None
 ) -> tuple[bool, str]:
-    """``(complete, reason)`` for one checkpoint folder.
+    """``(complete, reason)`` for one checkpoint folder: is it done being written?
 
-    Complete = the weights are all there (single file, every shard named by the index, or a
-    LoRA adapter; each safetensors file as long as its header says) AND either
-    ``trainer_state.json`` exists (the Trainer writes it last) or no file in the folder changed
-    during the last ``settle_seconds`` (for trainers that write no state file).
+    Done = ``trainer_state.json`` exists (the Trainer writes it last) or no file in the folder
+    changed during the last ``settle_seconds`` (for trainers that write no state file). Until
+    then, missing or short weight files (each safetensors file must be as long as its header
+    says; every shard named by the index must exist) mean "still being written". Once done,
+    the same problems mean a corrupt checkpoint: it counts as complete, so loading it fails
+    with a clear error and the run records a failed evaluation, and ``reason`` says why.
     """
     path = Path(path)
     if not path.is_dir():
         return False, f"{path} is not a directory"
     _, problem = _weights_status(path)
-    if problem:
-        return False, problem
     if (path / _STATE).is_file():
-        return True, ""
+        return True, problem
     now = time.time() if now is None else now
     newest = max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0)
     age = now - newest
     if age < settle_seconds:
-        return False, (
+        settling = (
             f"no {_STATE} and files changed {age:.1f} s ago (settle time {settle_seconds:g} s)"
         )
-    return True, ""
+        return False, f"{problem}; {settling}" if problem else settling
+    return True, problem
 
 
 def _kind(path: Path) -> CheckpointKind:

@@ -147,6 +147,26 @@ class Config(_Strict):
             return value
         raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
 
+    @field_validator("output_format")
+    @classmethod
+    def _format_known(cls, value: str | None) -> str | None:
+        from vieval_runner.parsing import FORMATS  # pure Python, cheap
+
+        if value is not None and value not in FORMATS:
+            raise ValueError(
+                f"unknown output format {value!r}; allowed: {', '.join(sorted(FORMATS))}"
+            )
+        return value
+
+    @field_validator("coords")
+    @classmethod
+    def _coords_known(cls, value: str | None) -> str | None:
+        from vieval_runner.parsing import COORDS
+
+        if value is not None and value not in COORDS:
+            raise ValueError(f"unknown coords {value!r}; allowed: {', '.join(sorted(COORDS))}")
+        return value
+
     @model_validator(mode="after")
     def _selection_ok(self) -> Config:
         if self.steps is not None and (self.every is not None or self.step_range is not None):

@@ -393,12 +393,12 @@ def run(config: Config, console: Console | None = None) -> RunOutcome:
     """Evaluate the configured checkpoints once (resume-aware) and return what happened."""
     console = console or Console()
     outcome = RunOutcome(store=config.store, run_id=config.effective_run_id)
-    session = open_session(config, console)
-    checkpoints = select_checkpoints(config)
+    checkpoints = select_checkpoints(config)  # cheap checks first: nothing written on bad input
     if not checkpoints:
         raise ckpts.CheckpointError(
             f"{config.run_dir}: no checkpoints found (and include_base is false)"
         )
+    session = open_session(config, console)
     console.print(
         f"[bold]run[/]   {config.effective_run_id}: steps {[c.step for c in checkpoints]} from {config.run_dir}"
     )

@@ -58,10 +58,12 @@ def make_scene(
     cell = size // cells
     slots = [(cx, cy) for cy in range(cells) for cx in range(cells)]
     rng.shuffle(slots)
-    kinds = [(c, s) for c in COLOURS for s in SHAPES]
-    rng.shuffle(kinds)
+    # every shape in a scene differs from the others in colour AND in kind, so a phrase names
+    # exactly one shape and either word alone finds it: learnable by a tiny model in minutes
+    k = rng.randint(1, min(3, len(slots)))
+    kinds = list(zip(rng.sample(list(COLOURS), k), rng.sample(SHAPES, k), strict=True))
     placed = []
-    for (cx, cy), (colour, shape) in zip(slots[: rng.randint(1, 3)], kinds, strict=False):
+    for (cx, cy), (colour, shape) in zip(slots[:k], kinds, strict=True):
         margin = cell // 8
         placed.append(
             Placed(

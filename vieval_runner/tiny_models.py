@@ -17,7 +17,18 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-FAMILIES_BUILDABLE: tuple[str, ...] = ("qwen2_vl", "qwen25_vl", "qwen3_vl", "paligemma")
+from .tiny_families import BUILDERS as _MORE_BUILDERS
+
+FAMILIES_BUILDABLE: tuple[str, ...] = (
+    "qwen2_vl",
+    "qwen25_vl",
+    "qwen3_vl",
+    "paligemma",
+    "florence2",
+    "internvl",
+    "llava",
+    "smolvlm",
+)
 
 _WORDS = (
     "red blue green yellow black white orange purple gray pink "
@@ -266,6 +277,7 @@ _BUILDERS: dict[str, tuple[Callable, Callable]] = {
     "qwen25_vl": (lambda: _qwen_processor("qwen25_vl", 14), _build_qwen25_vl),
     "qwen3_vl": (lambda: _qwen_processor("qwen3_vl", 16), _build_qwen3_vl),
     "paligemma": (_paligemma_processor, _build_paligemma),
+    **_MORE_BUILDERS,  # Florence-2, InternVL, LLaVA, SmolVLM: vieval_runner/tiny_families/
 }
 
 

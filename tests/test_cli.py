@@ -1,0 +1,157 @@
+"""The `vieval` command line: parse, run, summary, exit statuses and their messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from vieval_runner import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _vieval(
+    *args: str, stdin: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="120")
+    return subprocess.run(
+        [sys.executable, "-m", "vieval_runner", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def test_parse_one_output_from_stdin():
+    text = 'Sure! ```json\n[{"bbox_2d": [10, 20, 110, 220], "label": "cat"}]\n```'
+    done = _vieval(
+        "parse",
+        "--format",
+        "qwen25_vl_json",
+        "--image-size",
+        "1000,800",
+        "--input-size",
+        "500,400",
+        stdin=text,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "ok"
+    assert result["boxes"] == [{"label": "cat", "box": [20.0, 40.0, 220.0, 440.0]}]
+
+
+def test_parse_jsonl_is_fast_and_imports_no_model_library():
+    lines = [
+        {
+            "text": "<loc0256><loc0128><loc0768><loc0512> cat",
+            "format": "paligemma_loc",
+            "image_size": [1024, 512],
+        },
+        {"text": "nothing here", "format": "qwen3_vl_json", "image_size": [100, 100]},
+        {"text": "x", "format": "no_such_format", "image_size": [100, 100]},
+    ]
+    code = (
+        "import sys, io\n"
+        "from vieval_runner import cli\n"
+        f"sys.stdin = io.StringIO({''.join(json.dumps(x) + chr(10) for x in lines)!r})\n"
+        "status = cli.main(['parse', '--jsonl'])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'numpy', 'deltalake') if m in sys.modules]\n"
+        "print('HEAVY', heavy, status)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.strip().splitlines()
+    assert out[-1] == "HEAVY [] 0"
+    first, second, third = (json.loads(line) for line in out[:3])
+    assert first == {
+        "status": "ok",
+        "boxes": [{"label": "cat", "box": [128.0, 128.0, 512.0, 384.0]}],
+    }
+    assert second["status"] == "malformed" and second["boxes"] == []
+    assert third["status"] == "error" and "no_such_format" in third["error"]
+
+
+def test_parse_bad_arguments_exit_2(capsys):
+    assert cli.main(["parse", "--format", "nope", "--image-size", "10,10"]) == 2
+    assert "unknown format 'nope'" in capsys.readouterr().err
+
+
+def _config_file(tmp_path: Path, run, **extra) -> Path:
+    from test_runner import _write_split
+
+    data = _write_split(tmp_path / "data", "grounding", n=4)
+    tree = {
+        "run_dir": str(run.run_dir),
+        "base_model": str(run.base_model_dir),
+        "store": str(tmp_path / "store"),
+        "data": {"path": str(data)},
+        "batch_size": 4,
+        "max_new_tokens": 8,
+        "device": "cpu",
+        **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path, tiny_run, capsys):
+    config = _config_file(tmp_path, tiny_run("qwen25_vl"), batch_sise=4)
+    assert cli.main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'batch_sise'" in err and str(config) in err
+    assert cli.main(["run", str(config).replace("config", "nothing")]) == 2
+
+
+def test_unknown_output_format_and_missing_run_dir_exit_2(tmp_path, tiny_run, capsys):
+    run = tiny_run("qwen25_vl")
+    config = _config_file(tmp_path, run, run_dir=str(tmp_path / "no-such-run"))
+    assert cli.main(["run", str(config)]) == 2
+    assert "no-such-run" in capsys.readouterr().err
+    config = _config_file(tmp_path, run, output_format="yolo_txt")
+    assert cli.main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "yolo_txt" in err and "qwen25_vl_json" in err
+
+
+def test_run_then_summary_json(tmp_path, tiny_run):
+    config = _config_file(tmp_path, tiny_run("qwen25_vl"), steps=[0, 300])
+    done = _vieval("run", str(config))
+    assert done.returncode == 0, done.stderr + done.stdout
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == f"store: {tmp_path / 'store'}"
+    assert "best checkpoint" in done.stdout
+    logs = list((tmp_path / "store" / "logs").glob("vieval-*.log"))
+    assert logs and "versions:" in logs[0].read_text()
+
+    summary = _vieval("summary", str(tmp_path / "store"), "--json", timeout=120)
+    assert summary.returncode == 0, summary.stderr
+    payload = json.loads(summary.stdout)
+    (run,) = payload["runs"]
+    assert run["task"] == "grounding" and [s["step"] for s in run["steps"]] == [0, 300]
+    assert all(s["n_specimens"] == 4 for s in run["steps"])
+    assert run["best_step"] in (0, 300)
+
+
+def test_failed_checkpoint_exit_3(tmp_path, tiny_run, capsys):
+    import shutil
+
+    source = tiny_run("qwen25_vl")
+    run_dir = tmp_path / "run"
+    shutil.copytree(source.run_dir, run_dir)
+    (run_dir / "checkpoint-100" / "model.safetensors").write_bytes(b"not a safetensors file")
+    run = type(source)(source.base_model_dir, run_dir, source.steps, source.family)
+    config = _config_file(tmp_path, run, steps=[0, 100, 200])
+    assert cli.main(["run", str(config)]) == 3
+    out = capsys.readouterr().out
+    assert "1 checkpoint(s) failed" in out and "100" in out

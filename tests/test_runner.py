@@ -1,0 +1,197 @@
+"""The loop end to end on real tiny models: scripted outputs through generate -> parse,
+a run into a real Delta store, resume, failed checkpoints, rescore."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_specimens
+from rich.console import Console
+
+from vieval_runner import generation, models, parsing, rescore, runner, store
+from vieval_runner.config import config_from_dict
+from vieval_runner.records import Specimen
+
+
+def _target_box(w: int, h: int) -> tuple[float, float, float, float]:
+    return (0.1 * w, 0.2 * h, 0.6 * w, 0.75 * h)
+
+
+def _scripted(family: str, spec: Specimen, input_size) -> str:
+    """The answer a perfect model of ``family`` gives for the target box of ``spec``."""
+    w, h = spec.width, spec.height
+    x1, y1, x2, y2 = _target_box(w, h)
+    if family == "qwen2_vl":
+        rel = [round(v) for v in (x1 / w * 1000, y1 / h * 1000, x2 / w * 1000, y2 / h * 1000)]
+        return (
+            f"<|object_ref_start|>{spec.prompt}<|object_ref_end|>"
+            f"<|box_start|>({rel[0]},{rel[1]}),({rel[2]},{rel[3]})<|box_end|>"
+        )
+    if family == "qwen25_vl":
+        iw, ih = input_size
+        box = [round(x1 * iw / w), round(y1 * ih / h), round(x2 * iw / w), round(y2 * ih / h)]
+        return f'```json\n[{{"bbox_2d": {json.dumps(box)}, "label": "{spec.prompt}"}}]\n```'
+    if family == "qwen3_vl":
+        rel = [round(v) for v in (x1 / w * 1000, y1 / h * 1000, x2 / w * 1000, y2 / h * 1000)]
+        return json.dumps([{"bbox_2d": rel, "label": spec.prompt}])
+    assert family == "paligemma"
+    locs = [round(y1 / h * 1024), round(x1 / w * 1024), round(y2 / h * 1024), round(x2 / w * 1024)]
+    return "".join(f"<loc{v:04d}>" for v in locs) + f" {spec.prompt}"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen25_vl", "qwen3_vl", "paligemma"])
+def test_scripted_answers_parse_to_original_pixels(tiny_run, family):
+    """Scripted answers go through the real generate + decode path, then the family's parser
+    must give the original-image pixel box back (within the format's quantization)."""
+    run = tiny_run(family)
+    loaded = models.load_base(run.base_model_dir, device="cpu")
+    models.swap_weights(loaded, run.run_dir / "checkpoint-200")
+    specimens = make_specimens()
+    prepared = generation.prepare(loaded, specimens)
+    texts = [_scripted(family, s, p.input_size) for s, p in zip(specimens, prepared, strict=True)]
+    outputs = generation.generate(
+        loaded, prepared, batch_size=4, max_new_tokens=80, forced_texts=texts
+    )
+    fmt = models.FAMILIES[family]["output_format"]
+    for spec, prep, out in zip(specimens, prepared, outputs, strict=True):
+        result = parsing.parse_grounding(
+            out.text, fmt, (spec.width, spec.height), input_size=out.input_size
+        )
+        assert result.status == "ok", (family, out.text)
+        assert len(result.boxes) == 1
+        got = result.boxes[0].as_list()
+        want = _target_box(spec.width, spec.height)
+        if family == "qwen25_vl":
+            tolerance = max(spec.width / prep.input_size[0], spec.height / prep.input_size[1])
+        else:
+            tolerance = max(spec.width, spec.height) / 1000 + 0.01
+        assert got == pytest.approx(want, abs=tolerance), (family, out.text, got, want)
+
+
+def _write_split(folder: Path, task: str, n: int = 6) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in make_specimens(task)[:n]:
+        (folder / spec.specimen_id).write_bytes(spec.image_bytes)
+        row = {
+            "id": spec.specimen_id,
+            "image": spec.specimen_id,
+            "task": task,
+            "prompt": spec.prompt,
+        }
+        if task == "grounding":
+            row["boxes"] = [
+                {"label": spec.prompt, "box": list(_target_box(spec.width, spec.height))}
+            ]
+        else:
+            row["answers"] = ["red", "a red one"]
+        rows.append(row)
+    path = folder / "val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(tmp_path: Path, run, task: str = "grounding", **extra):
+    data = _write_split(tmp_path / "data", task)
+    tree = {
+        "run_dir": str(run.run_dir),
+        "base_model": str(run.base_model_dir),
+        "store": str(tmp_path / "store"),
+        "task": task,
+        "data": {"path": str(data)},
+        "batch_size": 4,
+        "max_new_tokens": 12,
+        "device": "cpu",
+        **extra,
+    }
+    return config_from_dict(tree)
+
+
+def _quiet() -> Console:
+    return Console(quiet=True)
+
+
+def test_run_writes_every_step_and_resumes(tmp_path, tiny_run):
+    run = tiny_run("qwen25_vl")
+    config = _config(tmp_path, run)
+    outcome = runner.run(config, _quiet())
+    assert outcome.evaluated == [0, 100, 200, 300]
+    assert outcome.exit_status == 0
+
+    reader = store.open_store(config.store)
+    assert reader.runs() == [config.effective_run_id]
+    assert reader.steps(config.effective_run_id) == [0, 100, 200, 300]
+    evaluations = reader.evaluations(config.effective_run_id).to_pylist()
+    assert [e["status"] for e in evaluations] == ["ok"] * 4
+    assert {e["parser_version"] for e in evaluations} == {parsing.PARSER_VERSION}
+    assert {e["model_family"] for e in evaluations} == {"qwen25_vl"}
+    step = reader.step(config.effective_run_id, 200).to_pylist()
+    assert len(step) == 6
+    for row in step:
+        assert row["parse_status"] in parsing_statuses()
+        assert row["failure_category"]
+        assert row["tp"] + row["fn"] == 1  # one reference box each
+    # checkpoints generate different text (weights really swapped)
+    texts = {
+        s: tuple(r["raw_text"] for r in reader.step(config.effective_run_id, s).to_pylist())
+        for s in (0, 100, 200, 300)
+    }
+    assert len(set(texts.values())) > 1
+
+    again = runner.run(config, _quiet())
+    assert again.evaluated == [] and again.skipped == [0, 100, 200, 300]
+    forced = runner.run(config.model_copy(update={"force": True}), _quiet())
+    assert forced.evaluated == [0, 100, 200, 300]
+    # steps=[...] re-evaluates on demand even without force
+    chosen = runner.run(config.model_copy(update={"steps": [200]}), _quiet())
+    assert chosen.evaluated == [200]
+
+
+def parsing_statuses() -> set[str]:
+    from vieval_runner.records import PARSE_STATUSES
+
+    return set(PARSE_STATUSES)
+
+
+def test_corrupt_checkpoint_is_a_failed_evaluation_and_the_run_goes_on(tmp_path, tiny_run):
+    source = tiny_run("paligemma")
+    run_dir = tmp_path / "run"
+    shutil.copytree(source.run_dir, run_dir)
+    weights = run_dir / "checkpoint-200" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    run = type(source)(source.base_model_dir, run_dir, source.steps, source.family)
+    config = _config(tmp_path, run)
+    outcome = runner.run(config, _quiet())
+    assert outcome.exit_status == 3
+    assert set(outcome.failed) == {200}
+    assert "checkpoint-200" in outcome.failed[200]
+    assert outcome.evaluated == [0, 100, 300]
+    reader = store.open_store(config.store)
+    failed = [e for e in reader.evaluations().to_pylist() if e["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["step"] == 200 and failed[0]["error"]
+    assert reader.steps(config.effective_run_id) == [0, 100, 300]
+
+
+def test_vqa_run_and_rescore(tmp_path, tiny_run):
+    run = tiny_run("paligemma")
+    config = _config(tmp_path, run, task="vqa", steps=[0, 300])
+    outcome = runner.run(config, _quiet())
+    assert outcome.evaluated == [0, 300]
+    reader = store.open_store(config.store)
+    rows = reader.step(config.effective_run_id, 300).to_pylist()
+    assert all(r["exact_match"] in (0.0, 1.0) for r in rows)
+    assert all(r["token_f1"] is not None for r in rows)
+    before = reader.version["predictions"]
+
+    done = rescore.rescore_store(config.store, console=_quiet())
+    assert sorted(done) == [(config.effective_run_id, 0), (config.effective_run_id, 300)]
+    reader = store.open_store(config.store)
+    assert reader.version["predictions"] == before + 2  # one new commit per step
+    rescored = reader.step(config.effective_run_id, 300).to_pylist()
+    assert [r["raw_text"] for r in rescored] == [r["raw_text"] for r in rows]
+    assert [r["exact_match"] for r in rescored] == [r["exact_match"] for r in rows]
+    evaluations = reader.evaluations(config.effective_run_id).to_pylist()
+    assert len(evaluations) == 4 and all(e["status"] == "ok" for e in evaluations)
