@@ -56,9 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time (a) on the first N specimens per checkpoint and extrapolate")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", *_DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="work folder (default: a temp folder, removed)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
     args = p.parse_args(argv)
+    if args.shrink and args.preset != "qwen2vl-2b":
+        p.error("--shrink only applies to --preset qwen2vl-2b")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
@@ -76,6 +79,15 @@ def say(text: str) -> None:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
 def free(device: str) -> None:
@@ -183,6 +195,7 @@ def method_hf(fixture: dict, specimens, args, batch: int, limit: int | None) -> 
     """(a) with ``batch=1`` (over the first ``limit`` specimens), (b) with the batch size."""
     todo = specimens[:limit] if limit else specimens
     load_s, gen_s, texts, counts = [], [], {}, []
+    reset_peak(args.device)
     for step, path in zip(fixture["steps"], fixture["checkpoints"], strict=True):
         t0 = time.perf_counter()
         model, processor = load_hf(path, args)
@@ -211,6 +224,7 @@ def method_hf(fixture: dict, specimens, args, batch: int, limit: int | None) -> 
         "load_s": load_s,
         "generate_s": gen_s,
         "all_full_length": all(n == args.max_new_tokens for n in counts),
+        "peak_gpu_gib": peak_gib(args.device),
         "samples_per_s": len(specimens) * len(fixture["steps"]) / full,
         "_texts": texts,
     }
@@ -238,10 +252,12 @@ def method_vieval(fixture: dict, args, work: Path) -> dict:
     }  # fmt: skip
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    reset_peak(args.device)
     t0 = time.perf_counter()
     outcome = runner.run(load_config(path), Console(quiet=True))
     sync(args.device)
     total = time.perf_counter() - t0
+    peak = peak_gib(args.device)
     free(args.device)
     if outcome.failed:
         raise SystemExit(f"vieval run failed on steps {outcome.failed}")
@@ -256,15 +272,15 @@ def method_vieval(fixture: dict, args, work: Path) -> dict:
     for raw in reader.evaluations("bench").column("timings").to_pylist():
         for key, value in (json.loads(raw) if isinstance(raw, str) else raw or {}).items():
             per_step[key] = per_step.get(key, 0.0) + float(value)
-    t0 = time.perf_counter()  # the runner hashes every checkpoint before evaluating it
-    for ckpt in fixture["checkpoints"]:
-        ckpts.checkpoint_hash(ckpt)
-    per_step["hash_s (re-timed)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the runner hashes every checkpoint: re-time one, scale
+    ckpts.checkpoint_hash(fixture["checkpoints"][0])
+    per_step["hash_s (re-timed)"] = (time.perf_counter() - t0) * len(fixture["checkpoints"])
     in_steps = sum(v for k, v in per_step.items() if not k.startswith("hash"))
-    per_step["other_s (data, store, base load, preprocess, hash)"] = total - in_steps
+    # commit_s is recorded before the commit runs (0): commits fall into "other" as well
+    per_step["other_s (data, store, base load, preprocess, hash, commits)"] = total - in_steps
     samples = len(texts)
     return {"samples": samples, "seconds": total, "samples_per_s": samples / total,
-            "breakdown_s": per_step, "in_process": True, "_texts": texts}  # fmt: skip
+            "breakdown_s": per_step, "in_process": True, "peak_gpu_gib": peak, "_texts": texts}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ main
@@ -287,6 +303,8 @@ def warm_up(fixture: dict, specimens, args) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -298,52 +316,67 @@ def main(argv: list[str] | None = None) -> int:
         f"transformers {transformers.__version__}, {os.cpu_count()} CPUs")  # fmt: skip
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_throughput_"))
     work.mkdir(parents=True, exist_ok=True)
+    result = {
+        "preset": args.preset, "shrink": args.shrink, "device": args.device, "card": card,
+        "dtype": args.dtype, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(), "complete": False,
+    }  # fmt: skip
+
+    def save() -> None:  # after every stage, so a time-boxed run still leaves its figures
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            public = {k: _public(v) for k, v in result.items()}
+            Path(args.json).write_text(json.dumps(public, indent=2) + "\n")
+
     try:
         fixture = build_fixture(args, work)
         specimens = load_split(fixture["split"])
         n, c = len(specimens), len(fixture["steps"])
+        limit = min(args.per_sample_limit or n, n)
+        result.update(specimens=n, checkpoints=c, per_sample_limit=limit,
+                      fixture={k: v for k, v in fixture.items() if k != "checkpoints"})  # fmt: skip
+        save()
         say(f"fixture {args.preset}{' (shrunk)' if args.shrink else ''}: {c} checkpoints, "
             f"{n} specimens, built in {fixture['fixture_s']:.1f}s in {work}")  # fmt: skip
-        say(f"warm-up (untimed) {warm_up(fixture, specimens, args):.1f}s")
-        limit = min(args.per_sample_limit or n, n)
+        result["warmup_s"] = warm_up(fixture, specimens, args)
+        say(f"warm-up (untimed) {result['warmup_s']:.1f}s")
         say(f"(a) per-sample loop ({limit} of {n} specimens per checkpoint)")
-        a = method_hf(fixture, specimens, args, 1, limit)
+        a = result["a_per_sample"] = method_hf(fixture, specimens, args, 1, limit)
+        save()
         say(f"(b) batched HF generate, batch {args.batch_size}")
-        b = method_hf(fixture, specimens, args, args.batch_size, None)
+        b = result["b_batched_hf"] = method_hf(fixture, specimens, args, args.batch_size, None)
+        save()
         say("(c) vieval run (in process)")
-        cc = method_vieval(fixture, args, work)
+        cc = result["c_vieval_run"] = method_vieval(fixture, args, work)
         bad_b, bad_c = compare(a["_texts"], b["_texts"]), compare(a["_texts"], cc["_texts"])
-        checked = len(a["_texts"])
+        result.update(texts_checked=len(a["_texts"]), b_mismatches=len(bad_b),
+                      c_mismatches=len(bad_c), c_over_a=cc["samples_per_s"] / a["samples_per_s"],
+                      c_over_b=cc["samples_per_s"] / b["samples_per_s"], complete=True)  # fmt: skip
+        save()
+        if args.preset == "qwen2vl-2b" and not (a["all_full_length"] and b["all_full_length"]):
+            say(f"WARNING: some generations stopped before {args.max_new_tokens} tokens")
         for name, bad in (("b", bad_b), ("c", bad_c)):
             if bad:
-                say(f"WARNING: ({name}) differs from (a) on {len(bad)} of {checked} samples "
-                    f"(first: {bad[:3]})")  # fmt: skip
-        for m in (a, b, cc):
-            m.pop("_texts")
-        result = {
-            "preset": args.preset, "shrink": args.shrink, "device": args.device, "card": card,
-            "dtype": args.dtype, "specimens": n, "checkpoints": c, "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens, "per_sample_limit": limit,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "fixture": {k: v for k, v in fixture.items() if k not in ("checkpoints",)},
-            "a_per_sample": a, "b_batched_hf": b, "c_vieval_run": cc,
-            "texts_checked": checked, "b_mismatches": len(bad_b), "c_mismatches": len(bad_c),
-            "c_over_a": cc["samples_per_s"] / a["samples_per_s"],
-            "c_over_b": cc["samples_per_s"] / b["samples_per_s"],
-        }  # fmt: skip
+                say(f"WARNING: ({name}) differs from (a) on {len(bad)} of {len(a['_texts'])} "
+                    f"samples (first: {bad[:3]})")  # fmt: skip
         ext = " (extrapolated)" if a["extrapolated"] else ""
         say(f"(a) per-sample loop : {a['samples_per_s']:8.2f} samples/s{ext}")
         say(f"(b) batched HF      : {b['samples_per_s']:8.2f} samples/s")
         say(f"(c) vieval run      : {cc['samples_per_s']:8.2f} samples/s  breakdown: "
             + ", ".join(f"{k} {v:.2f}" for k, v in cc["breakdown_s"].items()))  # fmt: skip
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         say(f"c/a={result['c_over_a']:.1f} c/b={result['c_over_b']:.2f}")
     finally:
         if not args.out:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _public(value):
+    """Figures without the per-sample texts (kept in memory for the comparison only)."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if not k.startswith("_")}
+    return value
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ _TEXT_SHRUNK = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 1000000.0,
+        "mrope_section": [2, 3, 3],
+    },
 }
 _VISION_SHRUNK = {**_VISION_2B, "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
 
@@ -154,12 +158,14 @@ def _end_ids(tok) -> list[int]:
 
 def build_anchor_model(processor, device: str, dtype: torch.dtype, shrink: bool, seed: int):
     """Random-weight model built directly on ``device`` in ``dtype`` (no host copy, no load)."""
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     config = anchor_config(processor, shrink)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    with torch.device(device):  # weights are created and initialised on the device itself
+        model = AutoModelForImageTextToText.from_config(
+            config, dtype=dtype, attn_implementation="sdpa"
+        )
     model.eval()
     gen = model.generation_config
     ends = _end_ids(processor.tokenizer)

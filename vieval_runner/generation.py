@@ -66,9 +66,11 @@ def build_prompt(
         content = [{"type": "image"}, {"type": "text", "text": text}]
         messages.append({"role": "user", "content": content})
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prefix = "" if system_prompt is None else system_prompt + " "
+    if not facts.get("image_token_in_prompt", True):  # Florence-2 places the image itself
+        return f"{prefix}{text}"
     # PaliGemma-style: image placeholder first; the processor adds <bos> and the "\n"
     image_token = getattr(processor, "image_token", "<image>")
-    prefix = "" if system_prompt is None else system_prompt + " "
     return f"{image_token}{prefix}{text}"
 
 
@@ -80,10 +82,12 @@ def prepare(
 ) -> list[PreparedSpecimen]:
     """Processor outputs of each specimen, computed once and reusable across checkpoints."""
     prepared = []
+    nested = FAMILIES[loaded.family].get("nested_images", False)
     for specimen in specimens:
         prompt = build_prompt(loaded, specimen, template, system_prompt)
+        image = specimen.load_image()
         outputs = loaded.processor(
-            images=[specimen.load_image()], text=[prompt], return_tensors="pt"
+            images=[[image]] if nested else [image], text=[prompt], return_tensors="pt"
         )
         tensors = {}
         for key, value in outputs.items():
@@ -139,8 +143,25 @@ def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str,
             out[key] = torch.stack(rows)
     for key in batch[0].tensors:
         if key not in _SEQ_KEYS:
-            out[key] = torch.cat([p.tensors[key] for p in batch], dim=0)
+            out[key] = _pad_cat([p.tensors[key] for p in batch])
     return out
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate on dim 0, zero-padding other dims to the largest (as processors batch).
+
+    SmolVLM/Idefics3: ``pixel_values`` (1, tiles, 3, H, W) with a per-image tile count; the
+    model drops all-zero padding tiles, and ``pixel_attention_mask`` pads with False.
+    """
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        if list(t.shape[1:]) != shape:
+            grown = t.new_zeros((t.shape[0], *shape))
+            grown[tuple(slice(0, n) for n in t.shape)] = t
+            t = grown
+        padded.append(t)
+    return torch.cat(padded, dim=0)
 
 
 def _to_device(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,14 +175,17 @@ def _to_device(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[str
 
 
 def _decode_rows(
-    loaded: LoadedModel, new_tokens: torch.Tensor, max_new_tokens: int
+    loaded: LoadedModel, new_tokens: torch.Tensor, max_new_tokens: int, lead: int | None = None
 ) -> list[tuple[str, int, bool]]:
+    """``(text, n_tokens, truncated)`` per row; ``lead``: a forced first token to drop."""
     tokenizer = loaded.processor.tokenizer
     ends = set(_end_ids(loaded))
     rows = []
     for row in new_tokens.tolist():
         stop = next((i for i, tok in enumerate(row) if tok in ends), None)
         content = row if stop is None else row[:stop]
+        if lead is not None and content[:1] == [lead]:
+            content = content[1:]
         # keep special tokens: Qwen2-VL boxes and PaliGemma <locNNNN> are (special) tokens
         text = tokenizer.decode(
             content, skip_special_tokens=False, clean_up_tokenization_spaces=False
@@ -186,21 +210,30 @@ def _generate_batch(
         eos = _end_ids(loaded)[0]
         processor = ForcedTextLogitsProcessor(loaded.processor.tokenizer, forced, eos_token_id=eos)
         kwargs["logits_processor"] = LogitsProcessorList([processor])
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=_pad_id(loaded),
-            eos_token_id=_end_ids(loaded),
-            **kwargs,
-        )
+    # A forced end token at max length (BART, Florence-2) would replace the last token and
+    # hide truncation. generate() refills None arguments from the model's generation config,
+    # so it is switched off there for the call.
+    gen_config = loaded.model.generation_config
+    forced_eos, gen_config.forced_eos_token_id = gen_config.forced_eos_token_id, None
+    try:
+        with torch.inference_mode():
+            out = loaded.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=_pad_id(loaded),
+                eos_token_id=_end_ids(loaded),
+                **kwargs,
+            )
+    finally:
+        gen_config.forced_eos_token_id = forced_eos
     if not FAMILIES[loaded.family]["encoder_decoder"]:
         out = out[:, inputs["input_ids"].shape[1] :]  # decoder-only: drop the prompt
-    else:
-        out = out[:, 1:]  # encoder-decoder: drop the decoder start token
-    return _decode_rows(loaded, out, max_new_tokens)
+        return _decode_rows(loaded, out, max_new_tokens)
+    # encoder-decoder: the output holds no prompt; drop the decoder start token and the
+    # forced <s> after it (Florence-2 writes "</s><s>answer</s>")
+    return _decode_rows(loaded, out[:, 1:], max_new_tokens, lead=gen_config.forced_bos_token_id)
 
 
 def generate(

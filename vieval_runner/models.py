@@ -58,6 +58,51 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "chat_template": False,
         "templates": {"grounding": "detect {prompt}", "vqa": "answer en {prompt}"},
     },
+    "florence2": {
+        "model_types": ("florence2",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "florence2_loc",
+        "padding_side": "right",  # encoder-decoder: left padding shifts the encoder's logits
+        "encoder_decoder": True,
+        "chat_template": False,
+        "image_token_in_prompt": False,  # the processor adds the image tokens, <s> and </s>
+        # the processor expands the task token into its instruction text
+        "templates": {"grounding": "<CAPTION_TO_PHRASE_GROUNDING>{prompt}", "vqa": "{prompt}"},
+    },
+    "internvl": {
+        **_QWEN_CHAT,
+        "model_types": ("internvl",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "internvl",
+        # InternVL's own RefCOCO evaluation prompt (eval/refcoco/evaluate_grounding.py)
+        "templates": {
+            "grounding": "Please provide the bounding box coordinate of the region this "
+            "sentence describes: <ref>{prompt}</ref>",
+            "vqa": "{prompt}",
+        },
+    },
+    "llava": {
+        **_QWEN_CHAT,
+        "model_types": ("llava",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "plain_xyxy",
+        # LLaVA-1.5's RefCOCO convention: [x1, y1, x2, y2] as 0-1 floats of the image size
+        "coords": "normalized_1",
+        "templates": {
+            "grounding": "Please provide the bounding box coordinate of the region this "
+            "sentence describes: {prompt}",
+            "vqa": "{prompt}",
+        },
+    },
+    "smolvlm": {
+        **_QWEN_CHAT,
+        "model_types": ("smolvlm", "idefics3"),  # SmolVLM v1 checkpoints say idefics3
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "plain_xyxy",
+        "nested_images": True,  # one list of images per prompt
+        "templates": {"grounding": "Detect {prompt}. Answer with [x1, y1, x2, y2].",
+                      "vqa": "{prompt}"},  # fmt: skip
+    },
 }
 
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")

@@ -206,9 +206,12 @@ def evaluate_checkpoints(
                 outcome.failed[ckpt.step] = message
                 log.exception("step %s (%s) failed", ckpt.step, ckpt.path)
                 progress.console.print(f"[red]step {ckpt.step} failed[/]: {message}")
-                store.record_failed_evaluation(
-                    config.store, _eval_row(session, ckpt, digest, "failed", message)
-                )
+                try:
+                    store.record_failed_evaluation(
+                        config.store, _eval_row(session, ckpt, digest, "failed", message)
+                    )
+                except Exception:  # e.g. the disk is full: the console and log still say it
+                    log.exception("could not record the failure of step %s in the store", ckpt.step)
             progress.remove_task(batches)
             progress.advance(overall)
 

@@ -1,0 +1,183 @@
+"""Interruptions and a full disk: the store stays readable at its last commit and a rerun
+completes the rest without duplicates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vieval_runner import runner, store
+from vieval_runner.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config_file(tmp_path: Path, run, n: int = 9, **extra) -> Path:
+    from test_runner import _write_split
+
+    data = _write_split(tmp_path / "data", "grounding", n=n)
+    tree = {
+        "run_dir": str(run.run_dir),
+        "base_model": str(run.base_model_dir),
+        "store": str(tmp_path / "store"),
+        "data": {"path": str(data)},
+        "batch_size": 1,  # many small generate calls: a long window to be interrupted in
+        "max_new_tokens": 48,
+        "device": "cpu",
+        **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _steps_done(root: Path) -> list[int]:
+    try:
+        reader = store.open_store(str(root))
+        return [s for r in reader.runs() for s in reader.steps(r)]
+    except Exception:  # tables not created yet
+        return []
+
+
+def _assert_consistent(root: Path, n: int) -> list[int]:
+    """Every stored step holds exactly n specimens from one evaluation."""
+    reader = store.open_store(str(root))
+    (run,) = reader.runs()
+    steps = reader.steps(run)
+    for step in steps:
+        rows = reader.step(run, step).to_pylist()
+        assert len(rows) == n, (step, len(rows))
+        assert len({r["eval_id"] for r in rows}) == 1
+        assert len({r["specimen_id"] for r in rows}) == n
+    return steps
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_without_duplicates(tmp_path, tiny_run, sig):
+    config_path = _config_file(tmp_path, tiny_run("qwen25_vl"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vieval_runner", "run", str(config_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while not _steps_done(tmp_path / "store"):  # wait for the first committed step
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no step committed in time"
+            time.sleep(0.05)
+        proc.send_signal(sig)  # now it is generating the next step
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, err
+        assert "store keeps every step committed so far" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    before = _assert_consistent(tmp_path / "store", 9)
+    assert 0 in before and len(before) < 4
+
+    outcome = runner.run(load_config(config_path), console=None)
+    assert outcome.exit_status == 0
+    assert sorted(outcome.skipped) == sorted(before)  # nothing evaluated twice
+    assert sorted(outcome.evaluated + outcome.skipped) == [0, 100, 200, 300]
+    assert _assert_consistent(tmp_path / "store", 9) == [0, 100, 200, 300]
+    evaluations = store.open_store(str(tmp_path / "store")).evaluations().to_pylist()
+    ok_steps = [e["step"] for e in evaluations if e["status"] == "ok"]
+    assert sorted(ok_steps) == [0, 100, 200, 300]
+
+
+_WRITER = """
+import sys, uuid
+from vieval_runner import store
+root, n = sys.argv[1], int(sys.argv[2])
+for step in range(1000):
+    eval_id = uuid.uuid4().hex
+    rows = [{"specimen_id": f"s{i}", "raw_text": "x" * 200, "parse_status": "ok", "f1": 0.5}
+            for i in range(n)]
+    store.commit_step(root, {"eval_id": eval_id, "run_id": "r", "step": step % 5,
+                             "status": "ok", "task": "grounding"}, rows)
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_during_store_commits_leaves_the_store_readable(tmp_path):
+    root = tmp_path / "store"
+    store.create_store(str(root))
+    n = 20_000  # ~0.3-1 s per commit: kills land inside commits
+    for attempt in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(root), str(n)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        proc.stdout.readline()  # one commit done
+        time.sleep(0.2 + 0.37 * attempt)
+        proc.kill()
+        proc.wait()
+        steps = _assert_consistent(root, n)
+        assert steps
+    # and it still takes commits
+    store.commit_step(
+        str(root),
+        {"eval_id": uuid.uuid4().hex, "run_id": "r", "step": 7, "status": "ok"},
+        [{"specimen_id": f"s{i}", "raw_text": "", "parse_status": "empty"} for i in range(n)],
+    )
+    assert 7 in _assert_consistent(root, n)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 3 MiB tmpfs (needs root and mount); skipped where it cannot be made."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_commits_keeps_the_store_consistent(tiny_disk):
+    root = tiny_disk / "store"
+    store.create_store(str(root))
+    n, committed, error = 2_000, [], None
+    for step in range(200):
+        rows = [
+            {"specimen_id": f"s{i}", "raw_text": uuid.uuid4().hex * 4, "parse_status": "ok"}
+            for i in range(n)
+        ]
+        try:
+            store.commit_step(
+                str(root),
+                {"eval_id": uuid.uuid4().hex, "run_id": "r", "step": step, "status": "ok"},
+                rows,
+            )
+        except Exception as exc:  # the disk is full: the commit fails loudly
+            error = exc
+            break
+        committed.append(step)
+    assert error is not None, "the tiny disk never filled up"
+    assert committed, "not even one step fitted"
+    # every step that committed is readable and whole; the failed one is absent
+    steps = _assert_consistent(root, n)
+    assert set(committed) <= set(steps) and len(steps) <= len(committed) + 1
