@@ -1,24 +1,43 @@
 """Benchmark the store reader against a naive per-click query.
 
 Builds a synthetic store (default 10,000 specimens x 50 steps, written with ``commit_step``
-as the runner does), then times ``StoreReader.specimen_history`` (cold and warm) and
+as the runner does; cached under ``--out`` so reruns reuse it), then times ``StoreReader.specimen_history`` (cold and warm) and
 ``StoreReader.step`` against the naive way a viewer would do it: one query per click
 (``polars.scan_delta`` filter, and delta-rs ``QueryBuilder``). The LAST line printed is the
 ratio naive-per-click time / our warm per-click time for ``specimen_history``.
 
     .venv/bin/python scripts/bench_store.py [--specimens N] [--steps S] [--out DIR]
+
+``build_store`` is reused by ``scripts/bench_viewer.py`` (which adds a specimens table).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import random
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from vieval_runner.store import commit_step, create_store, open_store, table_uri
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout too
+
+from vieval_runner.records import Box, Specimen  # noqa: E402
+from vieval_runner.store import (  # noqa: E402
+    commit_step,
+    create_store,
+    open_store,
+    table_uri,
+    write_specimens,
+)
+
+RUN = "bench-run"
+WIDTH, HEIGHT = 640, 480  # the synthetic "original" image size; boxes are in these pixels
 
 
 def _rows(n: int, step: int, rng: random.Random) -> list[dict]:
@@ -50,6 +69,68 @@ def _rows(n: int, step: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+def _specimens(n: int, rng: random.Random) -> list[Specimen]:
+    """``n`` grounding specimens with a 64x48 noise JPEG each (small, so writing stays fast)."""
+    from PIL import Image
+
+    jpegs = []
+    for _ in range(32):  # a few distinct images, cycled: encoding 10,000 would dominate
+        img = Image.frombytes("RGB", (64, 48), rng.randbytes(64 * 48 * 3))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        jpegs.append(buf.getvalue())
+    out = []
+    for i in range(n):
+        x, y = rng.uniform(0, 500), rng.uniform(0, 400)
+        out.append(
+            Specimen(
+                specimen_id=f"img_{i:06d}.jpg",
+                task="grounding",
+                prompt=f"object {i % 80}",
+                width=WIDTH,
+                height=HEIGHT,
+                image_bytes=jpegs[i % len(jpegs)],
+                ref_boxes=[Box(x, y, x + 50, y + 40, f"object {i % 80}")],
+            )
+        )
+    return out
+
+
+def build_store(
+    out: str | Path, specimens: int, steps: int, with_specimens: bool = False
+) -> tuple[Path, float, bool]:
+    """Build (or reuse) a synthetic store of ``specimens`` x ``steps`` under folder ``out``.
+
+    Run ``RUN``, steps 100, 200, ...; with ``with_specimens`` also a specimens table with
+    thumbnails and one reference box each. A store is reused only if its build finished (a
+    marker file is written last); a half-built one is removed and rebuilt. Returns (store
+    root, seconds the build took, whether it was reused).
+    """
+    name = f"store-{specimens}x{steps}" + ("-specimens" if with_specimens else "")
+    root = Path(out) / name
+    marker = Path(out) / f"{name}.done.json"
+    if marker.exists() and root.exists():
+        return root, float(json.loads(marker.read_text())["build_s"]), True
+    if root.exists():
+        shutil.rmtree(root)  # an interrupted build: never benchmark a partial store
+    root.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    t0 = time.perf_counter()
+    create_store(str(root))
+    if with_specimens:
+        write_specimens(str(root), _specimens(specimens, random.Random(1)), "bench")
+    for k in range(steps):
+        step = (k + 1) * 100
+        commit_step(
+            str(root),
+            {"run_id": RUN, "step": step, "task": "grounding", "f1": rng.random()},
+            _rows(specimens, step, rng),
+        )
+    build_s = time.perf_counter() - t0
+    marker.write_text(json.dumps({"specimens": specimens, "steps": steps, "build_s": build_s}))
+    return root, build_s, False
+
+
 def _time(fn: Callable[[], object], repeat: int) -> float:
     """Median seconds of ``repeat`` calls."""
     times = []
@@ -65,24 +146,21 @@ def main() -> None:
     ap.add_argument("--specimens", type=int, default=10_000)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--clicks", type=int, default=5, help="naive per-click queries to time")
-    ap.add_argument("--out", default=None, help="store folder (default: a temp folder)")
+    ap.add_argument(
+        "--out",
+        default=str(Path(tempfile.gettempdir()) / "vieval-bench"),
+        help="folder caching the built store (reused by later runs)",
+    )
     args = ap.parse_args()
-    root = args.out or tempfile.mkdtemp(prefix="vieval-bench-") + "/store"
-    rng = random.Random(0)
-    run = "bench-run"
-
-    t0 = time.perf_counter()
-    create_store(root)
-    for k in range(args.steps):
-        step = (k + 1) * 100
-        commit_step(
-            root,
-            {"run_id": run, "step": step, "f1": rng.random()},
-            _rows(args.specimens, step, rng),
-        )
-    write_s = time.perf_counter() - t0
+    root, write_s, reused = build_store(args.out, args.specimens, args.steps)
+    root = str(root)
+    rng = random.Random(1)
+    run = RUN
     print(f"store: {root}  {args.specimens} specimens x {args.steps} steps")
-    print(f"write: {write_s:.1f} s total, {1000 * write_s / args.steps:.0f} ms per step commit")
+    print(
+        f"write: {write_s:.1f} s total, {1000 * write_s / args.steps:.0f} ms per step commit"
+        + ("  (cached store reused; build time from its first run)" if reused else "")
+    )
 
     ids = [f"img_{rng.randrange(args.specimens):06d}.jpg" for _ in range(200)]
     mid = (args.steps // 2 + 1) * 100

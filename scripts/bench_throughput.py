@@ -11,6 +11,9 @@ In ONE process, on one fixture run (``--checkpoints`` checkpoints) and one split
       cost counted against it), end to end: data, store, base load, preprocessing, checkpoint
       hashing, weight swaps, generation, parsing, scoring and one commit per step.
 
+End tokens are suppressed in the fixture's generation configs, so every generation runs exactly
+``max_new_tokens`` steps and the three methods do the same work (random weights would otherwise
+stop at random steps, and a batch runs until its last row stops).
 samples = specimens x checkpoints. Texts of (b) and (c) are checked against (a) (a WARNING line
 if any differ). The LAST line is the ratios, e.g. ``c/a=7.3 c/b=1.4``.
 
@@ -24,10 +27,13 @@ if any differ). The LAST line is the ratios, e.g. ``c/a=7.3 c/b=1.4``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -41,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare
 import torch  # noqa: E402
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-TEMPLATE = "Find <|object_ref_start|>{prompt}<|object_ref_end|>"  # the qwen2_vl family default
+from vieval_runner.models import FAMILIES  # noqa: E402
+
+TEMPLATE = FAMILIES["qwen2_vl"]["templates"]["grounding"]  # what `vieval run` prompts with
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,6 +118,7 @@ def build_fixture(args: argparse.Namespace, work: Path) -> dict:
         from vieval_runner.tiny_models import write_tiny_run
 
         run = write_tiny_run(work / "fixture", "qwen2_vl", steps=steps)
+        fixed_length([run.base_model_dir] + [run.run_dir / f"checkpoint-{s}" for s in steps])
         image_px = 64
     else:
         from vieval_runner.anchor_model import ANCHOR_IMAGE_PX, write_anchor_run
@@ -137,6 +146,21 @@ def build_fixture(args: argparse.Namespace, work: Path) -> dict:
     return info
 
 
+def fixed_length(folders: list[Path]) -> None:
+    """Suppress end tokens in the saved generation configs: random weights end at random
+    steps, and a batch runs until its last row ends, so the methods would do different
+    amounts of work. With this every generation runs exactly ``max_new_tokens`` steps (the
+    anchor model is saved that way already)."""
+    from transformers import GenerationConfig
+
+    for folder in folders:
+        gen = GenerationConfig.from_pretrained(folder)
+        eos = gen.eos_token_id
+        ends = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        gen.suppress_tokens = sorted({int(i) for i in [*ends, gen.pad_token_id] if i is not None})
+        gen.save_pretrained(folder)
+
+
 def load_split(split: str):
     from vieval_runner.data import load_specimens
 
@@ -159,7 +183,10 @@ def load_hf(path: str, args: argparse.Namespace):
 
 
 def prompt_text(processor, specimen) -> str:
-    content = [{"type": "image"}, {"type": "text", "text": TEMPLATE.format(prompt=specimen.prompt)}]
+    content = [
+        {"type": "image"},
+        {"type": "text", "text": TEMPLATE.replace("{prompt}", specimen.prompt)},
+    ]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -233,6 +260,23 @@ def method_hf(fixture: dict, specimens, args, batch: int, limit: int | None) -> 
 # ------------------------------------------------------------------------------ (c)
 
 
+class _StepLog(logging.Handler):
+    """Collects the runner's ``step N committed: {timings}`` and ``prepared ...`` log records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.steps: list[dict] = []
+        self.prepare_s: float | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("step ") and " committed: " in message:
+            with contextlib.suppress(ValueError):  # a changed log format: fall back to the table
+                self.steps.append(json.loads(message.split(" committed: ", 1)[1]))
+        elif found := re.match(r"prepared \d+ specimens in ([\d.]+)s", message):
+            self.prepare_s = float(found.group(1))
+
+
 def method_vieval(fixture: dict, args, work: Path) -> dict:
     """(c) `vieval run` in process on a config naming the same run, split and settings."""
     import yaml
@@ -253,10 +297,18 @@ def method_vieval(fixture: dict, args, work: Path) -> dict:
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     reset_peak(args.device)
+    logger, handler = logging.getLogger("vieval"), _StepLog()
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
     t0 = time.perf_counter()
-    outcome = runner.run(load_config(path), Console(quiet=True))
-    sync(args.device)
-    total = time.perf_counter() - t0
+    try:
+        outcome = runner.run(load_config(path), Console(quiet=True))
+        sync(args.device)
+    finally:
+        total = time.perf_counter() - t0
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
     peak = peak_gib(args.device)
     free(args.device)
     if outcome.failed:
@@ -269,18 +321,24 @@ def method_vieval(fixture: dict, args, work: Path) -> dict:
                             table.column("raw_text").to_pylist(), strict=True):  # fmt: skip
             texts[(step, sid)] = raw
     per_step: dict[str, float] = {}
-    for raw in reader.evaluations("bench").column("timings").to_pylist():
-        for key, value in (json.loads(raw) if isinstance(raw, str) else raw or {}).items():
+    # the runner logs each step's timings (commit included); the table's copy lacks the commit
+    logged = handler.steps or [
+        json.loads(raw) if isinstance(raw, str) else raw or {}
+        for raw in reader.evaluations("bench").column("timings").to_pylist()
+    ]
+    for timings in logged:
+        for key, value in timings.items():
             per_step[key] = per_step.get(key, 0.0) + float(value)
+    if handler.prepare_s is not None:
+        per_step["prepare_s"] = handler.prepare_s
     t0 = time.perf_counter()  # the runner hashes every checkpoint: re-time one, scale
     ckpts.checkpoint_hash(fixture["checkpoints"][0])
     per_step["hash_s (re-timed)"] = (time.perf_counter() - t0) * len(fixture["checkpoints"])
     in_steps = sum(v for k, v in per_step.items() if not k.startswith("hash"))
-    # commit_s is recorded before the commit runs (0): commits fall into "other" as well
-    per_step["other_s (data, store, base load, preprocess, hash, commits)"] = total - in_steps
+    per_step["other_s (data, specimens table, base load, hash, training log)"] = total - in_steps
     samples = len(texts)
     return {"samples": samples, "seconds": total, "samples_per_s": samples / total,
-            "breakdown_s": per_step, "in_process": True, "peak_gpu_gib": peak, "_texts": texts}  # fmt: skip
+            "breakdown_s": per_step, "per_step_s": handler.steps, "in_process": True, "peak_gpu_gib": peak, "_texts": texts}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ main
@@ -354,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                       c_mismatches=len(bad_c), c_over_a=cc["samples_per_s"] / a["samples_per_s"],
                       c_over_b=cc["samples_per_s"] / b["samples_per_s"], complete=True)  # fmt: skip
         save()
-        if args.preset == "qwen2vl-2b" and not (a["all_full_length"] and b["all_full_length"]):
+        if not (a["all_full_length"] and b["all_full_length"]):
             say(f"WARNING: some generations stopped before {args.max_new_tokens} tokens")
         for name, bad in (("b", bad_b), ("c", bad_c)):
             if bad:

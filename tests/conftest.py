@@ -73,6 +73,25 @@ def tiny_run(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory):
+    """``tiny_lora_run(family)`` -> TinyRun of LoRA adapter checkpoints, once per session."""
+    from transformers.utils import logging as hf_logging
+
+    from vieval_runner.tiny_models import write_tiny_lora_run
+
+    hf_logging.disable_progress_bar()
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            out = tmp_path_factory.mktemp(f"tiny_lora_{family}")
+            cache[family] = write_tiny_lora_run(out, family)
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture
 def specimens() -> list[Specimen]:
     return make_specimens()

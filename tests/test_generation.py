@@ -17,6 +17,11 @@ _FORCED = {
     "qwen3_vl": '[{"bbox_2d": [100, 200, 300, 400], "label": "blue square"}]',
     "paligemma": "<loc0256><loc0128><loc0768><loc0512> red circle ; "
     "<loc0000><loc0010><loc1023><loc0999> blue square",
+    "florence2": "red circle<loc_100><loc_200><loc_300><loc_400>blue square"
+    "<loc_0><loc_10><loc_999><loc_998>",
+    "internvl": "<ref>red circle</ref><box>[[100, 200, 300, 400]]</box>",
+    "llava": "[0.12, 0.34, 0.56, 0.78]",
+    "smolvlm": "red circle [12, 34, 56, 78]",
 }
 
 
@@ -61,6 +66,27 @@ def test_build_prompt_paligemma(loaded_at_200):
     assert build_prompt(loaded, Specimen("a", "vqa", "why?", 1, 1)) == "<image>answer en why?"
 
 
+def test_build_prompt_new_families(loaded_at_200):
+    spec = Specimen("a", "grounding", "red circle", 10, 10)
+    florence, _ = loaded_at_200("florence2")
+    # the processor adds the image tokens and expands the task token itself
+    assert build_prompt(florence, spec) == "<CAPTION_TO_PHRASE_GROUNDING>red circle"
+    internvl, _ = loaded_at_200("internvl")
+    assert build_prompt(internvl, spec).endswith(
+        "<|im_start|>user\n<IMG_CONTEXT>\nPlease provide the bounding box coordinate of the "
+        "region this sentence describes: <ref>red circle</ref><|im_end|>\n<|im_start|>assistant\n"
+    )
+    llava, _ = loaded_at_200("llava")
+    assert build_prompt(llava, spec) == (
+        "USER: <image>\nPlease provide the bounding box coordinate of the region this "
+        "sentence describes: red circle ASSISTANT:"
+    )
+    smol, _ = loaded_at_200("smolvlm")
+    assert build_prompt(smol, Specimen("b", "vqa", "why?", 1, 1)) == (
+        "<|im_start|>User:<image>why?<end_of_utterance>\nAssistant:"
+    )
+
+
 def test_prepare_caches_per_specimen_outputs(loaded_at_200, specimens):
     loaded, _ = loaded_at_200("qwen25_vl")
     prepared = prepare(loaded, specimens)
@@ -95,6 +121,44 @@ def test_collate_left_pads_and_concatenates(loaded_at_200, specimens):
     pbatch = collate(pali, prepare(pali, specimens[:3]))
     assert pbatch["pixel_values"].shape == (3, 3, 32, 32)
     assert pbatch["token_type_ids"].shape == pbatch["input_ids"].shape
+
+
+def test_collate_pads_encoder_decoder_right_and_tiles_with_zeros(loaded_at_200, specimens):
+    florence, _ = loaded_at_200("florence2")
+    prepared = prepare(florence, specimens[:3])
+    batch = collate(florence, prepared)
+    pad = florence.processor.tokenizer.pad_token_id
+    for row, p in enumerate(prepared):
+        assert torch.equal(batch["input_ids"][row, : p.prompt_len], p.input_ids)  # right
+        assert (batch["input_ids"][row, p.prompt_len :] == pad).all()
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    smol, _ = loaded_at_200("smolvlm")
+    prepared = prepare(smol, specimens[:5])
+    tiles = [p.tensors["pixel_values"].shape[1] for p in prepared]
+    assert len(set(tiles)) > 1  # images of different sizes are split into different counts
+    batch = collate(smol, prepared)
+    assert batch["pixel_values"].shape[:2] == (5, max(tiles))
+    for row, n in enumerate(tiles):
+        assert torch.equal(batch["pixel_values"][row, :n], prepared[row].tensors["pixel_values"][0])
+        assert not batch["pixel_values"][row, n:].any()  # padding tiles are all zero
+        assert not batch["pixel_attention_mask"][row, n:].any()
+    internvl, _ = loaded_at_200("internvl")
+    prepared = prepare(internvl, specimens[:3])
+    batch = collate(internvl, prepared)  # tiles of all images, concatenated
+    assert batch["pixel_values"].shape[0] == sum(
+        p.tensors["pixel_values"].shape[0] for p in prepared
+    )
+
+
+def test_florence2_drops_start_tokens_and_flags_truncation(loaded_at_200, specimens):
+    loaded, _ = loaded_at_200("florence2")
+    assert loaded.model.generation_config.forced_eos_token_id is not None  # as released
+    prepared = prepare(loaded, specimens[:2])
+    out = generate(loaded, prepared, max_new_tokens=6)
+    for g in out:
+        assert g.truncated and g.n_new_tokens == 5  # 6 tokens: the forced <s> + 5
+        assert not g.text.startswith(("<s>", "</s>"))
+    assert loaded.model.generation_config.forced_eos_token_id is not None  # restored
 
 
 @pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
@@ -139,6 +203,26 @@ def test_forced_texts_survive_padding_sorting_and_decoding(loaded_at_200, family
         assert g.text == text, i
         assert g.n_new_tokens == len(tok.encode(text, add_special_tokens=False))
         assert not g.truncated
+
+
+@pytest.mark.parametrize("family", ["florence2", "internvl", "llava"])
+def test_forced_boxes_parse_with_the_family_default_format(loaded_at_200, family, specimens):
+    """Generate -> decode -> the family's default parser: the boxes come back in pixels."""
+    from vieval_runner.models import FAMILIES
+    from vieval_runner.parsing import parse_grounding
+
+    loaded, _ = loaded_at_200(family)
+    spec = specimens[4]  # 128 x 64
+    (out,) = generate(loaded, prepare(loaded, [spec]), forced_texts=[_FORCED[family]])
+    facts = FAMILIES[family]
+    result = parse_grounding(out.text, facts["output_format"], (spec.width, spec.height),
+                             coords=facts.get("coords"), default_label=spec.prompt)  # fmt: skip
+    assert result.status == "ok"
+    first = [round(v, 1) for v in result.boxes[0].as_list()]
+    expected = {"florence2": [12.9, 12.8, 38.5, 25.6],  # (bin + 0.5) / 1000
+                "internvl": [12.8, 12.8, 38.4, 25.6],  # 0-1000
+                "llava": [15.4, 21.8, 71.7, 49.9]}  # 0-1 floats  # fmt: skip
+    assert first == expected[family]
 
 
 def test_truncation_is_flagged(loaded_at_200, specimens):

@@ -19,6 +19,10 @@ _CLASSES = {
     "qwen25_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "paligemma": "PaliGemmaForConditionalGeneration",
+    "florence2": "Florence2ForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
 }
 
 
@@ -60,22 +64,31 @@ def test_checkpoint_reloads_through_auto_classes_and_generates(tiny_run, family,
     processor = AutoProcessor.from_pretrained(ckpt)
     model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
     assert type(model).__name__ == _CLASSES[family]
-    assert 50_000 < sum(p.numel() for p in model.parameters()) < 500_000
+    assert 30_000 < sum(p.numel() for p in model.parameters()) < 500_000
     assert model.config.get_text_config().vocab_size == len(processor.tokenizer)
     images = [s.load_image() for s in specimens[:3]]  # three different sizes
     if family == "paligemma":
         texts = [f"<image>detect {s.prompt}" for s in specimens[:3]]
+    elif family == "florence2":  # the processor adds the image tokens and expands the task
+        texts = [f"<CAPTION_TO_PHRASE_GROUNDING>{s.prompt}" for s in specimens[:3]]
     else:
         msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.prompt}]}]
                 for s in specimens[:3]]  # fmt: skip
         texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
                  for m in msgs]  # fmt: skip
-        assert "<|vision_start|><|image_pad|><|vision_end|>" in texts[0]
-    processor.tokenizer.padding_side = "left"
+        if family.startswith("qwen"):
+            assert "<|vision_start|><|image_pad|><|vision_end|>" in texts[0]
+    if family == "smolvlm":
+        images = [[image] for image in images]  # one list of images per prompt
+    encoder_decoder = model.config.is_encoder_decoder
+    processor.tokenizer.padding_side = "right" if encoder_decoder else "left"
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     inputs.pop("labels", None)
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     prompt_len = inputs["input_ids"].shape[1]
+    if encoder_decoder:  # the decoder starts fresh: start token + up to 4 new tokens
+        assert out.shape[0] == 3 and 1 < out.shape[1] <= 5
+        return
     assert out.shape[0] == 3 and prompt_len < out.shape[1] <= prompt_len + 4
     assert torch.equal(out[:, :prompt_len], inputs["input_ids"])
 

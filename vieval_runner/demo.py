@@ -10,7 +10,11 @@ line before serving).
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
@@ -23,14 +27,15 @@ from vieval_runner.training import TrainSettings
 DEMO_FAMILY = {"grounding": "paligemma", "vqa": "paligemma"}
 
 
-def default_settings(task: str, seed: int = 0) -> TrainSettings:
+def default_settings(task: str) -> TrainSettings:
     """The training the README's `vieval demo` runs (the thresholds in the tests hold for it)."""
     if task == "vqa":
-        return TrainSettings(max_steps=600, save_steps=100, seed=seed)
-    return TrainSettings(max_steps=300, save_steps=50, seed=seed)
+        return TrainSettings(max_steps=1200, save_steps=150)
+    return TrainSettings(max_steps=1600, save_steps=200)
 
 
-N_TRAIN = {"grounding": 1000, "vqa": 1500}  # training scenes
+N_TRAIN = {"grounding": 2000, "vqa": 2000}  # training scenes
+RECIPE = "demo.json"  # what the folder's demo was built with (task, seed, training settings)
 N_VAL = 48  # held-out validation scenes: evaluated by the runner, and the Trainer's eval_loss
 
 
@@ -65,6 +70,31 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _check_reusable(out: Path, recipe: dict) -> None:
+    """Refuse an ``--out`` folder that holds another demo (task, seed, settings) or other files.
+
+    Reusing it would evaluate one task's checkpoints on the other task's data.
+    """
+    from vieval_runner.config import ConfigError
+
+    marker = out / RECIPE
+    if marker.is_file():
+        try:
+            found = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            found = None
+        if found != recipe:
+            raise ConfigError(
+                f"{out} holds a demo built with {found}, not {recipe}: "
+                "choose another --out or delete that folder"
+            )
+    elif (out / "run").exists() or (out / "store").exists():
+        raise ConfigError(
+            f"{out} has run/ or store/ but no {RECIPE}: not a `vieval demo` folder; "
+            "choose another --out"
+        )
+
+
 def build_demo(
     out: str | Path,
     task: str = "grounding",
@@ -87,19 +117,24 @@ def build_demo(
 
     hf_logging.disable_progress_bar()
     console = console or Console()
-    settings = settings or default_settings(task, seed)
+    # the demo's seed drives everything, test-sized settings included
+    settings = replace(settings or default_settings(task), seed=seed)
     n_train = n_train or N_TRAIN[task]
     family = DEMO_FAMILY[task]
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    val = shapes.write_split(data, n=N_VAL, task=task, seed=seed, name="val")
-    train = shapes.write_split(data, n=n_train, task=task, seed=seed, name="train")
-    console.print(f"[bold]demo[/]  {task}: {n_train} training scenes, {N_VAL} held-out in {data}")
+    recipe = {"task": task, "family": family, "seed": seed, "n_train": n_train, "n_val": N_VAL,
+              "settings": asdict(settings)}  # fmt: skip
+    _check_reusable(out, recipe)
     final = out / "run" / f"checkpoint-{settings.max_steps}" / "trainer_state.json"
     if final.is_file():
         console.print(f"[bold]demo[/]  reusing the fine-tuned run in {out / 'run'}")
         return write_demo_config(out, task)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
+    data = out / "data"
+    val = shapes.write_split(data, n=N_VAL, task=task, seed=seed, name="val")
+    train = shapes.write_split(data, n=n_train, task=task, seed=seed, name="train")
+    console.print(f"[bold]demo[/]  {task}: {n_train} training scenes, {N_VAL} held-out in {data}")
 
     _seed_everything(seed)
     model, processor = build_tiny_model(family, seed)
@@ -110,9 +145,7 @@ def build_demo(
         f"parameters), {settings.max_steps} steps, checkpoint every {settings.save_steps}"
     )
     loaded = LoadedModel(model, processor, family, torch.device("cpu"), torch.float32, str(out))
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with _deterministic_cpu():
         training.fine_tune(
             loaded,
             training.read_rows(train),
@@ -121,9 +154,27 @@ def build_demo(
             out / "run",
             settings,
         )
-    finally:  # a process-wide switch: leave it as we found it
-        torch.use_deterministic_algorithms(was_deterministic)
     return write_demo_config(out, task)
+
+
+@contextmanager
+def _deterministic_cpu() -> Iterator[None]:
+    """Deterministic kernels and one thread while training, restored after (process-wide).
+
+    One thread: a tiny model gains nothing from more (on a shared 2-core box it loses 10x to
+    oversubscription), and float sums then do not depend on the machine's core count.
+    """
+    import torch
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
 
 
 def main(

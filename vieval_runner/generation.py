@@ -122,8 +122,10 @@ def _end_ids(loaded: LoadedModel) -> list[int]:
 def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str, torch.Tensor]:
     """Pad sequence tensors to the batch's longest prompt and concatenate the others.
 
-    Qwen: pixel patch rows concatenate, ``image_grid_thw`` rows stack; PaliGemma: pixel
-    images stack. Padding side follows the family (left for decoder-only).
+    Qwen: pixel patch rows concatenate, ``image_grid_thw`` rows stack; PaliGemma, LLaVA,
+    Florence-2: pixel images stack; InternVL: tiles concatenate; SmolVLM: per-image tile lists
+    are zero-padded to the longest. Padding side follows the family (left for decoder-only,
+    right for encoder-decoder).
     """
     left = FAMILIES[loaded.family]["padding_side"] == "left"
     width = max(p.prompt_len for p in batch)

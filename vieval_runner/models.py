@@ -14,96 +14,7 @@ from typing import Any
 
 import torch
 
-_QWEN_CHAT = {"chat_template": True, "encoder_decoder": False, "padding_side": "left"}
-
-# family -> facts. Plain data: add a family by adding an entry (and a tiny builder for tests).
-FAMILIES: dict[str, dict[str, Any]] = {
-    "qwen2_vl": {
-        **_QWEN_CHAT,
-        "model_types": ("qwen2_vl",),
-        "model_class": "AutoModelForImageTextToText",
-        "output_format": "qwen2_vl",
-        "templates": {
-            "grounding": "Find <|object_ref_start|>{prompt}<|object_ref_end|>",
-            "vqa": "{prompt}",
-        },
-    },
-    "qwen25_vl": {
-        **_QWEN_CHAT,
-        "model_types": ("qwen2_5_vl",),
-        "model_class": "AutoModelForImageTextToText",
-        "output_format": "qwen25_vl_json",
-        "templates": {
-            "grounding": "Locate {prompt} in the image and output its bbox coordinates in JSON format.",
-            "vqa": "{prompt}",
-        },
-    },
-    "qwen3_vl": {
-        **_QWEN_CHAT,
-        "model_types": ("qwen3_vl", "qwen3_vl_moe"),
-        "model_class": "AutoModelForImageTextToText",
-        "output_format": "qwen3_vl_json",
-        "templates": {
-            "grounding": 'Locate every instance that belongs to the following categories: "{prompt}". '
-            "Report bbox coordinates in JSON format.",
-            "vqa": "{prompt}",
-        },
-    },
-    "paligemma": {
-        "model_types": ("paligemma",),
-        "model_class": "AutoModelForImageTextToText",
-        "output_format": "paligemma_loc",
-        "padding_side": "left",
-        "encoder_decoder": False,
-        "chat_template": False,
-        "templates": {"grounding": "detect {prompt}", "vqa": "answer en {prompt}"},
-    },
-    "florence2": {
-        "model_types": ("florence2",),
-        "model_class": "AutoModelForImageTextToText",
-        "output_format": "florence2_loc",
-        "padding_side": "right",  # encoder-decoder: left padding shifts the encoder's logits
-        "encoder_decoder": True,
-        "chat_template": False,
-        "image_token_in_prompt": False,  # the processor adds the image tokens, <s> and </s>
-        # the processor expands the task token into its instruction text
-        "templates": {"grounding": "<CAPTION_TO_PHRASE_GROUNDING>{prompt}", "vqa": "{prompt}"},
-    },
-    "internvl": {
-        **_QWEN_CHAT,
-        "model_types": ("internvl",),
-        "model_class": "AutoModelForImageTextToText",
-        "output_format": "internvl",
-        # InternVL's own RefCOCO evaluation prompt (eval/refcoco/evaluate_grounding.py)
-        "templates": {
-            "grounding": "Please provide the bounding box coordinate of the region this "
-            "sentence describes: <ref>{prompt}</ref>",
-            "vqa": "{prompt}",
-        },
-    },
-    "llava": {
-        **_QWEN_CHAT,
-        "model_types": ("llava",),
-        "model_class": "AutoModelForImageTextToText",
-        "output_format": "plain_xyxy",
-        # LLaVA-1.5's RefCOCO convention: [x1, y1, x2, y2] as 0-1 floats of the image size
-        "coords": "normalized_1",
-        "templates": {
-            "grounding": "Please provide the bounding box coordinate of the region this "
-            "sentence describes: {prompt}",
-            "vqa": "{prompt}",
-        },
-    },
-    "smolvlm": {
-        **_QWEN_CHAT,
-        "model_types": ("smolvlm", "idefics3"),  # SmolVLM v1 checkpoints say idefics3
-        "model_class": "AutoModelForImageTextToText",
-        "output_format": "plain_xyxy",
-        "nested_images": True,  # one list of images per prompt
-        "templates": {"grounding": "Detect {prompt}. Answer with [x1, y1, x2, y2].",
-                      "vqa": "{prompt}"},  # fmt: skip
-    },
-}
+from .families import FAMILIES  # the registry lives there; models.FAMILIES stays importable
 
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 _DTYPES = {
@@ -134,7 +45,11 @@ class LoadedModel:
     base_model: str
     base_weights_dir: Path | None = None
     current: str = "base"  # which weights are resident: "base" or a checkpoint path
+    adapter: str | None = None  # name of the active peft LoRA adapter, if any
     _base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _base_replaced: bool = False  # a full checkpoint's tensors overwrote the base's
+    _peft: Any = field(default=None, repr=False)  # the PeftModel wrapper while adapters are on
+    _adapter_count: int = 0
 
     @property
     def facts(self) -> dict[str, Any]:
@@ -354,9 +269,19 @@ def swap_weights(loaded: LoadedModel, checkpoint_dir: str | Path) -> None:
     Everything is checked before any tensor is copied, so a bad checkpoint leaves the
     resident weights untouched. Raises ``CheckpointError`` naming the path and the keys.
     """
+    ckpt = Path(checkpoint_dir)
+    if loaded._peft is not None:  # full weights replace the base: adapters come off first
+        from .lora import remove_adapters
+
+        remove_adapters(loaded)
+    _copy_in(loaded, ckpt)
+    loaded._base_replaced = True
+    loaded.current = str(ckpt)
+
+
+def _copy_in(loaded: LoadedModel, ckpt: Path) -> None:
     from safetensors import safe_open
 
-    ckpt = Path(checkpoint_dir)
     plan, targets = _plan(loaded.model, ckpt)
     with torch.no_grad():
         for path, keys in plan.items():
@@ -364,19 +289,45 @@ def swap_weights(loaded: LoadedModel, checkpoint_dir: str | Path) -> None:
                 for key, name in keys.items():
                     # copy_ casts to the resident dtype/device the way from_pretrained does
                     targets[name].copy_(f.get_tensor(key))
-    loaded.current = str(ckpt)
 
 
 def restore_base(loaded: LoadedModel) -> None:
-    """Put the base model's weights back (step 0), from its files or the host copy."""
-    if loaded.base_weights_dir is not None:
-        swap_weights(loaded, loaded.base_weights_dir)
-    else:
-        targets = _targets(loaded.model)
-        with torch.no_grad():
-            for name, value in (loaded._base_state or {}).items():
-                targets[name].copy_(value)
+    """Step 0: take adapters off and put the base weights back (from files or the host copy).
+
+    After LoRA checkpoints only the adapters come off: the base tensors were never touched.
+    """
+    if loaded._peft is not None:
+        from .lora import remove_adapters
+
+        remove_adapters(loaded)
+    if loaded._base_replaced:
+        if loaded.base_weights_dir is not None:
+            _copy_in(loaded, loaded.base_weights_dir)
+        else:
+            targets = _targets(loaded.model)
+            with torch.no_grad():
+                for name, value in (loaded._base_state or {}).items():
+                    targets[name].copy_(value)
+        loaded._base_replaced = False
     loaded.current = "base"
+
+
+def apply_checkpoint(loaded: LoadedModel, checkpoint) -> None:
+    """Make ``checkpoint`` (a ``checkpoints.Checkpoint``) resident, by its ``kind``.
+
+    ``base``: step 0 (adapters off, base weights back); ``full``: in-place weight swap;
+    ``lora``: peft adapter swap on the resident base. Raises ``CheckpointError``.
+    """
+    if checkpoint.kind == "base":
+        restore_base(loaded)
+    elif checkpoint.kind == "full":
+        swap_weights(loaded, checkpoint.path)
+    elif checkpoint.kind == "lora":
+        from .lora import swap_adapter
+
+        swap_adapter(loaded, checkpoint.path)
+    else:
+        raise CheckpointError(f"{checkpoint.path}: unknown checkpoint kind {checkpoint.kind!r}")
 
 
 def input_size_for(loaded: LoadedModel, processor_outputs, index: int) -> tuple[int, int] | None:

@@ -88,6 +88,12 @@ def rescore_store(
     return done
 
 
+def _family_coords(family: str | None) -> str | None:
+    from vieval_runner.families import FAMILIES  # plain data, no model library import
+
+    return FAMILIES.get(family or "", {}).get("coords")
+
+
 def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) -> Prediction:
     text = row["raw_text"] or ""
     input_size = (
@@ -101,7 +107,7 @@ def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) ->
             evaluation["output_format"],
             (specimen.width, specimen.height),
             input_size=input_size,
-            coords=config.coords,
+            coords=config.coords or _family_coords(evaluation.get("model_family")),
             default_label=specimen.prompt,
         )
     else:

@@ -51,6 +51,7 @@ class Session:
     loaded: object = None  # models.LoadedModel, loaded lazily (nothing to do -> no model load)
     prepared: list | None = None
     output_format: str | None = None
+    coords: str | None = None  # plain_xyxy convention: config, else the family's default
     processor_notice_given: bool = False
 
 
@@ -104,6 +105,16 @@ def open_session(config: Config, console: Console) -> Session:
     return Session(config, loaded.specimens, loaded.dataset_version)
 
 
+def attach_model(session: Session, loaded) -> None:
+    """Make ``loaded`` the session's model; output format and coords default from its family."""
+    from vieval_runner.families import FAMILIES
+
+    facts = FAMILIES[loaded.family]
+    session.loaded = loaded
+    session.output_format = session.config.output_format or facts["output_format"]
+    session.coords = session.config.coords or facts.get("coords")
+
+
 def _ensure_model(session: Session, console: Console) -> None:
     if session.loaded is not None:
         return
@@ -116,12 +127,12 @@ def _ensure_model(session: Session, console: Console) -> None:
     console.print(
         f"[bold]model[/] {config.base_model} (device={config.device}, dtype={config.dtype})"
     )
-    session.loaded = models.load_base(config.base_model, device=config.device, dtype=config.dtype)
-    family = session.loaded.family
-    session.output_format = config.output_format or models.FAMILIES[family]["output_format"]
+    attach_model(
+        session, models.load_base(config.base_model, device=config.device, dtype=config.dtype)
+    )
     console.print(
-        f"      family {family}, output format {session.output_format}, "
-        f"device {session.loaded.device}, dtype {session.loaded.dtype}"
+        f"      family {session.loaded.family}, output format {session.output_format}, "
+        f"device {session.loaded.device}, dtype {str(session.loaded.dtype).removeprefix('torch.')}"
     )
     t0 = time.perf_counter()
     session.prepared = generation.prepare(
@@ -264,19 +275,51 @@ def evaluate_one(
     session: Session, ckpt: ckpts.Checkpoint, digest: str, console: Console, advance
 ) -> None:
     """Swap one checkpoint in, generate, parse, score and commit the step."""
-    from vieval_runner import generation, models
+    from vieval_runner import models
 
-    config = session.config
     started = datetime.now(UTC)
     _ensure_model(session, console)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if ckpt.kind == "base":
-        models.restore_base(session.loaded)
-    else:
-        models.swap_weights(session.loaded, ckpt.path)
+    models.apply_checkpoint(session.loaded, ckpt)  # base, full weights or LoRA adapter
     timings["load_s"] = time.perf_counter() - t0
+    _say_processor_once(session, ckpt, console)
+    evaluate_resident(session, ckpt, digest, advance, timings, started)
 
+
+def _say_processor_once(session: Session, ckpt: ckpts.Checkpoint, console: Console) -> None:
+    """Inputs are prepared once with the base model's processor; say so once when a
+    checkpoint carries no processor files of its own (the usual Trainer output)."""
+    if session.processor_notice_given or ckpt.kind == "base":
+        return
+    names = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+    if not any((ckpt.path / name).is_file() for name in names):
+        message = f"{ckpt.path.name} has no processor files: using the base model's processor"
+        console.print(f"[dim]{message} (said once)[/]")
+        log.info(message)
+        session.processor_notice_given = True
+
+
+def evaluate_resident(
+    session: Session, ckpt: ckpts.Checkpoint, digest: str, advance, timings=None, started=None
+) -> dict:
+    """Generate with the weights now resident, parse, score and commit the step.
+
+    Used by ``evaluate_one`` after a swap and by ``VievalCallback`` with the live training
+    model. Returns the evaluation row that was committed.
+    """
+    from vieval_runner import generation
+
+    config = session.config
+    timings = {} if timings is None else timings
+    started = started or datetime.now(UTC)
+    if session.prepared is None:
+        session.prepared = generation.prepare(
+            session.loaded,
+            session.specimens,
+            template=config.prompt_template,
+            system_prompt=config.system_prompt,
+        )
     t0 = time.perf_counter()
     generated = generation.generate(
         session.loaded,
@@ -304,8 +347,7 @@ def evaluate_one(
     row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
     row["started_at"], row["finished_at"] = started, datetime.now(UTC)
     t0 = time.perf_counter()
-    timings["commit_s"] = 0.0
-    row["timings"] = json.dumps(timings)
+    row["timings"] = json.dumps(timings)  # the commit's own time goes to the log only
     store.commit_step(
         config.store,
         row,
@@ -313,10 +355,11 @@ def evaluate_one(
     )
     timings["commit_s"] = time.perf_counter() - t0
     log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
-    if ckpt.kind != "base":
+    if ckpt.kind != "base" and ckpt.path.is_dir():
         state = ckpts.read_trainer_state(ckpt.path)
         if state and state.get("log_history"):
             store.write_training_log(config.store, config.effective_run_id, state["log_history"])
+    return row
 
 
 def parse_one(session: Session, specimen: Specimen, text: str, input_size) -> Prediction:
@@ -327,7 +370,7 @@ def parse_one(session: Session, specimen: Specimen, text: str, input_size) -> Pr
             session.output_format,
             (specimen.width, specimen.height),
             input_size=input_size,
-            coords=session.config.coords,
+            coords=session.coords,
             default_label=specimen.prompt,
         )
     else:

@@ -108,8 +108,9 @@ def scene_records(
         ]
     target = rng.choice(placed)
     kind = rng.choice(("colour", "count", "position"))
-    if kind == "colour":
-        question, answer = f"What colour is the {target.shape}?", target.colour
+    if kind == "colour":  # asked by position: a tiny model at 32 px tells colours apart faster
+        question = f"What colour is the shape at the {_position(target, size)}?"
+        answer = target.colour
     elif kind == "count":
         question, answer = "How many shapes are there?", str(len(placed))
     else:

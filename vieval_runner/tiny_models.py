@@ -2,8 +2,9 @@
 
 Each family is the REAL transformers class with its own image processor and Processor, shrunk
 to ~0.1-0.5 M parameters, with a tiny byte-level BPE tokenizer trained here on a built-in
-corpus. Nothing is downloaded. To add a family, write one ``_build_<family>`` function and
-register it in ``_BUILDERS``.
+corpus. Nothing is downloaded. To add a family, write one ``_build_<family>`` function (or a
+module in ``tiny_families/``) and register it in ``_BUILDERS``. ``write_tiny_lora_run``
+(``tiny_families/lora.py``) writes LoRA adapter runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .tiny_families import BUILDERS as _MORE_BUILDERS
+from .tiny_families.lora import write_tiny_lora_run  # noqa: F401  (public: LoRA runs)
 
 FAMILIES_BUILDABLE: tuple[str, ...] = (
     "qwen2_vl",
@@ -67,7 +69,6 @@ _QWEN_SPECIALS: tuple[str, ...] = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-_PALIGEMMA_SPECIALS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
 
 # The real Qwen2-VL template, trimmed to what evaluation uses (system, images, text, turns).
 QWEN_CHAT_TEMPLATE = (
@@ -226,58 +227,12 @@ def _build_qwen3_vl(processor):
     return Qwen3VLForConditionalGeneration(config)
 
 
-def _paligemma_processor():
-    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(_PALIGEMMA_SPECIALS),
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-    image_processor = SiglipImageProcessor(
-        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    image_processor.image_seq_length = (32 // 8) ** 2  # (size / patch)^2
-    # the processor adds <image> and the 1024 <locNNNN> + 128 <segNNN> tokens to the tokenizer
-    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def _build_paligemma(processor):
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
-    tok = processor.tokenizer
-    vision = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32,
-              "patch_size": 8, "vision_use_head": False}  # fmt: skip
-    text = {"model_type": "gemma", "vocab_size": len(tok), "hidden_size": 32,
-            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 512,
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id, "initializer_range": 0.5}  # fmt: skip
-    config = PaliGemmaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=processor.image_token_id,
-        vocab_size=len(tok),
-        projection_dim=32,
-        hidden_size=32,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return PaliGemmaForConditionalGeneration(config)
-
-
 # family -> (processor factory, model factory taking the processor)
 _BUILDERS: dict[str, tuple[Callable, Callable]] = {
     "qwen2_vl": (lambda: _qwen_processor("qwen2_vl", 14), _build_qwen2_vl),
     "qwen25_vl": (lambda: _qwen_processor("qwen25_vl", 14), _build_qwen25_vl),
     "qwen3_vl": (lambda: _qwen_processor("qwen3_vl", 16), _build_qwen3_vl),
-    "paligemma": (_paligemma_processor, _build_paligemma),
-    **_MORE_BUILDERS,  # Florence-2, InternVL, LLaVA, SmolVLM: vieval_runner/tiny_families/
+    **_MORE_BUILDERS,  # PaliGemma, Florence-2, InternVL, LLaVA, SmolVLM: tiny_families/
 }
 
 

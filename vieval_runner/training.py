@@ -39,8 +39,9 @@ def paligemma_target(row: dict, width: int, height: int) -> str:
     parts = []
     for ref in row["boxes"]:
         x1, y1, x2, y2 = ref["box"]
-        bins = [round(v / s * 1024) for v, s in ((y1, height), (x1, width), (y2, height), (x2, width))]
-        parts.append("".join(f"<loc{min(max(b, 0), 1023):04d}>" for b in bins) + f" {ref['label']}")
+        yxyx = (y1 / height, x1 / width, y2 / height, x2 / width)
+        locs = "".join(f"<loc{min(max(round(v * 1024), 0), 1023):04d}>" for v in yxyx)
+        parts.append(f"{locs} {ref['label']}")
     return " ; ".join(parts)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
 
 from vieval_runner.records import Box
@@ -14,6 +15,9 @@ from vieval_runner.scoring.categories import (
 )
 from vieval_runner.scoring.coco_ap import coco_average_precision
 from vieval_runner.scoring.iou import step_ious
+
+if TYPE_CHECKING:
+    import torch
 
 # RefCOCO's accuracy is defined at IoU 0.5 whatever the matching threshold is.
 ACC_IOU = 0.5

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from vieval_runner.records import Box
+
+if TYPE_CHECKING:  # torch is imported on first use: the viewer imports scoring without it
+    import torch
 
 # Bound on N * Pmax * Rmax per launch so that one specimen with hundreds of junk boxes cannot
 # blow up memory for the whole step (2**24 float64 = 128 MiB); normal steps fit in one launch.
@@ -13,9 +17,13 @@ _MAX_ELEMENTS = 1 << 24
 
 
 def pad_boxes(
-    boxes: list[list[Box]], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
+    boxes: list[list[Box]], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad per-specimen box lists to ``[N, M, 4]`` (xyxy) plus a ``[N, M]`` validity mask."""
+    """Pad per-specimen box lists to ``[N, M, 4]`` (xyxy, float64 unless ``dtype``) plus a
+    ``[N, M]`` validity mask."""
+    import torch
+
+    dtype = torch.float64 if dtype is None else dtype
     n = len(boxes)
     m = max((len(b) for b in boxes), default=0)
     arr = np.zeros((n, m, 4), dtype=np.float64)
@@ -37,6 +45,8 @@ def batched_box_iou(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     Same formula as ``torchvision.ops.box_iou`` applied image by image, except that a pair
     with zero union (two degenerate boxes, e.g. padding) gives 0 instead of NaN.
     """
+    import torch
+
     area_p = (pred[..., 2] - pred[..., 0]) * (pred[..., 3] - pred[..., 1])
     area_r = (ref[..., 2] - ref[..., 0]) * (ref[..., 3] - ref[..., 1])
     lt = torch.maximum(pred[:, :, None, :2], ref[:, None, :, :2])
@@ -58,6 +68,8 @@ def step_ious(
     ``dtype`` defaults to float64 (thresholds compared exactly as pycocotools does), float32 on
     Apple MPS, which has no float64.
     """
+    import torch
+
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
     if len(pred_boxes) != len(ref_boxes):

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# One prepared command for a lent H100/H200 (its python3 has torch + transformers; deltalake,
+# datasets, pydantic ... are installed by the caller into a folder on PYTHONPATH beforehand).
+# Stages, each time-boxed so one hang cannot eat the budget (the whole script < 8 min):
+#   1. pytest over the GPU-marked tests                              (90 s)
+#   2. smoke: the qwen2vl-2b benchmark path with tiny dims on CUDA   (120 s; gates stage 3)
+#   3. the throughput benchmark on a Qwen2-VL-2B-shaped model, bf16  (what time is left)
+# Full log: $OUT/gpu_check.log; figures: $OUT/throughput.json. Summary table printed LAST.
+#
+#     OUT=/some/dir PYTHONPATH=/tmp/site bash scripts/gpu_check.sh
+#     DRY_RUN=1 bash scripts/gpu_check.sh   # every line on the CPU: tiny dims, tiny sizes
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-470}"  # stay under 8 minutes end to end
+DEVICE=cuda DTYPE=bfloat16
+BENCH=(--specimens 512 --checkpoints 3 --batch-size 256 --max-new-tokens 32 --per-sample-limit 16)
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    DEVICE=cpu DTYPE=float32
+    BENCH=(--shrink --specimens 12 --checkpoints 3 --batch-size 8 --max-new-tokens 8
+        --per-sample-limit 3)
+fi
+declare -A STATUS DURATION
+
+stage() {  # stage NAME TIMEOUT_S CMD...: run time-boxed, record exit status and duration
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "=== [$name] $(date -u +%H:%M:%S) timeout ${limit}s: $*"
+    timeout -k 10 "$limit" "$@"
+    rc=$?
+    STATUS[$name]=$rc
+    DURATION[$name]=$((SECONDS - start))
+    [ "$rc" = 124 ] && echo "=== [$name] TIMED OUT after ${limit}s"
+    echo "=== [$name] exit $rc in ${DURATION[$name]}s"
+    return "$rc"
+}
+
+main() {
+rm -f "$OUT/throughput.json" "$OUT/throughput_smoke.json"  # never summarise a stale run
+stage env 60 python3 -c '
+import platform, torch, transformers
+print("python", platform.python_version(), "torch", torch.__version__,
+      "transformers", transformers.__version__)
+print("card:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
+'
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>/dev/null
+df -h /tmp | tail -1
+
+GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
+# shellcheck disable=SC2086
+stage gpu_tests 90 python3 -m pytest -m gpu -q -x -p no:cacheprovider $GPU_TESTS
+
+SMOKE_JSON="$OUT/throughput_smoke.json"
+stage smoke 120 python3 scripts/bench_throughput.py --preset qwen2vl-2b --shrink \
+    --specimens 8 --checkpoints 2 --batch-size 4 --max-new-tokens 4 --per-sample-limit 2 \
+    --device "$DEVICE" --dtype "$DTYPE" --json "$SMOKE_JSON"
+
+LEFT=$((TOTAL_BUDGET_S - SECONDS))
+if [ "${STATUS[smoke]}" != 0 ]; then
+    echo "=== [bench] skipped: the smoke stage failed (see above)"
+    STATUS[bench]=skipped
+    DURATION[bench]=0
+elif [ "$LEFT" -lt 120 ]; then
+    echo "=== [bench] skipped: only ${LEFT}s left of ${TOTAL_BUDGET_S}s"
+    STATUS[bench]=skipped
+    DURATION[bench]=0
+else
+    stage bench "$LEFT" python3 scripts/bench_throughput.py --preset qwen2vl-2b "${BENCH[@]}" \
+        --device "$DEVICE" --dtype "$DTYPE" --json "$OUT/throughput.json"
+fi
+
+echo
+echo "================================ summary ================================"
+for name in env gpu_tests smoke bench; do
+    printf '%-10s exit %-8s %5ss\n' "$name" "${STATUS[$name]:-not run}" "${DURATION[$name]:-0}"
+done
+python3 - "$OUT/throughput.json" <<'PY'
+import json, sys
+from pathlib import Path
+
+path = Path(sys.argv[1])
+if not path.is_file():
+    print(f"no {path.name}: no throughput figures measured")
+    sys.exit(0)
+r = json.loads(path.read_text())
+fx = r.get("fixture", {})
+print(f"card {r.get('card')}  torch {r.get('torch')}  transformers {r.get('transformers')}  "
+      f"dtype {r.get('dtype')}  complete {r.get('complete')}")
+print(f"model {fx.get('n_parameters', 0) / 1e9:.2f} B params, checkpoint "
+      f"{fx.get('checkpoint_bytes', 0) / 1e9:.2f} GB; {r.get('specimens')} specimens x "
+      f"{r.get('checkpoints')} checkpoints, batch {r.get('batch_size')}, "
+      f"{r.get('max_new_tokens')} new tokens")
+print(f"{'method':<24}{'samples/s':>10}{'seconds':>9}{'peak GiB':>10}  note")
+for key, label in (("a_per_sample", "(a) per-sample loop"), ("b_batched_hf", "(b) batched HF"),
+                   ("c_vieval_run", "(c) vieval run")):
+    m = r.get(key)
+    if not m:
+        print(f"{label:<24}{'-':>10}")
+        continue
+    peak = m.get("peak_gpu_gib")
+    note = f"{m['samples_timed']} timed, extrapolated" if m.get("extrapolated") else ""
+    if key == "c_vieval_run":
+        note = "in process; " + ", ".join(f"{k.split(' ')[0]} {v:.1f}"
+                                          for k, v in m.get("breakdown_s", {}).items())
+    print(f"{label:<24}{m['samples_per_s']:>10.2f}{m['seconds']:>9.1f}"
+          f"{'-' if peak is None else f'{peak:.1f}':>10}  {note}")
+if r.get("complete"):
+    print(f"texts checked {r['texts_checked']}: (b) differs on {r['b_mismatches']}, "
+          f"(c) on {r['c_mismatches']}")
+    print(f"c/a={r['c_over_a']:.1f} c/b={r['c_over_b']:.2f}")
+PY
+}
+
+# a pipe, not exec > >(tee): the log is complete when the script returns
+main 2>&1 | tee -a "$OUT/gpu_check.log"

@@ -1,0 +1,106 @@
+"""Model families as plain data: detection, default output format, padding side, templates.
+
+Add a family by adding an entry here (and a tiny builder in ``tiny_models`` for the tests).
+Keys: ``model_types`` (config ``model_type`` values), ``model_class`` (transformers Auto class),
+``output_format`` (parser default), ``padding_side``, ``encoder_decoder``, ``chat_template``
+(prompt through the processor's chat template), ``templates`` (``{prompt}`` per task), and
+optional ``image_token_in_prompt`` (default True), ``nested_images`` (default False) and
+``coords`` (the ``plain_xyxy`` coordinate convention the family writes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_QWEN_CHAT = {"chat_template": True, "encoder_decoder": False, "padding_side": "left"}
+
+# family -> facts
+FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen2_vl": {
+        **_QWEN_CHAT,
+        "model_types": ("qwen2_vl",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "qwen2_vl",
+        "templates": {
+            "grounding": "Find <|object_ref_start|>{prompt}<|object_ref_end|>",
+            "vqa": "{prompt}",
+        },
+    },
+    "qwen25_vl": {
+        **_QWEN_CHAT,
+        "model_types": ("qwen2_5_vl",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "qwen25_vl_json",
+        "templates": {
+            "grounding": "Locate {prompt} in the image and output its bbox coordinates in JSON format.",
+            "vqa": "{prompt}",
+        },
+    },
+    "qwen3_vl": {
+        **_QWEN_CHAT,
+        "model_types": ("qwen3_vl", "qwen3_vl_moe"),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "qwen3_vl_json",
+        "templates": {
+            "grounding": 'Locate every instance that belongs to the following categories: "{prompt}". '
+            "Report bbox coordinates in JSON format.",
+            "vqa": "{prompt}",
+        },
+    },
+    "paligemma": {
+        "model_types": ("paligemma",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "paligemma_loc",
+        "padding_side": "left",
+        "encoder_decoder": False,
+        "chat_template": False,
+        "templates": {"grounding": "detect {prompt}", "vqa": "answer en {prompt}"},
+    },
+    "florence2": {
+        "model_types": ("florence2",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "florence2_loc",
+        "padding_side": "right",  # encoder-decoder: left padding shifts the encoder's logits
+        "encoder_decoder": True,
+        "chat_template": False,
+        "image_token_in_prompt": False,  # the processor adds the image tokens, <s> and </s>
+        # the processor expands the task token into its instruction text
+        "templates": {"grounding": "<CAPTION_TO_PHRASE_GROUNDING>{prompt}", "vqa": "{prompt}"},
+    },
+    "internvl": {
+        **_QWEN_CHAT,
+        "model_types": ("internvl",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "internvl",
+        # InternVL's own RefCOCO evaluation prompt (eval/refcoco/evaluate_grounding.py)
+        "templates": {
+            "grounding": "Please provide the bounding box coordinate of the region this "
+            "sentence describes: <ref>{prompt}</ref>",
+            "vqa": "{prompt}",
+        },
+    },
+    "llava": {
+        **_QWEN_CHAT,
+        "model_types": ("llava",),
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "plain_xyxy",
+        # LLaVA-1.5's RefCOCO convention: [x1, y1, x2, y2] as 0-1 floats of the image size
+        "coords": "normalized_1",
+        "templates": {
+            "grounding": "Please provide the bounding box coordinate of the region this "
+            "sentence describes: {prompt}",
+            "vqa": "{prompt}",
+        },
+    },
+    "smolvlm": {
+        **_QWEN_CHAT,
+        "model_types": ("smolvlm", "idefics3"),  # SmolVLM v1 checkpoints say idefics3
+        "model_class": "AutoModelForImageTextToText",
+        "output_format": "plain_xyxy",
+        "nested_images": True,  # one list of images per prompt
+        "templates": {
+            "grounding": "Detect {prompt}. Answer with [x1, y1, x2, y2].",
+            "vqa": "{prompt}",
+        },
+    },
+}
