@@ -9,7 +9,6 @@ then wins because it holds the actual step-0 weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -17,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import xxhash
 
 CheckpointKind = Literal["base", "full", "lora"]
 
@@ -215,18 +216,20 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def checkpoint_hash(path: str | Path) -> str:
-    """Content hash (blake2b-256 hex) of a checkpoint's weights.
+    """Content hash (XXH3-128 hex) of a checkpoint's weights.
 
     Covers every ``*.safetensors`` file plus the shard index and ``adapter_config.json`` (LoRA
     rank/alpha change outputs): file names, sizes and the full bytes, read in 8 MiB chunks.
-    Full hashing, not sampling, so a single flipped byte anywhere in a tensor changes the hash;
-    it runs at roughly disk/page-cache speed (~1 GB/s), small next to loading the weights.
+    Full hashing, not sampling, so a single flipped byte anywhere in a tensor changes the hash.
+    XXH3 (not a cryptographic hash: this detects changed weights, it does not defend against
+    forgery) runs at page-cache speed, several GB/s, where blake2b managed ~1.2 GB/s: a 4.4 GB
+    checkpoint hashed in ~3.5 s would cost most of what batching gains on a GPU.
     """
     path = Path(path)
     files = _weight_files(path) if path.is_dir() else []
     if not files:
         raise CheckpointError(f"{path}: no weight files to hash (no *.safetensors found)")
-    h = hashlib.blake2b(digest_size=32)
+    h = xxhash.xxh3_128()
     buf = bytearray(_HASH_CHUNK)
     view = memoryview(buf)
     for f in files:

@@ -118,14 +118,19 @@ def cmd_parse(args) -> int:
 def cmd_run(args, watch: bool = False) -> int:
     from rich.console import Console
 
-    from vieval_runner import report, runner, store
-    from vieval_runner.config import load_config
+    from vieval_runner import distributed, report, runner, store
+    from vieval_runner.config import ConfigError, load_config
     from vieval_runner.logfile import attach_run_log
 
     overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
     config = load_config(args.config, overrides)
-    console = Console()
+    if watch and distributed.world_size() > 1:
+        raise ConfigError("vieval watch runs in one process; launch `vieval run` on several")
+    ranks = distributed.setup()  # None unless started by accelerate launch / torchrun
+    main_rank = ranks is None or ranks.is_main
+    console = Console(quiet=not main_rank)  # one set of progress bars and messages: rank 0's
     log_path = attach_run_log(config)
+    distributed.tag_logs(ranks)
     if log_path:
         console.print(f"[dim]log: {log_path}[/]")
     if watch:
@@ -134,6 +139,9 @@ def cmd_run(args, watch: bool = False) -> int:
         outcome = watch_mod.watch(config, console)
     else:
         outcome = runner.run(config, console)
+    if not main_rank:
+        distributed.finish(ranks)
+        return outcome.exit_status  # the same outcome as rank 0's
     reader = store.open_store(config.store)
     report.print_summary(report.summarize(reader, config.effective_run_id), console)
     if outcome.failed:
@@ -142,7 +150,8 @@ def cmd_run(args, watch: bool = False) -> int:
     console.print(
         f"evaluated steps {outcome.evaluated}, skipped (already stored) {outcome.skipped}"
     )
-    print(f"store: {config.store}")
+    print(f"store: {config.store}", flush=True)
+    distributed.finish(ranks)
     return outcome.exit_status
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .families import FAMILIES  # the registry lives there; models.FAMILIES stays importable
+from .vision_hash import vision_modules
 
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 _DTYPES = {
@@ -50,6 +51,10 @@ class LoadedModel:
     _base_replaced: bool = False  # a full checkpoint's tensors overwrote the base's
     _peft: Any = field(default=None, repr=False)  # the PeftModel wrapper while adapters are on
     _adapter_count: int = 0
+    # content hash of the resident vision part, set by every swap; None: unknown (recompute)
+    vision_hash: str | None = None
+    _base_vision_hash: str | None = None
+    _keys: Any = field(default=None, repr=False)  # ModelKeys, computed once
 
     @property
     def facts(self) -> dict[str, Any]:
@@ -218,26 +223,45 @@ def _key_mapper(model):
     return rename
 
 
+@dataclass
+class ModelKeys:
+    """File key -> model name mapping, model dtypes, and the names in the vision part."""
+
+    rename: Any
+    dtypes: dict[str, torch.dtype]
+    vision: frozenset[str] | None  # None: the model's vision part is not identifiable
+
+
+def model_keys(loaded: LoadedModel) -> ModelKeys:
+    """The key mapping and the vision names of ``loaded``'s model (computed once)."""
+    if loaded._keys is None:
+        model = loaded.model
+        targets = _targets(model)
+        vision = None
+        modules = vision_modules(model)
+        if modules is not None:
+            ids = {id(t) for m in modules for t in m.state_dict(keep_vars=True).values()}
+            vision = frozenset(n for n, t in targets.items() if id(t) in ids)
+        dtypes = {n: t.dtype for n, t in targets.items()}
+        loaded._keys = ModelKeys(_key_mapper(model), dtypes, vision)
+    return loaded._keys
+
+
 def _summary(keys: list[str]) -> str:
     head = ", ".join(keys[:5])
     return f"{len(keys)} ({head}{', ...' if len(keys) > 5 else ''})"
 
 
-def _plan(model, ckpt: Path) -> tuple[dict[Path, dict[str, str]], dict[str, torch.Tensor]]:
+def _plan(
+    loaded: LoadedModel, ckpt: Path, file_shapes: dict[Path, dict[str, tuple[int, ...]]]
+) -> tuple[dict[Path, dict[str, str]], dict[str, torch.Tensor]]:
     """Check a checkpoint against the model; per file, file key -> model name to copy into."""
-    from safetensors import safe_open
-
+    model = loaded.model
     targets = _targets(model)
-    rename = _key_mapper(model)
+    rename = model_keys(loaded).rename
     plan: dict[Path, dict[str, str]] = {}
     unexpected, mismatched, covered = [], [], set()
-    for path, wanted in _weight_files(ckpt).items():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys()) if wanted is None else wanted
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-        except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    for path, shapes in file_shapes.items():
         for key, shape in shapes.items():
             name = rename(key)
             if name not in targets:
@@ -263,32 +287,41 @@ def _plan(model, ckpt: Path) -> tuple[dict[Path, dict[str, str]], dict[str, torc
     return plan, targets
 
 
-def swap_weights(loaded: LoadedModel, checkpoint_dir: str | Path) -> None:
+def swap_weights(loaded: LoadedModel, checkpoint_dir: str | Path, prefetched=None) -> None:
     """Copy a full checkpoint's weights into the resident model in place (strict coverage).
 
-    Everything is checked before any tensor is copied, so a bad checkpoint leaves the
-    resident weights untouched. Raises ``CheckpointError`` naming the path and the keys.
+    ``prefetched``: the ``prefetch.CheckpointTensors`` of this checkpoint (read ahead on a
+    background thread); without it the files are read now. Everything is checked before any
+    tensor is copied, so a bad checkpoint leaves the resident weights untouched. Raises
+    ``CheckpointError`` naming the path and the keys.
     """
     ckpt = Path(checkpoint_dir)
+    if prefetched is not None and Path(prefetched.path) != ckpt:
+        raise ValueError(f"prefetched tensors are of {prefetched.path}, not {ckpt}")
     if loaded._peft is not None:  # full weights replace the base: adapters come off first
         from .lora import remove_adapters
 
         remove_adapters(loaded)
-    _copy_in(loaded, ckpt)
+    _copy_in(loaded, ckpt, prefetched)
     loaded._base_replaced = True
     loaded.current = str(ckpt)
 
 
-def _copy_in(loaded: LoadedModel, ckpt: Path) -> None:
-    from safetensors import safe_open
+def _copy_in(loaded: LoadedModel, ckpt: Path, prefetched=None) -> None:
+    from .prefetch import read_checkpoint
 
-    plan, targets = _plan(loaded.model, ckpt)
+    tensors = prefetched if prefetched is not None else read_checkpoint(loaded, ckpt, pin=False)
+    plan, targets = _plan(loaded, ckpt, tensors.shapes())
     with torch.no_grad():
         for path, keys in plan.items():
-            with safe_open(str(path), framework="pt") as f:
-                for key, name in keys.items():
-                    # copy_ casts to the resident dtype/device the way from_pretrained does
-                    targets[name].copy_(f.get_tensor(key))
+            source = tensors.files[path]
+            for key, name in keys.items():
+                # copy_ casts to the resident dtype/device the way from_pretrained does;
+                # from pinned memory the host-to-device copy is asynchronous
+                targets[name].copy_(source[key], non_blocking=True)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)  # the pinned buffers may be freed after this
+    loaded.vision_hash = tensors.vision_hash
 
 
 def restore_base(loaded: LoadedModel) -> None:
@@ -308,24 +341,33 @@ def restore_base(loaded: LoadedModel) -> None:
             with torch.no_grad():
                 for name, value in (loaded._base_state or {}).items():
                     targets[name].copy_(value)
+            loaded.vision_hash = None  # recomputed from the resident tensors when needed
         loaded._base_replaced = False
+        loaded._base_vision_hash = loaded.vision_hash
+    else:
+        loaded.vision_hash = loaded._base_vision_hash
     loaded.current = "base"
 
 
-def apply_checkpoint(loaded: LoadedModel, checkpoint) -> None:
+def apply_checkpoint(loaded: LoadedModel, checkpoint, prefetched=None) -> None:
     """Make ``checkpoint`` (a ``checkpoints.Checkpoint``) resident, by its ``kind``.
 
-    ``base``: step 0 (adapters off, base weights back); ``full``: in-place weight swap;
-    ``lora``: peft adapter swap on the resident base. Raises ``CheckpointError``.
+    ``base``: step 0 (adapters off, base weights back); ``full``: in-place weight swap
+    (from ``prefetched`` tensors when given); ``lora``: peft adapter swap on the resident
+    base. Raises ``CheckpointError``.
     """
     if checkpoint.kind == "base":
         restore_base(loaded)
     elif checkpoint.kind == "full":
-        swap_weights(loaded, checkpoint.path)
+        swap_weights(loaded, checkpoint.path, prefetched)
     elif checkpoint.kind == "lora":
         from .lora import swap_adapter
 
         swap_adapter(loaded, checkpoint.path)
+        # an adapter that wraps no vision module leaves the image embeddings of the base
+        modules = vision_modules(loaded.model) or []
+        touched = any("lora_" in n for m in modules for n, _ in m.named_parameters())
+        loaded.vision_hash = None if touched else loaded._base_vision_hash
     else:
         raise CheckpointError(f"{checkpoint.path}: unknown checkpoint kind {checkpoint.kind!r}")
 

@@ -74,8 +74,9 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_session(config: Config, console: Console) -> Session:
-    """Load and validate the split, create the store and write the specimens table."""
+def open_session(config: Config, console: Console, *, write: bool = True) -> Session:
+    """Load and validate the split, create the store and write the specimens table
+    (``write=False``: load only, as ranks other than 0 of a distributed run do)."""
     data_cfg = config.data
     console.print(f"[bold]data[/]  {data_cfg.path} ({data_cfg.format})")
     loaded = data_mod.load_specimens(
@@ -98,10 +99,11 @@ def open_session(config: Config, console: Console) -> Session:
     console.print(
         f"      {len(loaded.specimens)} specimens, dataset version {loaded.dataset_version[:12]}"
     )
-    store.create_store(config.store)
-    store.write_specimens(
-        config.store, loaded.specimens, loaded.dataset_version, thumb_px=config.thumb_px
-    )
+    if write:
+        store.create_store(config.store)
+        store.write_specimens(
+            config.store, loaded.specimens, loaded.dataset_version, thumb_px=config.thumb_px
+        )
     return Session(config, loaded.specimens, loaded.dataset_version)
 
 
@@ -171,16 +173,16 @@ def already_done(config: Config, checkpoint_hash: str, step: int, done: list[dic
     return False
 
 
-def evaluate_checkpoints(
-    session: Session,
+def plan_checkpoints(
+    config: Config,
     checkpoints: list[ckpts.Checkpoint],
     console: Console,
     outcome: RunOutcome,
     *,
     explicit: bool = False,
-) -> None:
-    """Evaluate each complete checkpoint not already stored; failures are recorded, not raised."""
-    config = session.config
+) -> list[tuple[ckpts.Checkpoint, str]]:
+    """``(checkpoint, content hash)`` of each complete checkpoint still to evaluate; steps
+    already stored for the same content and config go to ``outcome.skipped``."""
     done = [] if (config.force or explicit) else store.stored_evaluations(config.store)
     todo = []
     for ckpt in checkpoints:
@@ -194,6 +196,20 @@ def evaluate_checkpoints(
         todo.append((ckpt, digest))
     if outcome.skipped:
         console.print(f"already stored (same checkpoint and config): steps {outcome.skipped}")
+    return todo
+
+
+def evaluate_checkpoints(
+    session: Session,
+    checkpoints: list[ckpts.Checkpoint],
+    console: Console,
+    outcome: RunOutcome,
+    *,
+    explicit: bool = False,
+) -> None:
+    """Evaluate each complete checkpoint not already stored; failures are recorded, not raised."""
+    config = session.config
+    todo = plan_checkpoints(config, checkpoints, console, outcome, explicit=explicit)
     if not todo:
         return
     with Progress(
@@ -329,7 +345,21 @@ def evaluate_resident(
         progress=advance,
     )
     timings["generate_s"] = time.perf_counter() - t0
+    return finish_step(session, ckpt, digest, generated, timings, started)
 
+
+def finish_step(
+    session: Session,
+    ckpt: ckpts.Checkpoint,
+    digest: str,
+    generated: list,
+    timings: dict[str, float],
+    started: datetime,
+    row_extra: dict | None = None,
+) -> dict:
+    """Parse, score and commit one step from ``generated`` (aligned with
+    ``session.specimens``); shared by one-process runs and rank 0 of a distributed run."""
+    config = session.config
     t0 = time.perf_counter()
     predictions = [
         parse_one(session, specimen, out.text, out.input_size)
@@ -346,6 +376,7 @@ def evaluate_resident(
     row = _eval_row(session, ckpt, digest, "ok", None)
     row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
     row["started_at"], row["finished_at"] = started, datetime.now(UTC)
+    row.update(row_extra or {})
     t0 = time.perf_counter()
     row["timings"] = json.dumps(timings)  # the commit's own time goes to the log only
     store.commit_step(
@@ -438,6 +469,10 @@ def prediction_rows(
 def run(config: Config, console: Console | None = None) -> RunOutcome:
     """Evaluate the configured checkpoints once (resume-aware) and return what happened."""
     console = console or Console()
+    from vieval_runner import distributed
+
+    if distributed.world_size() > 1:  # launched by accelerate launch / torchrun
+        return distributed.run(config, console)
     outcome = RunOutcome(store=config.store, run_id=config.effective_run_id)
     checkpoints = select_checkpoints(config)  # cheap checks first: nothing written on bad input
     if not checkpoints:

@@ -1,0 +1,427 @@
+"""Several GPUs or nodes: ``accelerate launch`` / ``torchrun`` the same ``vieval run``.
+
+Every rank loads the base model once on its own device (``cuda:LOCAL_RANK``, or the CPU) and
+generates for its shard of the specimens; the texts go to rank 0, which parses, scores and
+commits ONE commit per step. Rank 0 alone plans (resume/skip decisions, checkpoint hashes),
+creates the store and writes the specimens before any rank generates; the plan is broadcast so
+every rank walks the same steps. A rank that fails a step reports it instead of raising, so
+every rank reaches the same collectives and agrees the step failed (no deadlock).
+
+Collectives carry small Python objects (texts, statuses) and always run over gloo, on CPU and
+GPU alike: NCCL object collectives would need each rank's CUDA device in the middle of
+generation and add nothing at kilobytes per specimen; gloo also runs across nodes over TCP.
+See ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from vieval_runner import checkpoints as ckpts
+from vieval_runner import runner, store
+from vieval_runner.config import Config
+from vieval_runner.records import Specimen
+
+log = logging.getLogger("vieval")
+
+TIMEOUT_ENV = "VIEVAL_DIST_TIMEOUT_S"
+# Longest a rank waits at a collective: rank 0 hashing every checkpoint and writing thumbnails
+# before the plan broadcast is the longest legitimate wait. A dead rank ends sooner: the
+# launcher stops the others, or gloo reports the closed connection.
+DEFAULT_TIMEOUT_S = 7200.0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the launch."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size() -> int:
+    """Processes in the launch (``WORLD_SIZE`` set by torchrun / accelerate launch; else 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def env_ranks() -> Ranks | None:
+    """Rank facts from the launcher's environment, or None in a one-process run."""
+    size = world_size()
+    if size <= 1:
+        return None
+    try:
+        rank = int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except (KeyError, ValueError) as exc:
+        raise RuntimeError(
+            f"WORLD_SIZE={size} but RANK/LOCAL_RANK are missing or not integers ({exc}); "
+            "launch with torchrun or accelerate launch"
+        ) from None
+    if not 0 <= rank < size:
+        raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={size}")
+    return Ranks(rank, size, local)
+
+
+def setup() -> Ranks | None:
+    """Join the launch's process group (gloo, ``env://``); None in a one-process run."""
+    import torch.distributed as dist
+
+    ranks = env_ranks()
+    if ranks is None:
+        return None
+    if not dist.is_initialized():
+        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+        atexit.register(_destroy)  # error exits skip finish(); free the group quietly
+    return ranks
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish(ranks: Ranks | None) -> None:
+    """Wait for every rank, then leave the group: launchers stop all ranks when the first one
+    exits non-zero (status 3), which must not cut rank 0's summary short."""
+    import torch.distributed as dist
+
+    if ranks is not None and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def tag_logs(ranks: Ranks | None) -> None:
+    """Prefix this rank's log lines with its rank (each rank writes its own log file)."""
+    if ranks is None:
+        return
+    fmt = logging.Formatter(f"%(asctime)s rank{ranks.rank} %(levelname)s %(message)s")
+    for handler in logging.getLogger("vieval").handlers:
+        handler.setFormatter(fmt)
+    log.info(
+        "rank %d of %d (local rank %d, host %s, pid %d)",
+        ranks.rank,
+        ranks.world_size,
+        ranks.local_rank,
+        os.uname().nodename,
+        os.getpid(),
+    )
+
+
+# --- collectives ----------------------------------------------------------------------------
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather(obj: Any, ranks: Ranks) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 in rank order; None on the other ranks."""
+    import torch.distributed as dist
+
+    out = [None] * ranks.world_size if ranks.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather(obj: Any, ranks: Ranks) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _portable(exc: BaseException | None) -> BaseException | None:
+    """The exception itself if it survives pickling (so other ranks raise the same type and
+    the CLI maps it to the same exit status), else a RuntimeError with its message."""
+    if exc is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _with_rank(exc: BaseException, rank: int) -> BaseException:
+    try:
+        return type(exc)(f"rank {rank}: {exc}")
+    except Exception:  # an exception type whose constructor wants other arguments
+        return exc
+
+
+def run_step(
+    ranks: Ranks, work: Callable[[], Any], finish_main: Callable[[list[Any]], None]
+) -> str | None:
+    """Run ``work()`` on every rank, hand the results (rank order) to ``finish_main`` on rank 0.
+
+    Returns None when every rank and rank 0's ``finish_main`` succeeded, else the error
+    message, identical on every rank. Exceptions never escape before the collectives, so a
+    failing rank cannot leave the others waiting.
+    """
+    try:
+        payload: tuple[str | None, Any] = (None, work())
+    except Exception as exc:  # OOM that cannot be halved, a load error, ...
+        log.exception("rank %d failed its shard", ranks.rank)
+        payload = (f"rank {ranks.rank}: {type(exc).__name__}: {exc}", None)
+    gathered = gather(payload, ranks)
+    verdict = None
+    if ranks.is_main:
+        errors = [err for err, _ in gathered if err]
+        if errors:
+            verdict = "; ".join(errors)
+        else:
+            try:
+                finish_main([result for _, result in gathered])
+            except Exception as exc:
+                log.exception("rank 0 could not finish the step")
+                verdict = f"{type(exc).__name__}: {exc}"
+    return broadcast(verdict)
+
+
+# --- sharding and devices -------------------------------------------------------------------
+
+
+def shard(specimens: Sequence[Specimen], world: int, rank: int) -> list[int]:
+    """Indices of ``rank``'s specimens: deterministic, sizes within one of each other.
+
+    Prompt length in tokens is only known after the processor runs, so specimens are sorted
+    by its cheap proxies (image area, which sets the visual token count of dynamic-resolution
+    families, then prompt length) and dealt in snake order (0..N-1, N-1..0, ...) so no rank
+    always gets the longest of each round.
+    """
+    order = sorted(
+        range(len(specimens)),
+        key=lambda i: (-specimens[i].width * specimens[i].height, -len(specimens[i].prompt), i),
+    )
+    mine = []
+    for pos, index in enumerate(order):
+        round_, offset = divmod(pos, world)
+        if (offset if round_ % 2 == 0 else world - 1 - offset) == rank:
+            mine.append(index)
+    return sorted(mine)
+
+
+def rank_device(requested: str, local_rank: int) -> str:
+    """This rank's device: ``cuda:LOCAL_RANK`` (modulo the visible devices) unless the CPU
+    (or mps) is asked for; an explicit ``cuda:N`` is a one-process setting and yields too."""
+    import torch
+
+    if requested in ("cpu", "mps"):
+        return requested
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu" if requested == "auto" else requested  # cuda without CUDA: load_base says so
+
+
+# --- the distributed run --------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    todo: list[tuple[ckpts.Checkpoint, str]]
+    skipped: list[int]
+    dataset_version: str
+    n_specimens: int
+
+
+def _open(
+    ranks: Ranks, config: Config, console: Console, outcome: runner.RunOutcome
+) -> tuple[runner.Session, _Plan]:
+    """Rank 0 plans and writes the store while the others load the split; all then agree."""
+    session, plan, error = None, None, None
+    try:
+        if ranks.is_main:
+            checkpoints = runner.select_checkpoints(config)
+            if not checkpoints:
+                raise ckpts.CheckpointError(
+                    f"{config.run_dir}: no checkpoints found (and include_base is false)"
+                )
+            session = runner.open_session(config, console)
+            steps = [c.step for c in checkpoints]
+            console.print(f"[bold]run[/]   {config.effective_run_id}: steps {steps}")
+            todo = runner.plan_checkpoints(
+                config, checkpoints, console, outcome, explicit=config.steps is not None
+            )
+            plan = _Plan(
+                todo, list(outcome.skipped), session.dataset_version, len(session.specimens)
+            )
+        else:
+            session = runner.open_session(config, console, write=False)
+    except Exception as exc:
+        log.exception("rank %d could not open the run", ranks.rank)
+        error = exc
+    # the barrier before any rank generates: the store exists and holds the specimens
+    plan, main_error = broadcast((plan, _portable(error)) if ranks.is_main else None)
+    if main_error is not None:
+        raise main_error  # every rank fails the same way (same exit status)
+    if error is None and not ranks.is_main and session.dataset_version != plan.dataset_version:
+        error = runner.data_mod.DataError(
+            f"{config.data.path}: reads as dataset version {session.dataset_version[:12]} "
+            f"on this rank but {plan.dataset_version[:12]} on rank 0 "
+            "(a different file on this node?)"
+        )
+    problems = all_gather(_portable(error), ranks)
+    for rank, problem in enumerate(problems):
+        if problem is not None:
+            raise _with_rank(problem, rank)
+    outcome.skipped = list(plan.skipped)
+    return session, plan
+
+
+def _ensure_model(session: runner.Session, mine: list[Specimen], ranks: Ranks) -> None:
+    """Load the base model on this rank's device once and prepare this rank's shard."""
+    if session.loaded is not None:
+        return
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from vieval_runner import generation, models
+
+    hf_logging.disable_progress_bar()
+    config = session.config
+    device = rank_device(config.device, ranks.local_rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    runner.attach_model(
+        session, models.load_base(config.base_model, device=device, dtype=config.dtype)
+    )
+    t0 = time.perf_counter()
+    session.prepared = generation.prepare(
+        session.loaded, mine, template=config.prompt_template, system_prompt=config.system_prompt
+    )
+    log.info(
+        "rank %d: model on %s, %d specimens prepared in %.2fs",
+        ranks.rank,
+        device,
+        len(mine),
+        time.perf_counter() - t0,
+    )
+
+
+def _generate_shard(
+    session: runner.Session,
+    ckpt: ckpts.Checkpoint,
+    mine: list[Specimen],
+    ranks: Ranks,
+    console: Console,
+    advance: Callable[[int], None],
+) -> tuple[list, dict[str, float]]:
+    """This rank's generated texts (shard order) and its timings for one checkpoint."""
+    if not mine:  # more ranks than specimens: nothing to load or generate
+        return [], {}
+    from vieval_runner import generation, models
+
+    _ensure_model(session, mine, ranks)
+    config = session.config
+    t0 = time.perf_counter()
+    models.apply_checkpoint(session.loaded, ckpt)
+    timings = {"load_s": time.perf_counter() - t0}
+    runner._say_processor_once(session, ckpt, console)
+    t0 = time.perf_counter()
+    generated = generation.generate(
+        session.loaded,
+        session.prepared,
+        batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens,
+        progress=advance,
+    )
+    timings["generate_s"] = time.perf_counter() - t0
+    log.info("rank %d step %s: %s", ranks.rank, ckpt.step, timings)
+    return generated, timings
+
+
+def _device_label(session: runner.Session, ranks: Ranks) -> str:
+    return f"{getattr(session.loaded, 'device', session.config.device)} x{ranks.world_size} ranks"
+
+
+def run(config: Config, console: Console) -> runner.RunOutcome:
+    """``runner.run`` for one rank of a launch; every rank returns the same outcome."""
+    ranks = setup()
+    assert ranks is not None, "distributed.run needs WORLD_SIZE > 1"
+    outcome = runner.RunOutcome(store=config.store, run_id=config.effective_run_id)
+    session, plan = _open(ranks, config, console, outcome)
+    shards = [shard(session.specimens, ranks.world_size, r) for r in range(ranks.world_size)]
+    mine = [session.specimens[i] for i in shards[ranks.rank]]
+    console.print(
+        f"[bold]ranks[/] {ranks.world_size} processes, specimens per rank "
+        f"{[len(s) for s in shards]}"
+    )
+    if not plan.todo:
+        return outcome
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,  # quiet on ranks other than 0: one set of bars
+        transient=False,
+    ) as progress:
+        overall = progress.add_task("checkpoints", total=len(plan.todo))
+        for ckpt, digest in plan.todo:
+            started = datetime.now(UTC)
+            bar = progress.add_task(f"  step {ckpt.step} (rank 0's shard)", total=len(mine))
+
+            def work(ckpt=ckpt, bar=bar):
+                return _generate_shard(
+                    session, ckpt, mine, ranks, console, lambda n: progress.advance(bar, n)
+                )
+
+            def finish_main(parts, ckpt=ckpt, digest=digest, started=started):
+                generated: list = [None] * len(session.specimens)
+                for indices, (texts, _) in zip(shards, parts, strict=True):
+                    for i, text in zip(indices, texts, strict=True):
+                        generated[i] = text
+                timings = {
+                    key: max(t.get(key, 0.0) for _, t in parts) for key in ("load_s", "generate_s")
+                }
+                timings["ranks"] = ranks.world_size
+                extra = {"device": _device_label(session, ranks)}
+                runner.finish_step(session, ckpt, digest, generated, timings, started, extra)
+
+            error = run_step(ranks, work, finish_main)
+            if error is None:
+                outcome.evaluated.append(ckpt.step)
+            else:
+                outcome.failed[ckpt.step] = error
+                progress.console.print(f"[red]step {ckpt.step} failed[/]: {error}")
+                if ranks.is_main:
+                    _record_failure(session, ckpt, digest, error, ranks)
+            progress.remove_task(bar)
+            progress.advance(overall)
+    return outcome
+
+
+def _record_failure(
+    session: runner.Session, ckpt: ckpts.Checkpoint, digest: str, error: str, ranks: Ranks
+) -> None:
+    log.error("step %s (%s) failed: %s", ckpt.step, ckpt.path, error)
+    row = runner._eval_row(session, ckpt, digest, "failed", error)
+    row["device"] = _device_label(session, ranks)
+    try:
+        store.record_failed_evaluation(session.config.store, row)
+    except Exception:  # e.g. the disk is full: the console and log still say it
+        log.exception("could not record the failure of step %s in the store", ckpt.step)
