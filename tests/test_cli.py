@@ -155,3 +155,19 @@ def test_failed_checkpoint_exit_3(tmp_path, tiny_run, capsys):
     assert cli.main(["run", str(config)]) == 3
     out = capsys.readouterr().out
     assert "1 checkpoint(s) failed" in out and "100" in out
+
+
+def test_bad_data_exits_2_naming_file_and_row(tmp_path, tiny_run, capsys):
+    config = _config_file(tmp_path, tiny_run("qwen25_vl"))
+    data = tmp_path / "data" / "val.jsonl"
+    lines = data.read_text().splitlines()
+    lines[2] = lines[2].replace('"image": "', '"image": "missing-')
+    data.write_text("\n".join(lines) + "\n")
+    assert cli.main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "line 3" in err and "missing-" in err
+    assert not (tmp_path / "store" / "predictions").exists()  # nothing written on bad input
+    # strict: false skips the bad row, says which, and evaluates the rest
+    assert cli.main(["run", str(config), "data.strict=false", "steps=[0]"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 bad rows" in out and "line 3" in out

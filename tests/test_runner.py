@@ -195,3 +195,74 @@ def test_vqa_run_and_rescore(tmp_path, tiny_run):
     assert [r["exact_match"] for r in rescored] == [r["exact_match"] for r in rows]
     evaluations = reader.evaluations(config.effective_run_id).to_pylist()
     assert len(evaluations) == 4 and all(e["status"] == "ok" for e in evaluations)
+
+
+def test_lora_run_uses_the_base_processor_and_says_so_once(tmp_path, tiny_lora_run):
+    run = tiny_lora_run("qwen2_vl")
+    config = _config(tmp_path, run)
+    console = Console(record=True, width=200)
+    outcome = runner.run(config, console)
+    assert outcome.evaluated == [0, 100, 200, 300] and outcome.exit_status == 0
+    text = console.export_text()
+    assert text.count("has no processor files: using the base model's processor") == 1
+    reader = store.open_store(config.store)
+    by_step = {
+        s: [r["raw_text"] for r in reader.step(config.effective_run_id, s).to_pylist()]
+        for s in (0, 100, 200, 300)
+    }
+    assert len({tuple(v) for v in by_step.values()}) > 1  # the adapters change the output
+
+
+def test_vqa_from_a_hf_dataset_with_a_chat_family(tmp_path, tiny_run):
+    """Qwen2.5-VL (chat template, system prompt) on a `datasets` dataset saved to disk."""
+    import datasets
+
+    specimens = make_specimens("vqa")[:5]
+    table = {
+        "qid": [f"q{i}" for i in range(5)],
+        "picture": [{"bytes": s.image_bytes, "path": None} for s in specimens],
+        "question": [s.prompt for s in specimens],
+        "answers": [["red", "a red one", "red"]] * 5,
+    }
+    features = datasets.Features(
+        {
+            "qid": datasets.Value("string"),
+            "picture": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answers": datasets.Sequence(datasets.Value("string")),
+        }
+    )
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp_path / "hf"))
+    run = tiny_run("qwen25_vl")
+    config = config_from_dict(
+        {
+            "run_dir": str(run.run_dir),
+            "base_model": str(run.base_model_dir),
+            "store": str(tmp_path / "store"),
+            "task": "vqa",
+            "data": {
+                "path": str(tmp_path / "hf"),
+                "format": "hf",
+                "columns": {
+                    "id": "qid",
+                    "image": "picture",
+                    "prompt": "question",
+                    "answers": "answers",
+                },
+            },
+            "steps": [0, 200],
+            "system_prompt": "Answer with one word.",
+            "max_new_tokens": 8,
+            "device": "cpu",
+        }
+    )
+    assert runner.run(config, _quiet()).evaluated == [0, 200]
+    reader = store.open_store(config.store)
+    assert sorted(r["specimen_id"] for r in reader.specimens().to_pylist()) == [
+        f"q{i}" for i in range(5)
+    ]
+    rows = reader.step(config.effective_run_id, 200).to_pylist()
+    assert all(r["vqa_accuracy"] is not None and r["failure_category"] for r in rows)
+    aggregates = reader.aggregates(config.effective_run_id).to_pylist()
+    assert [a["step"] for a in aggregates] == [0, 200]
+    assert all(a["exact_match"] is not None and a["bleu"] is not None for a in aggregates)

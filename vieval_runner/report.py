@@ -64,6 +64,7 @@ def summarize(reader, run_id: str | None = None) -> list[dict]:
                 "failed": failed,
                 "best_step": scoring.best_step(by_step, metric) if by_step else None,
                 "overfitting": scoring.overfitting_signal(by_step, metric) if by_step else None,
+                "notes": {"bertscore": scoring.BERTSCORE_NOTE} if task == "vqa" else {},
             }
         )
     return summaries
@@ -107,5 +108,7 @@ def print_summary(summaries: list[dict], console: Console) -> None:
                 f"{signal['best_value']:.3f} {summary['metric']}, the last step {signal['last_step']} "
                 f"only {signal['last_value']:.3f} (drop {signal['drop']:.3f})"
             )
+        if summary["task"] == "vqa":
+            console.print(f"[dim]bertscore: {scoring.BERTSCORE_NOTE}[/]")
         for failure in summary["failed"]:
             console.print(f"[red]step {failure['step']} failed[/]: {failure['error']}")
