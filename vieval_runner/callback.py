@@ -119,7 +119,10 @@ class VievalCallback(TrainerCallback):
             *self.overrides,
         ]
         command.append(f"steps=[{step}]")
-        self._running = subprocess.Popen(command)
+        from vieval_runner.distributed import single_process_env
+
+        # the training job's RANK/WORLD_SIZE must not make the child join its process group
+        self._running = subprocess.Popen(command, env=single_process_env())
         self.evaluated.append(step)
         self.console.print(f"vieval: launched evaluation of step {step} (pid {self._running.pid})")
 

@@ -115,8 +115,10 @@ class Config(_Strict):
     system_prompt: str | None = Field(
         None, description="System message for chat-template families."
     )
-    batch_size: int = Field(
-        8, ge=1, description="Specimens per generate call (halved automatically on out-of-memory)."
+    batch_size: int | Literal["auto"] = Field(
+        8,
+        description="Specimens per generate call (halved on out-of-memory); 'auto': 512 on "
+        "CUDA halved until the longest prompts fit, 8 on CPU.",
     )
     max_new_tokens: int = Field(
         64, ge=1, description="Generation budget per specimen (greedy decoding)."
@@ -130,6 +132,34 @@ class Config(_Strict):
     force: bool = Field(
         False, description="Re-evaluate steps already stored for the same checkpoint and config."
     )
+    preprocess_workers: int = Field(
+        2, ge=1, description="Threads decoding images and running the processor (once per run)."
+    )
+    prepare_cache_ram_mb: float = Field(
+        2048, ge=0, description="RAM for prepared processor outputs; beyond it they go to disk."
+    )
+    cache_dir: str | None = Field(
+        None, description="Folder for prepared outputs beyond the RAM budget (default: temp)."
+    )
+    prefetch: bool = Field(
+        True, description="Read the next checkpoint's weights while the current one generates."
+    )
+    overlap: bool = Field(
+        True,
+        description="Parse while the next batch generates and commit while the next step runs.",
+    )
+    cache_vision: bool = Field(
+        True, description="Reuse image embeddings while the vision-tower weights are unchanged."
+    )
+    vision_cache_ram_mb: float = Field(
+        4096, ge=0, description="Host RAM for cached image embeddings (beyond it: recomputed)."
+    )
+    static_cache: bool = Field(
+        False, description="Generate with a static KV cache (cache_implementation='static')."
+    )
+    compile: bool = Field(
+        False, description="Static KV cache + torch.compile of the decoding step."
+    )
     thumb_px: int = Field(
         768, ge=32, description="Longest side of the image copy embedded in the store."
     )
@@ -137,6 +167,13 @@ class Config(_Strict):
         default_factory=ScoringConfig, description="Thresholds for metrics and failure categories."
     )
     watch: WatchConfig = Field(default_factory=WatchConfig, description="Watch-mode timing.")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_ok(cls, value: int | str) -> int | str:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError("must be an integer >= 1 or 'auto'")
+        return value
 
     @field_validator("device")
     @classmethod

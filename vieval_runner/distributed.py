@@ -60,6 +60,28 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def single_process_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) without the launcher's rank variables, for a
+    ``vieval run`` started from inside a launched job (e.g. a Trainer callback on rank 0):
+    otherwise the child would take itself for rank 0 of the training job's group."""
+    out = dict(os.environ if env is None else env)
+    for name in LAUNCH_VARIABLES:
+        out.pop(name, None)
+    return out
+
+
 def env_ranks() -> Ranks | None:
     """Rank facts from the launcher's environment, or None in a one-process run."""
     size = world_size()
@@ -245,7 +267,6 @@ class _Plan:
     todo: list[tuple[ckpts.Checkpoint, str]]
     skipped: list[int]
     dataset_version: str
-    n_specimens: int
 
 
 def _open(
@@ -266,9 +287,7 @@ def _open(
             todo = runner.plan_checkpoints(
                 config, checkpoints, console, outcome, explicit=config.steps is not None
             )
-            plan = _Plan(
-                todo, list(outcome.skipped), session.dataset_version, len(session.specimens)
-            )
+            plan = _Plan(todo, list(outcome.skipped), session.dataset_version)
         else:
             session = runner.open_session(config, console, write=False)
     except Exception as exc:
@@ -292,59 +311,31 @@ def _open(
     return session, plan
 
 
-def _ensure_model(session: runner.Session, mine: list[Specimen], ranks: Ranks) -> None:
-    """Load the base model on this rank's device once and prepare this rank's shard."""
-    if session.loaded is not None:
-        return
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from vieval_runner import generation, models
-
-    hf_logging.disable_progress_bar()
-    config = session.config
-    device = rank_device(config.device, ranks.local_rank)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    runner.attach_model(
-        session, models.load_base(config.base_model, device=device, dtype=config.dtype)
-    )
-    t0 = time.perf_counter()
-    session.prepared = generation.prepare(
-        session.loaded, mine, template=config.prompt_template, system_prompt=config.system_prompt
-    )
-    log.info(
-        "rank %d: model on %s, %d specimens prepared in %.2fs",
-        ranks.rank,
-        device,
-        len(mine),
-        time.perf_counter() - t0,
-    )
-
-
 def _generate_shard(
-    session: runner.Session,
+    worker: runner.Session,
     ckpt: ckpts.Checkpoint,
-    mine: list[Specimen],
     ranks: Ranks,
     console: Console,
     advance: Callable[[int], None],
 ) -> tuple[list, dict[str, float]]:
-    """This rank's generated texts (shard order) and its timings for one checkpoint."""
-    if not mine:  # more ranks than specimens: nothing to load or generate
+    """This rank's generated texts (shard order) and its timings for one checkpoint.
+
+    ``worker`` is this rank's session: its shard as specimens and its device in the config,
+    so the model is loaded and the shard prepared by the one-process code path."""
+    if not worker.specimens:  # more ranks than specimens: nothing to load or generate
         return [], {}
     from vieval_runner import generation, models
 
-    _ensure_model(session, mine, ranks)
-    config = session.config
+    runner._ensure_model(worker, console)  # once: base model on this rank's device
+    config = worker.config
     t0 = time.perf_counter()
-    models.apply_checkpoint(session.loaded, ckpt)
+    models.apply_checkpoint(worker.loaded, ckpt)
     timings = {"load_s": time.perf_counter() - t0}
-    runner._say_processor_once(session, ckpt, console)
+    runner._say_processor_once(worker, ckpt, console)
     t0 = time.perf_counter()
     generated = generation.generate(
-        session.loaded,
-        session.prepared,
+        worker.loaded,
+        worker.prepared,
         batch_size=config.batch_size,
         max_new_tokens=config.max_new_tokens,
         progress=advance,
@@ -365,7 +356,17 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
     outcome = runner.RunOutcome(store=config.store, run_id=config.effective_run_id)
     session, plan = _open(ranks, config, console, outcome)
     shards = [shard(session.specimens, ranks.world_size, r) for r in range(ranks.world_size)]
+    device = rank_device(config.device, ranks.local_rank)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)
     mine = [session.specimens[i] for i in shards[ranks.rank]]
+    # this rank's own session; `session` (all specimens, the config as given) is the one
+    # rank 0 parses, scores and commits with, so config hashes match a one-process run
+    worker = runner.Session(
+        config.model_copy(update={"device": device}), mine, session.dataset_version
+    )
     console.print(
         f"[bold]ranks[/] {ranks.world_size} processes, specimens per rank "
         f"{[len(s) for s in shards]}"
@@ -387,7 +388,7 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
 
             def work(ckpt=ckpt, bar=bar):
                 return _generate_shard(
-                    session, ckpt, mine, ranks, console, lambda n: progress.advance(bar, n)
+                    worker, ckpt, ranks, console, lambda n: progress.advance(bar, n)
                 )
 
             def finish_main(parts, ckpt=ckpt, digest=digest, started=started):
@@ -399,7 +400,9 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
                     key: max(t.get(key, 0.0) for _, t in parts) for key in ("load_s", "generate_s")
                 }
                 timings["ranks"] = ranks.world_size
-                extra = {"device": _device_label(session, ranks)}
+                if session.loaded is None:  # output format and coords follow the family
+                    runner.attach_model(session, worker.loaded)
+                extra = {"device": _device_label(worker, ranks)}
                 runner.finish_step(session, ckpt, digest, generated, timings, started, extra)
 
             error = run_step(ranks, work, finish_main)
@@ -409,18 +412,23 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
                 outcome.failed[ckpt.step] = error
                 progress.console.print(f"[red]step {ckpt.step} failed[/]: {error}")
                 if ranks.is_main:
-                    _record_failure(session, ckpt, digest, error, ranks)
+                    _record_failure(session, worker, ckpt, digest, error, ranks)
             progress.remove_task(bar)
             progress.advance(overall)
     return outcome
 
 
 def _record_failure(
-    session: runner.Session, ckpt: ckpts.Checkpoint, digest: str, error: str, ranks: Ranks
+    session: runner.Session,
+    worker: runner.Session,
+    ckpt: ckpts.Checkpoint,
+    digest: str,
+    error: str,
+    ranks: Ranks,
 ) -> None:
     log.error("step %s (%s) failed: %s", ckpt.step, ckpt.path, error)
     row = runner._eval_row(session, ckpt, digest, "failed", error)
-    row["device"] = _device_label(session, ranks)
+    row["device"] = _device_label(worker, ranks)
     try:
         store.record_failed_evaluation(session.config.store, row)
     except Exception:  # e.g. the disk is full: the console and log still say it

@@ -1,25 +1,38 @@
 """Prompt building, cached per-specimen processor outputs, and batched greedy generation.
 
-Processor outputs are computed once per specimen (``prepare``) and reused for every
-checkpoint. ``generate`` sorts by prompt length (longest first, so out-of-memory shows at
-once), pads each batch itself (left for decoder-only models, right for encoder-decoder),
-decodes only the new tokens and returns results in specimen order.
+Processor outputs are computed once per specimen (``prepare``, on a thread pool, in RAM up
+to a budget and on disk beyond it) and reused for every checkpoint. ``generate`` sorts by
+prompt length (longest first, so out-of-memory shows at once), pads each batch itself (left
+for decoder-only models, right for encoder-decoder), decodes only the new tokens and returns
+results in specimen order. Generation stays on the calling thread; loading/collating the
+next batch and decoding (plus the caller's ``on_batch``, e.g. parsing) of the previous one
+run on two helper threads meanwhile.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .models import FAMILIES, LoadedModel, input_size_for
 from .records import Specimen
 
+if TYPE_CHECKING:
+    from .prepared_cache import PreparedSet
+
 # processor outputs aligned with the token sequence: padded per batch; the rest are concatenated
 _SEQ_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
 _DROP_KEYS = {"labels"}
+# fast tokenizers raise "Already borrowed" when used from two threads at once
+_TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -74,30 +87,70 @@ def build_prompt(
     return f"{image_token}{prefix}{text}"
 
 
+def prepare_one(
+    loaded: LoadedModel,
+    specimen: Specimen,
+    template: str | None = None,
+    system_prompt: str | None = None,
+) -> PreparedSpecimen:
+    """One specimen's image decoded and run through the processor."""
+    nested = FAMILIES[loaded.family].get("nested_images", False)
+    prompt = build_prompt(loaded, specimen, template, system_prompt)
+    image = specimen.load_image()
+    outputs = loaded.processor(
+        images=[[image]] if nested else [image], text=[prompt], return_tensors="pt"
+    )
+    tensors = {}
+    for key, value in outputs.items():
+        if key in _DROP_KEYS or not isinstance(value, torch.Tensor):
+            continue
+        tensors[key] = value[0] if key in _SEQ_KEYS else value
+    input_ids = tensors.pop("input_ids")
+    size = input_size_for(loaded, outputs, 0)
+    return PreparedSpecimen(specimen.specimen_id, input_ids, tensors, size)
+
+
 def prepare(
     loaded: LoadedModel,
     specimens: Sequence[Specimen],
     template: str | None = None,
     system_prompt: str | None = None,
-) -> list[PreparedSpecimen]:
-    """Processor outputs of each specimen, computed once and reusable across checkpoints."""
-    prepared = []
-    nested = FAMILIES[loaded.family].get("nested_images", False)
-    for specimen in specimens:
-        prompt = build_prompt(loaded, specimen, template, system_prompt)
-        image = specimen.load_image()
-        outputs = loaded.processor(
-            images=[[image]] if nested else [image], text=[prompt], return_tensors="pt"
-        )
-        tensors = {}
-        for key, value in outputs.items():
-            if key in _DROP_KEYS or not isinstance(value, torch.Tensor):
-                continue
-            tensors[key] = value[0] if key in _SEQ_KEYS else value
-        input_ids = tensors.pop("input_ids")
-        size = input_size_for(loaded, outputs, 0)
-        prepared.append(PreparedSpecimen(specimen.specimen_id, input_ids, tensors, size))
-    return prepared
+    *,
+    workers: int = 1,
+    ram_budget_mb: float | None = None,
+    cache_dir: str | Path | None = None,
+) -> list[PreparedSpecimen] | PreparedSet:
+    """Processor outputs of each specimen, computed once and reusable across checkpoints.
+
+    ``workers`` > 1 decodes images and runs the processor on a thread pool (order kept, at
+    most ``2 * workers`` results waiting). With ``ram_budget_mb`` the result is a
+    ``PreparedSet`` holding tensors in RAM up to the budget and the rest in safetensors
+    chunks under ``cache_dir`` (default: the system temp folder); without it, a plain list.
+    """
+    from .prepared_cache import PreparedSet
+
+    out: list | PreparedSet = (
+        [] if ram_budget_mb is None else PreparedSet(int(ram_budget_mb * 2**20), cache_dir)
+    )
+    items = iter(specimens)
+    if workers <= 1:
+        for specimen in items:
+            out.append(prepare_one(loaded, specimen, template, system_prompt))
+    else:
+        # the first call on this thread settles the tokenizer's padding/truncation state,
+        # which later calls only read (concurrent writes would raise "Already borrowed")
+        first = next(items, None)
+        if first is not None:
+            out.append(prepare_one(loaded, first, template, system_prompt))
+        with ThreadPoolExecutor(workers, thread_name_prefix="vieval-prepare") as pool:
+            window: deque[Future] = deque()
+            for specimen in items:
+                window.append(pool.submit(prepare_one, loaded, specimen, template, system_prompt))
+                if len(window) >= 2 * workers:  # bounded: memory stays under the budget
+                    out.append(window.popleft().result())
+            while window:
+                out.append(window.popleft().result())
+    return out if isinstance(out, list) else out.finish()
 
 
 def _pad_id(loaded: LoadedModel) -> int:
@@ -189,36 +242,67 @@ def _decode_rows(
         if lead is not None and content[:1] == [lead]:
             content = content[1:]
         # keep special tokens: Qwen2-VL boxes and PaliGemma <locNNNN> are (special) tokens
-        text = tokenizer.decode(
-            content, skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
+        with _TOKENIZER_LOCK:
+            text = tokenizer.decode(
+                content, skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
         rows.append((text, len(content), stop is None and len(row) >= max_new_tokens))
     return rows
 
 
-def _generate_batch(
+@dataclass
+class GenerateOptions:
+    """How ``generate`` runs (everything but the inputs); defaults = plain HF generate."""
+
+    static_cache: bool = False  # cache_implementation="static" (no torch.compile)
+    compile: bool = False  # static cache + torch.compile of the decoding forward
+    vision_cache: object = None  # embedding_cache.VisionCache: image embeddings by specimen
+    overlap: bool = True  # collate ahead and decode behind on helper threads
+
+
+def _generate_tokens(
     loaded: LoadedModel,
     batch: list[PreparedSpecimen],
+    inputs: dict[str, torch.Tensor],
     max_new_tokens: int,
     forced: list[str | None] | None,
-) -> list[tuple[str, int, bool]]:
-    inputs = _to_device(loaded, collate(loaded, batch))
-    kwargs = {}
+    options: GenerateOptions,
+) -> tuple[torch.Tensor, int | None]:
+    """One ``generate`` call; the new tokens (on CPU) and a forced lead token to drop."""
+    import contextlib
+
+    inputs = _to_device(loaded, inputs)
+    kwargs: dict = {}
     if forced is not None:
         from transformers import LogitsProcessorList
 
         from .tiny_models import ForcedTextLogitsProcessor
 
         eos = _end_ids(loaded)[0]
-        processor = ForcedTextLogitsProcessor(loaded.processor.tokenizer, forced, eos_token_id=eos)
+        with _TOKENIZER_LOCK:
+            processor = ForcedTextLogitsProcessor(
+                loaded.processor.tokenizer, forced, eos_token_id=eos
+            )
         kwargs["logits_processor"] = LogitsProcessorList([processor])
+    if options.static_cache or options.compile:
+        kwargs["cache_implementation"] = "static"
+        kwargs["disable_compile"] = not options.compile
+        if options.compile:
+            from transformers import CompileConfig
+
+            config = CompileConfig()
+            config._compile_all_devices = True  # transformers compiles only on GPUs otherwise
+            kwargs["compile_config"] = config
     # A forced end token at max length (BART, Florence-2) would replace the last token and
     # hide truncation. generate() refills None arguments from the model's generation config,
     # so it is switched off there for the call.
     gen_config = loaded.model.generation_config
     forced_eos, gen_config.forced_eos_token_id = gen_config.forced_eos_token_id, None
+    cache = options.vision_cache
+    ids = [p.specimen_id for p in batch]
+    scope = cache.batch(ids) if cache is not None else contextlib.nullcontext()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), scope:
             out = loaded.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -231,57 +315,132 @@ def _generate_batch(
     finally:
         gen_config.forced_eos_token_id = forced_eos
     if not FAMILIES[loaded.family]["encoder_decoder"]:
-        out = out[:, inputs["input_ids"].shape[1] :]  # decoder-only: drop the prompt
-        return _decode_rows(loaded, out, max_new_tokens)
+        return out[:, inputs["input_ids"].shape[1] :].cpu(), None  # decoder-only: drop prompt
     # encoder-decoder: the output holds no prompt; drop the decoder start token and the
     # forced <s> after it (Florence-2 writes "</s><s>answer</s>")
-    return _decode_rows(loaded, out[:, 1:], max_new_tokens, lead=gen_config.forced_bos_token_id)
+    return out[:, 1:].cpu(), gen_config.forced_bos_token_id
+
+
+def auto_batch_size(loaded: LoadedModel, n: int) -> int:
+    """First batch size for ``batch_size: auto``: 512 on CUDA (capped at the split), else 8.
+
+    No separate probe run: batches go longest prompt first, so the first ``generate`` call
+    is the probe; it halves on out-of-memory and the size that fits is kept (``memo``).
+    """
+    if loaded.device.type == "cuda":
+        return max(1, min(512, n))
+    return 8
+
+
+def _load_batch(
+    loaded: LoadedModel, prepared: Sequence[PreparedSpecimen], chunk: list[int]
+) -> tuple[list[PreparedSpecimen], dict[str, torch.Tensor]]:
+    batch = [prepared[i] for i in chunk]  # a disk-backed set reads them here
+    return batch, collate(loaded, batch)
+
+
+def _prompt_lens(prepared: Sequence[PreparedSpecimen]) -> list[int]:
+    lens = getattr(prepared, "prompt_lens", None)  # PreparedSet: without reading the tensors
+    return list(lens) if lens is not None else [p.prompt_len for p in prepared]
 
 
 def generate(
     loaded: LoadedModel,
     prepared: Sequence[PreparedSpecimen],
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     max_new_tokens: int = 64,
     forced_texts: Sequence[str | None] | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    on_batch: Callable[[list[int], list[GeneratedText]], None] | None = None,
+    options: GenerateOptions | None = None,
+    probe: bool = False,
+    memo: dict | None = None,
 ) -> list[GeneratedText]:
     """Greedy generation in length-sorted batches; results in ``prepared`` order.
 
     ``forced_texts`` (aligned with ``prepared``) scripts the outputs through the real
     generate/decode path (tests, demo). On out-of-memory the batch is halved and retried;
-    no specimen is dropped. ``progress(n)`` is called with the number finished per batch.
+    no specimen is dropped (``probe``: ``batch_size`` is a first guess, so halving is
+    expected and not warned about). ``progress(n)`` is called with the number finished per
+    batch; ``on_batch(indices, texts)`` with each batch's results, on the decoding thread
+    while the next batch generates (its exceptions surface here). ``memo["batch_size"]``
+    receives the batch size that fitted. ``batch_size="auto"``: see ``auto_batch_size``.
     """
-    if batch_size < 1:
+    options = options or GenerateOptions()
+    if batch_size == "auto":
+        batch_size, probe = auto_batch_size(loaded, len(prepared)), True
+    if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if forced_texts is not None and len(forced_texts) != len(prepared):
         raise ValueError(f"{len(forced_texts)} forced_texts for {len(prepared)} specimens")
+    lens = _prompt_lens(prepared)
     # longest first (stable), so the largest batch memory shows at once
-    order = sorted(range(len(prepared)), key=lambda i: -prepared[i].prompt_len)
+    order = sorted(range(len(prepared)), key=lambda i: -lens[i])
     results: list[GeneratedText | None] = [None] * len(prepared)
+
+    def finish(chunk, batch, tokens, lead) -> None:
+        rows = _decode_rows(loaded, tokens, max_new_tokens, lead)
+        texts = []
+        for i, p, (text, n_new, truncated) in zip(chunk, batch, rows, strict=True):
+            results[i] = GeneratedText(text, p.input_size, n_new, truncated)
+            texts.append(results[i])
+        if on_batch is not None:
+            on_batch(chunk, texts)
+
+    loader = finisher = None
+    if options.overlap:
+        loader = ThreadPoolExecutor(1, thread_name_prefix="vieval-collate")
+        finisher = ThreadPoolExecutor(1, thread_name_prefix="vieval-decode")
+    finishing: list[Future] = []
+    ahead: tuple[tuple[int, ...], Future] | None = None
     pos, warned = 0, False
-    while pos < len(order):
-        chunk = order[pos : pos + batch_size]
-        forced = None if forced_texts is None else [forced_texts[i] for i in chunk]
-        try:
-            rows = _generate_batch(loaded, [prepared[i] for i in chunk], max_new_tokens, forced)
-        except torch.OutOfMemoryError:
-            if len(chunk) == 1:
-                raise
-            batch_size = len(chunk) // 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if not warned:
-                warnings.warn(
-                    f"out of memory at batch size {len(chunk)}; halving to {batch_size}",
-                    RuntimeWarning,
-                    stacklevel=2,
+    try:
+        while pos < len(order):
+            chunk = order[pos : pos + batch_size]
+            if ahead is not None and ahead[0] == tuple(chunk):
+                batch, inputs = ahead[1].result()
+            else:
+                batch, inputs = _load_batch(loaded, prepared, chunk)
+            ahead = None
+            following = order[pos + len(chunk) : pos + len(chunk) + batch_size]
+            if loader is not None and following:
+                ahead = (tuple(following), loader.submit(_load_batch, loaded, prepared, following))
+            forced = None if forced_texts is None else [forced_texts[i] for i in chunk]
+            try:
+                tokens, lead = _generate_tokens(
+                    loaded, batch, inputs, max_new_tokens, forced, options
                 )
-                warned = True
-            continue
-        for i, (text, n_new, truncated) in zip(chunk, rows, strict=True):
-            results[i] = GeneratedText(text, prepared[i].input_size, n_new, truncated)
-        pos += len(chunk)
-        if progress is not None:
-            progress(len(chunk))
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                batch_size = len(chunk) // 2
+                del inputs, batch
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if not warned and not probe:
+                    warnings.warn(
+                        f"out of memory at batch size {len(chunk)}; halving to {batch_size}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    warned = True
+                continue
+            if finisher is not None:
+                finishing.append(finisher.submit(finish, chunk, batch, tokens, lead))
+                while finishing and finishing[0].done():
+                    finishing.pop(0).result()  # a failure surfaces at once
+            else:
+                finish(chunk, batch, tokens, lead)
+            pos += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        for future in finishing:
+            future.result()
+    finally:
+        for pool in (loader, finisher):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    if memo is not None:
+        memo["batch_size"] = batch_size
     return results  # type: ignore[return-value]

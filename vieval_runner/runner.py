@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vieval_runner import __version__, parsing, scoring, store
+from vieval_runner import __version__, parsing, scoring, store, throughput
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import data as data_mod
 from vieval_runner.config import Config, dump_config
@@ -53,6 +53,7 @@ class Session:
     output_format: str | None = None
     coords: str | None = None  # plain_xyxy convention: config, else the family's default
     processor_notice_given: bool = False
+    throughput: object = None  # throughput.State: vision cache, prefetch, committer
 
 
 def config_hash(config: Config) -> str:
@@ -69,6 +70,16 @@ def config_hash(config: Config) -> str:
         "force",
         "watch",
         "run_id",
+        # throughput knobs: predictions are the same with any of them
+        "preprocess_workers",
+        "prepare_cache_ram_mb",
+        "cache_dir",
+        "prefetch",
+        "overlap",
+        "cache_vision",
+        "vision_cache_ram_mb",
+        "static_cache",
+        "compile",
     ):
         relevant.pop(key, None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -122,7 +133,7 @@ def _ensure_model(session: Session, console: Console) -> None:
         return
     from transformers.utils import logging as hf_logging
 
-    from vieval_runner import generation, models
+    from vieval_runner import models, throughput
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     config = session.config
@@ -136,14 +147,7 @@ def _ensure_model(session: Session, console: Console) -> None:
         f"      family {session.loaded.family}, output format {session.output_format}, "
         f"device {session.loaded.device}, dtype {str(session.loaded.dtype).removeprefix('torch.')}"
     )
-    t0 = time.perf_counter()
-    session.prepared = generation.prepare(
-        session.loaded,
-        session.specimens,
-        template=config.prompt_template,
-        system_prompt=config.system_prompt,
-    )
-    log.info("prepared %d specimens in %.2fs", len(session.specimens), time.perf_counter() - t0)
+    throughput.prepare(session)  # once per run: thread pool, RAM budget, vision cache
 
 
 def select_checkpoints(config: Config) -> list[ckpts.Checkpoint]:
@@ -221,26 +225,47 @@ def evaluate_checkpoints(
         transient=False,
     ) as progress:
         overall = progress.add_task("checkpoints", total=len(todo))
-        for ckpt, digest in todo:
-            batches = progress.add_task(f"  step {ckpt.step}", total=len(session.specimens))
+        by_step = {ckpt.step: (ckpt, digest) for ckpt, digest in todo}
+
+        def failed(step: int, exc: BaseException) -> None:
+            ckpt, digest = by_step[step]
+            message = f"{type(exc).__name__}: {exc}"
+            outcome.failed[step] = message
+            if step in outcome.evaluated:  # its commit failed after generation went well
+                outcome.evaluated.remove(step)
+            log.error("step %s (%s) failed", step, ckpt.path, exc_info=exc)
+            progress.console.print(f"[red]step {step} failed[/]: {message}")
             try:
-                evaluate_one(
-                    session, ckpt, digest, console, lambda n, b=batches: progress.advance(b, n)
+                store.record_failed_evaluation(
+                    config.store, _eval_row(session, ckpt, digest, "failed", message)
                 )
-                outcome.evaluated.append(ckpt.step)
-            except Exception as exc:  # one bad checkpoint must not stop the run
-                message = f"{type(exc).__name__}: {exc}"
-                outcome.failed[ckpt.step] = message
-                log.exception("step %s (%s) failed", ckpt.step, ckpt.path)
-                progress.console.print(f"[red]step {ckpt.step} failed[/]: {message}")
+            except Exception:  # e.g. the disk is full: the console and log still say it
+                log.exception("could not record the failure of step %s in the store", step)
+
+        st = throughput.state(session)
+        st.committer = throughput.Committer(failed) if config.overlap else None
+        try:
+            for i, (ckpt, digest) in enumerate(todo):
+                batches = progress.add_task(f"  step {ckpt.step}", total=len(session.specimens))
+                following = todo[i + 1][0] if i + 1 < len(todo) else None
                 try:
-                    store.record_failed_evaluation(
-                        config.store, _eval_row(session, ckpt, digest, "failed", message)
+                    evaluate_one(
+                        session,
+                        ckpt,
+                        digest,
+                        console,
+                        lambda n, b=batches: progress.advance(b, n),
+                        following=following,
                     )
-                except Exception:  # e.g. the disk is full: the console and log still say it
-                    log.exception("could not record the failure of step %s in the store", ckpt.step)
-            progress.remove_task(batches)
-            progress.advance(overall)
+                    outcome.evaluated.append(ckpt.step)
+                except Exception as exc:  # one bad checkpoint must not stop the run
+                    failed(ckpt.step, exc)
+                progress.remove_task(batches)
+                progress.advance(overall)
+        finally:  # the run returns only after its last commit
+            if st.committer is not None:
+                st.committer.close()
+                st.committer = None
 
 
 def _base_hash(config: Config) -> str:
@@ -288,16 +313,30 @@ def _eval_row(
 
 
 def evaluate_one(
-    session: Session, ckpt: ckpts.Checkpoint, digest: str, console: Console, advance
+    session: Session,
+    ckpt: ckpts.Checkpoint,
+    digest: str,
+    console: Console,
+    advance,
+    following: ckpts.Checkpoint | None = None,
 ) -> None:
-    """Swap one checkpoint in, generate, parse, score and commit the step."""
+    """Swap one checkpoint in, generate, parse, score and commit the step.
+
+    ``following``: the checkpoint evaluated next; its weights are read in the background
+    while this one generates (``prefetch: true``).
+    """
     from vieval_runner import models
 
     started = datetime.now(UTC)
     _ensure_model(session, console)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    models.apply_checkpoint(session.loaded, ckpt)  # base, full weights or LoRA adapter
+    try:
+        prefetched = throughput.take_prefetched(session, ckpt)  # waits for the read
+    finally:  # even when this checkpoint is bad, the next one is read meanwhile
+        throughput.start_prefetch(session, following)
+    # base, full weights (from the prefetched tensors if any) or LoRA adapter
+    models.apply_checkpoint(session.loaded, ckpt, prefetched)
     timings["load_s"] = time.perf_counter() - t0
     _say_processor_once(session, ckpt, console)
     evaluate_resident(session, ckpt, digest, advance, timings, started)
@@ -324,28 +363,13 @@ def evaluate_resident(
     Used by ``evaluate_one`` after a swap and by ``VievalCallback`` with the live training
     model. Returns the evaluation row that was committed.
     """
-    from vieval_runner import generation
-
-    config = session.config
     timings = {} if timings is None else timings
     started = started or datetime.now(UTC)
     if session.prepared is None:
-        session.prepared = generation.prepare(
-            session.loaded,
-            session.specimens,
-            template=config.prompt_template,
-            system_prompt=config.system_prompt,
-        )
-    t0 = time.perf_counter()
-    generated = generation.generate(
-        session.loaded,
-        session.prepared,
-        batch_size=config.batch_size,
-        max_new_tokens=config.max_new_tokens,
-        progress=advance,
-    )
-    timings["generate_s"] = time.perf_counter() - t0
-    return finish_step(session, ckpt, digest, generated, timings, started)
+        throughput.prepare(session)
+    # parsing runs on a helper thread while the next batch generates
+    generated, predictions = throughput.generate_and_parse(session, advance, timings)
+    return finish_step(session, ckpt, digest, generated, timings, started, predictions=predictions)
 
 
 def finish_step(
@@ -356,16 +380,20 @@ def finish_step(
     timings: dict[str, float],
     started: datetime,
     row_extra: dict | None = None,
+    predictions: list[Prediction] | None = None,
 ) -> dict:
-    """Parse, score and commit one step from ``generated`` (aligned with
-    ``session.specimens``); shared by one-process runs and rank 0 of a distributed run."""
+    """Parse (unless ``predictions`` are given), score and commit one step from ``generated``
+    (aligned with ``session.specimens``); shared by one-process runs and rank 0 of a
+    distributed run. With a committer on the session (``overlap: true``) the commit runs in
+    the background and the returned row is committed later (errors: a failed step)."""
     config = session.config
-    t0 = time.perf_counter()
-    predictions = [
-        parse_one(session, specimen, out.text, out.input_size)
-        for specimen, out in zip(session.specimens, generated, strict=True)
-    ]
-    timings["parse_s"] = time.perf_counter() - t0
+    if predictions is None:
+        t0 = time.perf_counter()
+        predictions = [
+            parse_one(session, specimen, out.text, out.input_size)
+            for specimen, out in zip(session.specimens, generated, strict=True)
+        ]
+        timings["parse_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     aggregates = score_predictions(
@@ -377,19 +405,26 @@ def finish_step(
     row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
     row["started_at"], row["finished_at"] = started, datetime.now(UTC)
     row.update(row_extra or {})
-    t0 = time.perf_counter()
     row["timings"] = json.dumps(timings)  # the commit's own time goes to the log only
-    store.commit_step(
-        config.store,
-        row,
-        prediction_rows(config.effective_run_id, ckpt.step, row["eval_id"], predictions),
-    )
-    timings["commit_s"] = time.perf_counter() - t0
-    log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
-    if ckpt.kind != "base" and ckpt.path.is_dir():
-        state = ckpts.read_trainer_state(ckpt.path)
-        if state and state.get("log_history"):
-            store.write_training_log(config.store, config.effective_run_id, state["log_history"])
+    rows = prediction_rows(config.effective_run_id, ckpt.step, row["eval_id"], predictions)
+
+    def commit() -> None:
+        t0 = time.perf_counter()
+        store.commit_step(config.store, row, rows)
+        timings["commit_s"] = time.perf_counter() - t0
+        log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
+        if ckpt.kind != "base" and ckpt.path.is_dir():
+            state = ckpts.read_trainer_state(ckpt.path)
+            if state and state.get("log_history"):
+                store.write_training_log(
+                    config.store, config.effective_run_id, state["log_history"]
+                )
+
+    committer = getattr(session.throughput, "committer", None)
+    if committer is not None:
+        committer.submit(ckpt.step, commit)  # waits for the previous step's commit first
+    else:
+        commit()
     return row
 
 

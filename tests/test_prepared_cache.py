@@ -1,0 +1,71 @@
+"""Prepared processor outputs under a RAM budget: the disk-backed set generates exactly what
+the in-memory list does, the budget holds, worker threads change nothing, files go away."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vieval_runner.generation import generate, prepare
+from vieval_runner.models import load_base, swap_weights
+from vieval_runner.prepared_cache import PreparedSet, nbytes
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_run):
+    run = tiny_run("qwen2_vl")
+    loaded = load_base(run.base_model_dir, device="cpu")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    return loaded
+
+
+def _same(a, b) -> None:
+    assert a.specimen_id == b.specimen_id and a.input_size == b.input_size
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert a.tensors.keys() == b.tensors.keys()
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+
+
+def test_disk_backed_set_generates_the_same_as_the_ram_list(qwen, specimens, tmp_path):
+    in_ram = prepare(qwen, specimens)
+    assert isinstance(in_ram, list)
+    on_disk = prepare(qwen, specimens, ram_budget_mb=0, cache_dir=tmp_path)
+    assert isinstance(on_disk, PreparedSet)
+    assert on_disk.on_disk == len(specimens) and on_disk.ram_bytes == 0
+    chunks = list(tmp_path.glob("vieval-prepared-*/chunk-*.safetensors"))
+    assert chunks and on_disk.disk_bytes == sum(nbytes(p) for p in in_ram)
+    for a, b in zip(in_ram, on_disk, strict=True):
+        _same(a, b)
+    assert on_disk.prompt_lens == [p.prompt_len for p in in_ram]
+    want = generate(qwen, in_ram, batch_size=4, max_new_tokens=8)
+    got = generate(qwen, on_disk, batch_size=4, max_new_tokens=8)
+    assert [g.text for g in got] == [g.text for g in want]
+    assert [g.input_size for g in got] == [g.input_size for g in want]
+    on_disk.close()
+    assert not list(tmp_path.glob("vieval-prepared-*"))
+
+
+def test_ram_budget_is_respected(qwen, specimens, tmp_path):
+    sizes = [nbytes(p) for p in prepare(qwen, specimens)]
+    budget = sum(sizes[:3]) + 1  # the first three fit, the fourth does not
+    chunk = max(sizes)  # every chunk file holds about one specimen
+    prepared = PreparedSet(budget, cache_dir=tmp_path, chunk_bytes=chunk)
+    for p in prepare(qwen, specimens):
+        prepared.append(p)
+    prepared.finish()
+    assert prepared.ram_bytes == sum(sizes[:3]) <= budget
+    assert prepared.peak_ram_bytes <= budget + chunk  # never more than one pending chunk
+    assert prepared.on_disk == len(specimens) - 3
+    assert len(list(tmp_path.glob("vieval-prepared-*/chunk-*"))) == len(specimens) - 3
+    # through prepare(): the same split into RAM and disk
+    via = prepare(qwen, specimens, ram_budget_mb=budget / 2**20, cache_dir=tmp_path)
+    assert via.ram_bytes <= budget and via.on_disk == len(specimens) - 3
+
+
+def test_worker_threads_give_the_same_outputs_in_order(qwen, specimens):
+    one = prepare(qwen, specimens)
+    many = prepare(qwen, specimens * 3, workers=2)
+    assert len(many) == 3 * len(specimens)
+    for a, b in zip(one * 3, many, strict=True):
+        _same(a, b)

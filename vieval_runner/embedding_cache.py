@@ -1,0 +1,190 @@
+"""Reuse image embeddings across checkpoints whose vision part is unchanged.
+
+Many fine-tunes freeze the vision tower (and projector); it is ~60% of prefill compute. The
+cache wraps the inner model's ``get_image_features`` (what every supported family's
+``forward`` calls for images) on the instance: while ``generate`` runs a batch, the wrapper
+knows the batch's specimen ids (``VisionCache.batch``). When every id has embeddings stored
+for the current vision hash (``vision_hash.current_vision_hash``: content hash of the
+resident vision tensors), the stored per-specimen features are returned and the tower does
+not run; otherwise the tower runs and its output is split per image and stored (on the host,
+under a byte budget). A new hash empties the cache. Outputs this code cannot split per image
+(another transformers version, multi-tile images) switch the cache off with a one-time note.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+
+import torch
+
+log = logging.getLogger("vieval")
+
+_FIELDS = ("pooler_output", "deepstack_features")  # what the families' forward reads
+
+
+def _per_image(value, n: int):
+    """``value`` as n per-image parts and a tag to rebuild it, or None if not splittable."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        # one row per image (PaliGemma, LLaVA, Florence-2, single-tile InternVL)
+        return [value[i : i + 1] for i in range(n)], "rows"
+    tensors = isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value)
+    if tensors and len(value) == n:  # Qwen: a tuple of tensors, one per image
+        return list(value), "tuple"
+    return None
+
+
+def _split_layers(value, n: int):
+    """Qwen3-VL deepstack features: a list (per layer) of per-image tuples."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    layers = [_per_image(layer, n) for layer in value]
+    if any(layer is None or layer[1] != "tuple" for layer in layers):
+        return None
+    return [[layer[0][i] for layer in layers] for i in range(n)], "layers"
+
+
+class VisionCache:
+    """Per-specimen image embeddings for one vision hash (see the module docstring)."""
+
+    def __init__(self, loaded, ram_budget_mb: float = 4096) -> None:
+        self.loaded = loaded
+        self.budget = int(ram_budget_mb * 2**20)
+        self.bytes = 0
+        self.digest: str | None = None
+        self.entries: dict[str, dict] = {}
+        self.hits = self.misses = 0  # specimens served from / added to the cache
+        self.note: str | None = None  # why caching is off, if it is
+        self._ids: list[str] | None = None
+        self._layout: tuple | None = None  # (output class, {field: tag})
+        self._full_noted = False
+        inner = getattr(loaded.model, "model", loaded.model)
+        original = getattr(inner, "get_image_features", None)
+        if original is None:
+            self._off("the model has no get_image_features")
+            self._inner = None
+            return
+        self._inner, self._original = inner, original
+
+        # same signature as the original: generate() passes it the kwargs it declares
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            return self._features(*args, **kwargs)
+
+        inner.get_image_features = get_image_features  # instance attribute: found first
+
+    def close(self) -> None:
+        """Put the model's own ``get_image_features`` back and drop the embeddings."""
+        if self._inner is not None and "get_image_features" in vars(self._inner):
+            del self._inner.get_image_features
+        self._inner = None
+        self.entries.clear()
+        self.bytes = 0
+
+    def _off(self, why: str) -> None:
+        if self.note is None:
+            self.note = f"vision embedding cache off: {why}"
+            log.info(self.note)
+        self.entries.clear()
+        self.bytes = 0
+
+    def refresh(self) -> str | None:
+        """Read the resident vision hash; a different (or unknown) one empties the cache."""
+        from .vision_hash import current_vision_hash
+
+        digest = current_vision_hash(self.loaded) if self.note is None else None
+        if digest is None or digest != self.digest:
+            self.entries.clear()
+            self.bytes = 0
+        self.digest = digest
+        return digest
+
+    @contextlib.contextmanager
+    def batch(self, specimen_ids: list[str]) -> Iterator[None]:
+        """The specimen ids of the batch ``generate`` is about to run, in batch order."""
+        self._ids = list(specimen_ids)
+        try:
+            yield
+        finally:
+            self._ids = None
+
+    # -- the wrapper ------------------------------------------------------------------------
+    def _features(self, *args, **kwargs):
+        ids, self._ids = self._ids, None  # one image pass per generate call
+        if ids is None or self.digest is None or self.note is not None:
+            return self._original(*args, **kwargs)
+        if self._layout is not None and all(i in self.entries for i in ids):
+            self.hits += len(ids)
+            pixels = kwargs.get("pixel_values", args[0] if args else None)
+            device = getattr(pixels, "device", self.loaded.device)
+            return self._rebuild([self.entries[i] for i in ids], device)
+        out = self._original(*args, **kwargs)
+        self._store(ids, out)
+        return out
+
+    def _store(self, ids: list[str], out) -> None:
+        n = len(ids)
+        fields = {}
+        if isinstance(out, (torch.Tensor, tuple, list)):  # older APIs return the features
+            fields["__self__"] = out
+        else:
+            for name in _FIELDS:
+                value = getattr(out, name, None)
+                if value is not None:
+                    fields[name] = value
+        if "__self__" not in fields and "pooler_output" not in fields:
+            return self._off(f"unknown image feature output {type(out).__name__}")
+        parts, tags = {}, {}
+        for name, value in fields.items():
+            split = _split_layers(value, n) if name == "deepstack_features" else None
+            split = split or _per_image(value, n)
+            if split is None:
+                return self._off(f"cannot split {name} of {type(out).__name__} per image")
+            parts[name], tags[name] = split
+        self._layout = (None if "__self__" in fields else type(out), tags)
+        for k, specimen_id in enumerate(ids):
+            if specimen_id in self.entries:
+                continue
+            entry = {name: _to_host(parts[name][k]) for name in parts}
+            size = _nbytes(entry)
+            if self.bytes + size > self.budget:
+                if not self._full_noted:
+                    log.info("vision embedding cache full (%d MB)", self.budget >> 20)
+                    self._full_noted = True
+                return
+            self.entries[specimen_id] = entry
+            self.bytes += size
+            self.misses += 1
+
+    def _rebuild(self, entries: list[dict], device: torch.device):
+        cls, tags = self._layout  # type: ignore[misc]
+        values = {}
+        for name, tag in tags.items():
+            per = [e[name] for e in entries]
+            if tag == "rows":
+                values[name] = torch.cat([p.to(device) for p in per], dim=0)
+            elif tag == "tuple":
+                values[name] = tuple(p.to(device) for p in per)
+            else:  # layers: per image a list over layers -> per layer a tuple over images
+                values[name] = [
+                    tuple(p[layer].to(device) for p in per) for layer in range(len(per[0]))
+                ]
+        if cls is None:
+            return values["__self__"]
+        return cls(**values)
+
+
+def _to_host(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return [_to_host(v) for v in value]
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return sum(_nbytes(v) for v in value)

@@ -1,0 +1,173 @@
+"""The runner's throughput machinery: work done once per run, and CPU work overlapped with
+the accelerator's.
+
+- ``prepare``: processor outputs for the split once per run, on ``preprocess_workers``
+  threads, in RAM up to ``prepare_cache_ram_mb`` and on disk beyond it; the vision
+  embedding cache (``cache_vision``) is installed on the model here.
+- ``start_prefetch`` / ``take_prefetched``: the next full checkpoint's tensors are read on a
+  background thread while the current one generates.
+- ``generate_and_parse``: generation on the calling thread; decoding and parsing of batch k
+  on a helper thread while batch k+1 generates. Scoring stays batched per step (the runner).
+- ``Committer``: the store commit of step N runs on a background thread while step N+1
+  generates; at most one commit in flight, in step order; a failed commit is reported to
+  ``on_error`` (the runner marks that step failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("vieval")
+
+
+@dataclass
+class State:
+    """Per-session throughput state (kept on ``Session.throughput``)."""
+
+    vision_cache: object = None  # embedding_cache.VisionCache
+    prefetch: tuple[Path, Future] | None = None  # (checkpoint path, future CheckpointTensors)
+    committer: Committer | None = None
+    memo: dict = field(default_factory=dict)  # batch size found by the auto probe
+    noted: set = field(default_factory=set)
+
+
+def state(session) -> State:
+    if session.throughput is None:
+        session.throughput = State()
+    return session.throughput
+
+
+def prepare(session) -> None:
+    """Prepare the split once (thread pool, RAM budget, disk beyond) and set up the caches."""
+    from vieval_runner import generation
+
+    config = session.config
+    t0 = time.perf_counter()
+    session.prepared = generation.prepare(
+        session.loaded,
+        session.specimens,
+        template=config.prompt_template,
+        system_prompt=config.system_prompt,
+        workers=config.preprocess_workers,
+        ram_budget_mb=config.prepare_cache_ram_mb,
+        cache_dir=config.cache_dir,
+    )
+    on_disk = getattr(session.prepared, "on_disk", 0)
+    log.info(
+        "prepared %d specimens in %.2fs (%d on disk)",
+        len(session.specimens),
+        time.perf_counter() - t0,
+        on_disk,
+    )
+    if config.cache_vision and state(session).vision_cache is None:
+        from vieval_runner.embedding_cache import VisionCache
+
+        state(session).vision_cache = VisionCache(session.loaded, config.vision_cache_ram_mb)
+
+
+def start_prefetch(session, ckpt) -> None:
+    """Read ``ckpt``'s tensors in the background (full checkpoints only, ``prefetch: true``)."""
+    from vieval_runner import prefetch
+
+    st = state(session)
+    if not session.config.prefetch or ckpt is None or ckpt.kind != "full":
+        return
+    if st.prefetch is not None and st.prefetch[0] == Path(ckpt.path):
+        return
+    st.prefetch = (Path(ckpt.path), prefetch.prefetch_checkpoint(session.loaded, ckpt.path))
+
+
+def take_prefetched(session, ckpt):
+    """The prefetched tensors of ``ckpt`` (waits for the read), or None; read errors raise."""
+    st = state(session)
+    if st.prefetch is None or st.prefetch[0] != Path(ckpt.path):
+        return None
+    _, future = st.prefetch
+    st.prefetch = None
+    return future.result()
+
+
+def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[list, list]:
+    """``(generated, predictions)`` aligned with ``session.specimens``.
+
+    Parsing of each batch runs on the decoding thread while the next batch generates.
+    """
+    from vieval_runner import generation
+    from vieval_runner.runner import parse_one
+
+    config = session.config
+    st = state(session)
+    cache = st.vision_cache
+    if cache is not None:
+        cache.refresh()  # a changed vision hash empties it
+        if cache.note and "vision" not in st.noted:
+            log.info(cache.note)
+            st.noted.add("vision")
+    specimens = session.specimens
+    predictions: list = [None] * len(specimens)
+    parse_time = [0.0]
+
+    def parse_batch(indices: list[int], texts: list) -> None:
+        t0 = time.perf_counter()
+        for i, out in zip(indices, texts, strict=True):
+            predictions[i] = parse_one(session, specimens[i], out.text, out.input_size)
+        parse_time[0] += time.perf_counter() - t0
+
+    options = generation.GenerateOptions(
+        static_cache=config.static_cache,
+        compile=config.compile,
+        vision_cache=cache,
+        overlap=config.overlap,
+    )
+    hits = cache.hits if cache is not None else 0
+    t0 = time.perf_counter()
+    batch_size = st.memo.get("batch_size", config.batch_size)
+    generated = generation.generate(
+        session.loaded,
+        session.prepared,
+        batch_size=batch_size,
+        max_new_tokens=config.max_new_tokens,
+        progress=advance,
+        on_batch=parse_batch,
+        options=options,
+        memo=st.memo,
+    )
+    timings["generate_s"] = time.perf_counter() - t0
+    timings["parse_s"] = parse_time[0]  # overlapped with generation
+    if cache is not None:
+        timings["vision_cache_hits"] = cache.hits - hits
+    return generated, predictions
+
+
+class Committer:
+    """Runs store commits on one background thread: in order, at most one in flight."""
+
+    def __init__(self, on_error: Callable[[int, BaseException], None]) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vieval-commit")
+        self._on_error = on_error
+        self._inflight: tuple[int, Future] | None = None
+
+    def submit(self, step: int, commit: Callable[[], None]) -> None:
+        """Wait for the previous commit (reporting its error), then start ``commit``."""
+        self.wait()
+        self._inflight = (step, self._pool.submit(commit))
+
+    def wait(self) -> None:
+        """Wait for the commit in flight; a failure goes to ``on_error(step, exc)``."""
+        if self._inflight is None:
+            return
+        step, future = self._inflight
+        self._inflight = None
+        try:
+            future.result()
+        except Exception as exc:
+            self._on_error(step, exc)
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown(wait=True)
