@@ -43,7 +43,9 @@ class _Ckpt:
         self.path, self.kind = path, "full"
 
 
-def test_prefetch_of_a_corrupt_checkpoint_raises_and_leaves_the_model(tiny_run, tmp_path, specimens):
+def test_prefetch_of_a_corrupt_checkpoint_raises_and_leaves_the_model(
+    tiny_run, tmp_path, specimens
+):
     run = tiny_run("qwen2_vl")
     bad = tmp_path / "checkpoint-999"
     shutil.copytree(run.run_dir / "checkpoint-200", bad)

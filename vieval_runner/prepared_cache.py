@@ -76,6 +76,8 @@ class PreparedSet(Sequence):
             chunk = -1
         else:
             self._spilling = True
+            if self._pending_bytes + size > self._chunk_bytes:
+                self._flush()  # pending bytes stay under max(chunk_bytes, one specimen)
             self._pending[index] = prepared
             self._pending_bytes += size
             chunk = len(self._chunks)

@@ -20,10 +20,19 @@
       svg.append(s("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
       svg.append(s("text", { x: L - 4, y: y(v) + 3, class: "tick y", text: ymax >= 10 ? v.toFixed(0) : v.toFixed(2) }));
     }
+    // step labels: every k-th, the last always; a label that would overlap its neighbour
+    // (the last one is often close to a regular tick) gives way
     const every = Math.max(1, Math.ceil(steps.length / 8));
+    const labels = [];
     steps.forEach((st, k) => {
-      if (k % every === 0 || k === steps.length - 1) svg.append(s("text", { x: x(st), y: H - 5, class: "tick x", text: String(st) }));
+      if (k % every !== 0 && k !== steps.length - 1) return;
+      if (labels.length && x(st) - labels[labels.length - 1].x < 38) {
+        if (k !== steps.length - 1) return;
+        labels.pop();
+      }
+      labels.push({ x: x(st), st });
     });
+    labels.forEach((l) => svg.append(s("text", { x: l.x, y: H - 5, class: "tick x", text: String(l.st) })));
     svg.append(s("line", { x1: 0, x2: 0, y1: T, y2: H - B, class: "cursor", "data-role": "cursor" }));
     svg.onclick = (ev) => {
       const rect = svg.getBoundingClientRect();

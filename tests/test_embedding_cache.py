@@ -1,0 +1,149 @@
+"""Vision-embedding cache: reused only while the vision tensors are unchanged (by content),
+with the same generated text as without it, and the tower really skipped."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_runner import _config, _quiet
+
+from vieval_runner import models, runner, store
+from vieval_runner.embedding_cache import VisionCache
+from vieval_runner.generation import GenerateOptions, generate, prepare
+from vieval_runner.models import load_base, swap_weights
+from vieval_runner.tiny_models import TinyRun
+
+
+@pytest.fixture(scope="module")
+def shared_vision_run(tiny_run, tmp_path_factory) -> TinyRun:
+    """Steps 100 and 200 share the vision tower: 200 is 100's files with only language-model
+    tensors perturbed; 300 differs everywhere (as the tiny run writes it)."""
+    source = tiny_run("qwen2_vl")
+    run_dir = tmp_path_factory.mktemp("shared_vision") / "run"
+    shutil.copytree(source.run_dir, run_dir)
+    keys = models.model_keys(load_base(source.base_model_dir, device="cpu"))
+    state = load_file(run_dir / "checkpoint-100" / "model.safetensors")
+    generator = torch.Generator().manual_seed(7)
+    changed = 0
+    for key, value in state.items():
+        if keys.rename(key) not in keys.vision and value.is_floating_point():
+            state[key] = value + 0.05 * torch.randn(value.shape, generator=generator)
+            changed += 1
+    assert changed and len(keys.vision) > 10
+    save_file(state, run_dir / "checkpoint-200" / "model.safetensors", metadata={"format": "pt"})
+    return TinyRun(source.base_model_dir, run_dir, source.steps, "qwen2_vl")
+
+
+def _tower_calls(loaded) -> list:
+    calls: list = []
+    loaded.model.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_cached_embeddings_skip_the_tower_and_change_nothing(shared_vision_run, specimens):
+    run = shared_vision_run
+    loaded = load_base(run.base_model_dir, device="cpu")
+    cache = VisionCache(loaded)
+    calls = _tower_calls(loaded)
+    prepared = prepare(loaded, specimens)
+    options = GenerateOptions(vision_cache=cache)
+    texts, tower_ran = {}, {}
+    for step in (100, 200, 300, 200):
+        swap_weights(loaded, run.run_dir / f"checkpoint-{step}")
+        cache.refresh()
+        before = len(calls)
+        out = generate(loaded, prepared, batch_size=4, max_new_tokens=10, options=options)
+        texts.setdefault(step, [g.text for g in out])
+        tower_ran.setdefault(step, []).append(len(calls) > before)
+    assert cache.note is None
+    # 100: computed; 200 (same tower): reused; 300: new tower -> computed; 200 again: computed
+    assert tower_ran == {100: [True], 200: [False, True], 300: [True]}
+
+    plain = load_base(run.base_model_dir, device="cpu")  # no cache installed
+    plain_calls = _tower_calls(plain)
+    for step in (100, 200, 300):
+        swap_weights(plain, run.run_dir / f"checkpoint-{step}")
+        out = generate(plain, prepare(plain, specimens), batch_size=4, max_new_tokens=10)
+        assert [g.text for g in out] == texts[step], step
+    assert len(plain_calls) == 3 * 3  # three batches per step, the tower every time
+    assert texts[100] != texts[200]  # the language model did change: the test can fail
+
+
+def test_cache_is_emptied_when_the_hash_changes_and_can_be_removed(shared_vision_run, specimens):
+    loaded = load_base(shared_vision_run.base_model_dir, device="cpu")
+    cache = VisionCache(loaded)
+    prepared = prepare(loaded, specimens[:4])
+    options = GenerateOptions(vision_cache=cache)
+    first = cache.refresh()
+    generate(loaded, prepared, batch_size=4, max_new_tokens=2, options=options)
+    assert len(cache.entries) == 4 and cache.bytes > 0
+    swap_weights(loaded, shared_vision_run.run_dir / "checkpoint-300")
+    assert cache.refresh() != first and not cache.entries
+    cache.close()
+    assert "get_image_features" not in vars(loaded.model.model)
+    tiny = VisionCache(loaded, ram_budget_mb=0)  # no room: computed every time, still right
+    tiny.refresh()
+    generate(
+        loaded, prepared, batch_size=4, max_new_tokens=2, options=GenerateOptions(vision_cache=tiny)
+    )
+    assert not tiny.entries and tiny.hits == 0
+
+
+def test_runner_with_and_without_the_vision_cache_store_the_same(
+    tmp_path, shared_vision_run, caplog
+):
+    stored = {}
+    for flag in (True, False):
+        config = _config(tmp_path / str(flag), shared_vision_run, cache_vision=flag)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vieval"):
+            outcome = runner.run(config, _quiet())
+        assert outcome.evaluated == [0, 100, 200, 300]
+        reader = store.open_store(config.store)
+        run_id = config.effective_run_id
+        stored[flag] = {
+            s: [
+                (r["specimen_id"], r["raw_text"], r["f1"])
+                for r in reader.step(run_id, s).to_pylist()
+            ]
+            for s in (0, 100, 200, 300)
+        }
+        reused = [m for m in caplog.messages if m.startswith("vision embeddings reused")]
+        if flag:  # steps 0, 100, 200, 300: only 200 reuses 100's embeddings (6 specimens)
+            assert reused == [f"vision embeddings reused for {n} specimens" for n in (0, 0, 6, 0)]
+        else:
+            assert reused == []
+    assert stored[True] == stored[False]
+
+
+@pytest.mark.parametrize(("family", "reused"), [("qwen2_vl", 6), ("paligemma", 0)])
+def test_lora_adapters_reuse_embeddings_only_when_the_tower_is_not_adapted(
+    tmp_path, tiny_lora_run, caplog, family, reused
+):
+    """Qwen2-VL's tower has no q_proj/v_proj (LoRA leaves it alone: reuse the base's
+    embeddings); PaliGemma's SigLIP tower has them (adapted: recompute every step)."""
+    run = tiny_lora_run(family)
+    stored = {}
+    for flag in (True, False):
+        config = _config(tmp_path / str(flag), run, cache_vision=flag)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vieval"):
+            assert runner.run(config, _quiet()).evaluated == [0, 100, 200, 300]
+        reader = store.open_store(config.store)
+        stored[flag] = {
+            s: [r["raw_text"] for r in reader.step(config.effective_run_id, s).to_pylist()]
+            for s in (0, 100, 200, 300)
+        }
+        if flag:
+            counts = [
+                int(m.split()[4])
+                for m in caplog.messages
+                if m.startswith("vision embeddings reused")
+            ]
+            assert counts == [0, reused, reused, reused]
+    assert stored[True] == stored[False]
+    assert len({tuple(v) for v in stored[True].values()}) > 1  # adapters changed the text

@@ -1,0 +1,141 @@
+"""Overlap in the runner: the same store with and without it, commits in step order with at
+most one in flight, a failed commit is a failed evaluation; batch_size auto; static cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from test_runner import _config, _quiet
+
+from vieval_runner import runner, store
+from vieval_runner.config import ConfigError, config_from_dict
+from vieval_runner.generation import GenerateOptions, auto_batch_size, generate, prepare
+from vieval_runner.models import load_base, swap_weights
+from vieval_runner.throughput import Committer
+
+_OFF = {"overlap": False, "prefetch": False, "cache_vision": False, "preprocess_workers": 1}
+
+
+def _contents(config) -> tuple[dict, list]:
+    reader = store.open_store(config.store)
+    run_id = config.effective_run_id
+    steps = {}
+    for step in reader.steps(run_id):
+        rows = reader.step(run_id, step).to_pylist()
+        steps[step] = [{k: v for k, v in r.items() if k != "eval_id"} for r in rows]
+    keep = ("step", "status", "n_specimens", "f1", "precision", "recall", "iou_mean")
+    evaluations = [{k: e[k] for k in keep} for e in reader.evaluations(run_id).to_pylist()]
+    return steps, sorted(evaluations, key=lambda e: e["step"])
+
+
+def test_overlap_prefetch_and_disk_cache_store_the_same_as_plain(tmp_path, tiny_run):
+    run = tiny_run("qwen25_vl")
+    plain = _config(tmp_path / "plain", run, **_OFF)
+    fast = _config(
+        tmp_path / "fast", run, prepare_cache_ram_mb=0, cache_dir=str(tmp_path / "cache")
+    )  # every prepared specimen on disk, all overlap on
+    assert runner.run(plain, _quiet()).evaluated == [0, 100, 200, 300]
+    assert runner.run(fast, _quiet()).evaluated == [0, 100, 200, 300]
+    assert _contents(fast) == _contents(plain)
+    assert len(_contents(plain)[0]) == 4
+    assert not list((tmp_path / "cache").glob("vieval-prepared-*/*"))  # temp chunks removed
+
+
+def test_a_failed_background_commit_is_a_failed_evaluation(tmp_path, tiny_run, monkeypatch):
+    run = tiny_run("qwen2_vl")
+    config = _config(tmp_path, run)
+    real_commit = store.commit_step
+
+    def disk_full_at_200(root, row, rows):  # fault injection around the real Delta commit
+        if row["step"] == 200:
+            raise OSError(28, "No space left on device (injected)")
+        return real_commit(root, row, rows)
+
+    monkeypatch.setattr(store, "commit_step", disk_full_at_200)
+    outcome = runner.run(config, _quiet())
+    assert outcome.exit_status == 3
+    assert set(outcome.failed) == {200} and "No space left" in outcome.failed[200]
+    assert outcome.evaluated == [0, 100, 300]
+    reader = store.open_store(config.store)
+    assert reader.steps(config.effective_run_id) == [0, 100, 300]
+    failed = [e for e in reader.evaluations().to_pylist() if e["status"] == "failed"]
+    assert [e["step"] for e in failed] == [200] and "No space left" in failed[0]["error"]
+
+
+def test_committer_keeps_step_order_and_one_commit_in_flight():
+    log, running, errors = [], [], []
+    lock = threading.Lock()
+
+    def commit(step):
+        def run():
+            with lock:
+                running.append(step)
+                assert len(running) == 1
+            time.sleep(0.02)
+            log.append(step)
+            with lock:
+                running.remove(step)
+            if step == 3:
+                raise RuntimeError("boom")
+
+        return run
+
+    committer = Committer(lambda step, exc: errors.append((step, str(exc))))
+    for step in range(6):
+        committer.submit(step, commit(step))
+        assert log == list(range(step))  # the previous commit finished before this one began
+    committer.close()
+    assert log == list(range(6)) and errors == [(3, "boom")]
+
+
+def test_batch_size_auto(tiny_run, specimens):
+    assert config_from_dict(_minimal(batch_size="auto")).batch_size == "auto"
+    assert config_from_dict(_minimal(batch_size=16)).batch_size == 16
+    for bad in (0, "big", 1.5):
+        with pytest.raises(ConfigError, match="batch_size"):
+            config_from_dict(_minimal(batch_size=bad))
+
+    class _Cuda:
+        device = torch.device("cuda")
+
+    assert auto_batch_size(_Cuda(), 10_000) == 512 and auto_batch_size(_Cuda(), 9) == 9
+    run = tiny_run("paligemma")
+    loaded = load_base(run.base_model_dir, device="cpu")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    assert auto_batch_size(loaded, 10_000) == 8
+    prepared = prepare(loaded, specimens)
+    want = [g.text for g in generate(loaded, prepared, batch_size=1, max_new_tokens=6)]
+    memo: dict = {}
+    got = generate(loaded, prepared, batch_size="auto", max_new_tokens=6, memo=memo)
+    assert [g.text for g in got] == want and memo == {"batch_size": 8}
+
+
+def _minimal(**extra) -> dict:
+    return {"run_dir": "r", "base_model": "b", "store": "s", "data": {"path": "d"}, **extra}
+
+
+def test_static_kv_cache_gives_the_same_text(tiny_run, specimens):
+    run = tiny_run("qwen2_vl")
+    loaded = load_base(run.base_model_dir, device="cpu")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    assert loaded.model.config._attn_implementation == "sdpa"
+    prepared = prepare(loaded, specimens)
+    want = [g.text for g in generate(loaded, prepared, batch_size=4, max_new_tokens=8)]
+    static = GenerateOptions(static_cache=True)
+    got = generate(loaded, prepared, batch_size=4, max_new_tokens=8, options=static)
+    assert [g.text for g in got] == want
+
+
+@pytest.mark.slow
+def test_torch_compile_with_static_cache_gives_the_same_text(tiny_run, specimens):
+    run = tiny_run("qwen2_vl")
+    loaded = load_base(run.base_model_dir, device="cpu")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    prepared = prepare(loaded, specimens[:4])
+    want = [g.text for g in generate(loaded, prepared, batch_size=4, max_new_tokens=6)]
+    compiled = GenerateOptions(compile=True)
+    got = generate(loaded, prepared, batch_size=4, max_new_tokens=6, options=compiled)
+    assert [g.text for g in got] == want
