@@ -152,7 +152,7 @@ class Config(_Strict):
         True, description="Reuse image embeddings while the vision-tower weights are unchanged."
     )
     vision_cache_ram_mb: float = Field(
-        4096, ge=0, description="Host RAM for cached image embeddings (beyond it: recomputed)."
+        1536, ge=0, description="Host RAM for cached image embeddings (beyond it: recomputed)."
     )
     static_cache: bool = Field(
         False, description="Generate with a static KV cache (cache_implementation='static')."
@@ -168,9 +168,10 @@ class Config(_Strict):
     )
     watch: WatchConfig = Field(default_factory=WatchConfig, description="Watch-mode timing.")
 
-    @field_validator("batch_size")
+    @field_validator("batch_size", mode="before")
     @classmethod
-    def _batch_ok(cls, value: int | str) -> int | str:
+    def _batch_ok(cls, value: Any) -> int | str:
+        # before the union's own checks, so an error names 'batch_size', not a union branch
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError("must be an integer >= 1 or 'auto'")
         return value

@@ -49,7 +49,7 @@ def _split_layers(value, n: int):
 class VisionCache:
     """Per-specimen image embeddings for one vision hash (see the module docstring)."""
 
-    def __init__(self, loaded, ram_budget_mb: float = 4096) -> None:
+    def __init__(self, loaded, ram_budget_mb: float = 1536) -> None:
         self.loaded = loaded
         self.budget = int(ram_budget_mb * 2**20)
         self.bytes = 0

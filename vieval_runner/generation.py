@@ -1,4 +1,4 @@
-"""Prompt building, cached per-specimen processor outputs, and batched greedy generation.
+"""Batched greedy generation over the prepared specimens (``preparation``, re-exported here).
 
 Processor outputs are computed once per specimen (``prepare``, on a thread pool, in RAM up
 to a budget and on disk beyond it) and reused for every checkpoint. ``generate`` sorts by
@@ -13,41 +13,27 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-from .models import FAMILIES, LoadedModel, input_size_for
-from .records import Specimen
+from .models import FAMILIES, LoadedModel
+from .preparation import SEQ_KEYS as _SEQ_KEYS
+from .preparation import PreparedSpecimen, build_prompt, prepare, prepare_one
 
-if TYPE_CHECKING:
-    from .prepared_cache import PreparedSet
-
-# processor outputs aligned with the token sequence: padded per batch; the rest are concatenated
-_SEQ_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
-_DROP_KEYS = {"labels"}
+__all__ = [
+    "GeneratedText",
+    "PreparedSpecimen",
+    "build_prompt",
+    "collate",
+    "generate",
+    "prepare",
+    "prepare_one",
+]
 # fast tokenizers raise "Already borrowed" when used from two threads at once
 _TOKENIZER_LOCK = threading.Lock()
-
-
-@dataclass
-class PreparedSpecimen:
-    """One specimen's processor outputs (batch dim removed for sequence tensors)."""
-
-    specimen_id: str
-    input_ids: torch.Tensor  # (seq,)
-    # every other processor output, as the processor gave it (pixels, grids, type ids)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    input_size: tuple[int, int] | None = None
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.input_ids.shape[0])
 
 
 @dataclass
@@ -58,99 +44,6 @@ class GeneratedText:
     input_size: tuple[int, int] | None
     n_new_tokens: int  # tokens before the end token
     truncated: bool  # hit max_new_tokens without an end token
-
-
-def build_prompt(
-    loaded: LoadedModel,
-    specimen: Specimen,
-    template: str | None = None,
-    system_prompt: str | None = None,
-) -> str:
-    """The family's (or the given) template filled with the specimen's prompt, as model text."""
-    facts = FAMILIES[loaded.family]
-    template = template if template is not None else facts["templates"][specimen.task]
-    # replace, not str.format: templates legitimately contain JSON braces
-    text = template.replace("{prompt}", specimen.prompt)
-    processor = loaded.processor
-    if facts["chat_template"]:
-        messages = []
-        if system_prompt is not None:
-            messages.append({"role": "system", "content": system_prompt})
-        content = [{"type": "image"}, {"type": "text", "text": text}]
-        messages.append({"role": "user", "content": content})
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prefix = "" if system_prompt is None else system_prompt + " "
-    if not facts.get("image_token_in_prompt", True):  # Florence-2 places the image itself
-        return f"{prefix}{text}"
-    # PaliGemma-style: image placeholder first; the processor adds <bos> and the "\n"
-    image_token = getattr(processor, "image_token", "<image>")
-    return f"{image_token}{prefix}{text}"
-
-
-def prepare_one(
-    loaded: LoadedModel,
-    specimen: Specimen,
-    template: str | None = None,
-    system_prompt: str | None = None,
-) -> PreparedSpecimen:
-    """One specimen's image decoded and run through the processor."""
-    nested = FAMILIES[loaded.family].get("nested_images", False)
-    prompt = build_prompt(loaded, specimen, template, system_prompt)
-    image = specimen.load_image()
-    outputs = loaded.processor(
-        images=[[image]] if nested else [image], text=[prompt], return_tensors="pt"
-    )
-    tensors = {}
-    for key, value in outputs.items():
-        if key in _DROP_KEYS or not isinstance(value, torch.Tensor):
-            continue
-        tensors[key] = value[0] if key in _SEQ_KEYS else value
-    input_ids = tensors.pop("input_ids")
-    size = input_size_for(loaded, outputs, 0)
-    return PreparedSpecimen(specimen.specimen_id, input_ids, tensors, size)
-
-
-def prepare(
-    loaded: LoadedModel,
-    specimens: Sequence[Specimen],
-    template: str | None = None,
-    system_prompt: str | None = None,
-    *,
-    workers: int = 1,
-    ram_budget_mb: float | None = None,
-    cache_dir: str | Path | None = None,
-) -> list[PreparedSpecimen] | PreparedSet:
-    """Processor outputs of each specimen, computed once and reusable across checkpoints.
-
-    ``workers`` > 1 decodes images and runs the processor on a thread pool (order kept, at
-    most ``2 * workers`` results waiting). With ``ram_budget_mb`` the result is a
-    ``PreparedSet`` holding tensors in RAM up to the budget and the rest in safetensors
-    chunks under ``cache_dir`` (default: the system temp folder); without it, a plain list.
-    """
-    from .prepared_cache import PreparedSet
-
-    out: list | PreparedSet = (
-        [] if ram_budget_mb is None else PreparedSet(int(ram_budget_mb * 2**20), cache_dir)
-    )
-    items = iter(specimens)
-    if workers <= 1:
-        for specimen in items:
-            out.append(prepare_one(loaded, specimen, template, system_prompt))
-    else:
-        # the first call on this thread settles the tokenizer's padding/truncation state,
-        # which later calls only read (concurrent writes would raise "Already borrowed")
-        first = next(items, None)
-        if first is not None:
-            out.append(prepare_one(loaded, first, template, system_prompt))
-        with ThreadPoolExecutor(workers, thread_name_prefix="vieval-prepare") as pool:
-            window: deque[Future] = deque()
-            for specimen in items:
-                window.append(pool.submit(prepare_one, loaded, specimen, template, system_prompt))
-                if len(window) >= 2 * workers:  # bounded: memory stays under the budget
-                    out.append(window.popleft().result())
-            while window:
-                out.append(window.popleft().result())
-    return out if isinstance(out, list) else out.finish()
 
 
 def _pad_id(loaded: LoadedModel) -> int:

@@ -53,6 +53,7 @@ class LoadedModel:
     _adapter_count: int = 0
     # content hash of the resident vision part, set by every swap; None: unknown (recompute)
     vision_hash: str | None = None
+    hash_vision: bool = True  # hash the vision part on swaps (off: no embedding cache to feed)
     _base_vision_hash: str | None = None
     _keys: Any = field(default=None, repr=False)  # ModelKeys, computed once
 

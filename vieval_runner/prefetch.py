@@ -53,6 +53,7 @@ def read_checkpoint(
     if pin is None:
         pin = loaded.device.type == "cuda" and torch.cuda.is_available()
     keys = model_keys(loaded)
+    hash_vision = keys.vision is not None and loaded.hash_vision
     out = CheckpointTensors(ckpt)
     vision: dict[str, torch.Tensor] = {}
     for path, wanted in _weight_files(ckpt).items():
@@ -68,13 +69,13 @@ def read_checkpoint(
         except Exception as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
         out.files[path] = tensors
-        if keys.vision is not None:
+        if hash_vision:
             for key, tensor in tensors.items():
                 name = keys.rename(key)
                 if name in keys.vision:
                     dtype = keys.dtypes.get(name, tensor.dtype)
                     vision[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
-    if keys.vision is not None:
+    if hash_vision:
         out.vision_hash = hash_named(vision)
     out.read_s = time.perf_counter() - t0
     return out

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, overload
 import torch
 
 if TYPE_CHECKING:
-    from .generation import PreparedSpecimen
+    from .preparation import PreparedSpecimen
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class PreparedSet(Sequence):
     def _load(self, index: int) -> PreparedSpecimen:
         from safetensors import safe_open
 
-        from .generation import PreparedSpecimen
+        from .preparation import PreparedSpecimen
 
         meta = self._meta[index]
         with safe_open(str(self._chunks[meta.chunk]), framework="pt") as f:

@@ -64,6 +64,7 @@ def prepare(session) -> None:
         time.perf_counter() - t0,
         on_disk,
     )
+    session.loaded.hash_vision = config.cache_vision  # hashing only feeds the cache
     if config.cache_vision and state(session).vision_cache is None:
         from vieval_runner.embedding_cache import VisionCache
 
