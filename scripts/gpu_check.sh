@@ -52,7 +52,7 @@ df -h /tmp | tail -1
 
 GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086
-stage gpu_tests 90 python3 -m pytest -m gpu -q -x -p no:cacheprovider $GPU_TESTS
+stage gpu_tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider $GPU_TESTS
 
 SMOKE_JSON="$OUT/throughput_smoke.json"
 stage smoke 120 python3 scripts/bench_throughput.py --preset qwen2vl-2b --shrink \
