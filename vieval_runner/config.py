@@ -6,6 +6,7 @@ that name the key and the allowed ones. ``vieval run CONFIG batch_size=16 data.s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,7 +134,9 @@ class Config(_Strict):
         False, description="Re-evaluate steps already stored for the same checkpoint and config."
     )
     preprocess_workers: int = Field(
-        2, ge=1, description="Threads decoding images and running the processor (once per run)."
+        default_factory=lambda: max(1, min(8, (os.cpu_count() or 2) - 1)),
+        ge=1,
+        description="Threads decoding images and running the processor (default: CPUs - 1, at most 8).",
     )
     prepare_cache_ram_mb: float = Field(
         2048, ge=0, description="RAM for prepared processor outputs; beyond it they go to disk."
