@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vieval_runner import checkpoints as ckpts
-from vieval_runner import runner, store
+from vieval_runner import results, resume, runner, store
 from vieval_runner.config import Config
 from vieval_runner.records import Specimen
 
@@ -284,7 +284,7 @@ def _open(
             session = runner.open_session(config, console)
             steps = [c.step for c in checkpoints]
             console.print(f"[bold]run[/]   {config.effective_run_id}: steps {steps}")
-            todo = runner.plan_checkpoints(
+            todo = resume.plan_checkpoints(
                 config, checkpoints, console, outcome, explicit=config.steps is not None
             )
             plan = _Plan(todo, list(outcome.skipped), session.dataset_version)
@@ -427,7 +427,7 @@ def _record_failure(
     ranks: Ranks,
 ) -> None:
     log.error("step %s (%s) failed: %s", ckpt.step, ckpt.path, error)
-    row = runner._eval_row(session, ckpt, digest, "failed", error)
+    row = results.evaluation_row(session, ckpt, digest, "failed", error)
     row["device"] = _device_label(worker, ranks)
     try:
         store.record_failed_evaluation(session.config.store, row)

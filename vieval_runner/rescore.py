@@ -12,7 +12,7 @@ from rich.console import Console
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config
 from vieval_runner.records import Box, Prediction, Specimen
-from vieval_runner.runner import prediction_rows, score_predictions
+from vieval_runner.results import prediction_rows, score_predictions
 
 
 def _specimens_by_id(reader) -> dict[str, Specimen]:

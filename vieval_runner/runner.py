@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,10 +17,10 @@ from datetime import UTC, datetime
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vieval_runner import __version__, parsing, scoring, store, throughput
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import data as data_mod
-from vieval_runner.config import Config, dump_config
+from vieval_runner import results, resume, store, throughput
+from vieval_runner.config import Config
 from vieval_runner.records import Prediction, Specimen
 
 log = logging.getLogger("vieval")
@@ -56,35 +55,6 @@ class Session:
     processor_notice_given: bool = False
     specimens_written: Future | None = None  # the background specimens-table write
     throughput: object = None  # throughput.State: vision cache, prefetch, committer
-
-
-def config_hash(config: Config) -> str:
-    """Hash of the settings that change predictions (not paths to the store or the selection)."""
-    import hashlib
-
-    relevant = dump_config(config)
-    for key in (
-        "store",
-        "steps",
-        "every",
-        "step_range",
-        "include_base",
-        "force",
-        "watch",
-        "run_id",
-        # throughput knobs: predictions are the same with any of them
-        "preprocess_workers",
-        "prepare_cache_ram_mb",
-        "cache_dir",
-        "prefetch",
-        "overlap",
-        "cache_vision",
-        "vision_cache_ram_mb",
-        "static_cache",
-        "compile",
-    ):
-        relevant.pop(key, None)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def open_session(
@@ -181,62 +151,6 @@ def select_checkpoints(config: Config) -> list[ckpts.Checkpoint]:
     )
 
 
-def already_done(config: Config, checkpoint_hash: str, step: int, done: list[dict]) -> bool:
-    """True when this (run, step) was stored ok for the same checkpoint content and config."""
-    run_id, wanted = config.effective_run_id, config_hash(config)
-    for row in done:
-        if (
-            row.get("run_id") == run_id
-            and row.get("step") == step
-            and row.get("status") == "ok"
-            and row.get("checkpoint_hash") == checkpoint_hash
-            and row.get("config_hash") == wanted
-        ):
-            return True
-    return False
-
-
-def plan_checkpoints(
-    config: Config,
-    checkpoints: list[ckpts.Checkpoint],
-    console: Console,
-    outcome: RunOutcome,
-    *,
-    explicit: bool = False,
-    lazy: bool = False,
-) -> list[tuple[ckpts.Checkpoint, str | Future]]:
-    """``(checkpoint, content hash)`` of each complete checkpoint still to evaluate; steps
-    already stored for the same content and config go to ``outcome.skipped``.
-
-    ``lazy``: a step with no stored evaluation to compare against needs its hash only for
-    the record, so it is hashed on a background thread (a ``Future``, resolved when the
-    evaluation row is built) instead of before generation: ~1 s per 4 GB checkpoint saved.
-    """
-    done = [] if (config.force or explicit) else store.stored_evaluations(config.store)
-    run_id, wanted = config.effective_run_id, config_hash(config)
-    comparable = {
-        r.get("step")
-        for r in done
-        if r.get("run_id") == run_id and r.get("status") == "ok" and r.get("config_hash") == wanted
-    }
-    todo = []
-    for ckpt in checkpoints:
-        if not ckpt.complete:
-            console.print(f"[dim]step {ckpt.step}: not complete yet ({ckpt.reason}), skipped[/]")
-            continue
-        if lazy and ckpt.step not in comparable:
-            todo.append((ckpt, _HASHER.submit(_content_hash, config, ckpt)))
-            continue
-        digest = _content_hash(config, ckpt)
-        if already_done(config, digest, ckpt.step, done):
-            outcome.skipped.append(ckpt.step)
-            continue
-        todo.append((ckpt, digest))
-    if outcome.skipped:
-        console.print(f"already stored (same checkpoint and config): steps {outcome.skipped}")
-    return todo
-
-
 def evaluate_checkpoints(
     session: Session,
     checkpoints: list[ckpts.Checkpoint],
@@ -247,7 +161,9 @@ def evaluate_checkpoints(
 ) -> None:
     """Evaluate each complete checkpoint not already stored; failures are recorded, not raised."""
     config = session.config
-    todo = plan_checkpoints(config, checkpoints, console, outcome, explicit=explicit, lazy=True)
+    todo = resume.plan_checkpoints(
+        config, checkpoints, console, outcome, explicit=explicit, lazy=True
+    )
     if not todo:
         return
     with Progress(
@@ -271,7 +187,7 @@ def evaluate_checkpoints(
             progress.console.print(f"[red]step {step} failed[/]: {message}")
             try:
                 store.record_failed_evaluation(
-                    config.store, _eval_row(session, ckpt, digest, "failed", message)
+                    config.store, results.evaluation_row(session, ckpt, digest, "failed", message)
                 )
             except Exception:  # e.g. the disk is full: the console and log still say it
                 log.exception("could not record the failure of step %s in the store", step)
@@ -302,68 +218,7 @@ def evaluate_checkpoints(
                 st.committer = None
 
 
-_HASHER = ThreadPoolExecutor(1, thread_name_prefix="vieval-hash")
 _WRITER = ThreadPoolExecutor(1, thread_name_prefix="vieval-specimens")
-
-
-def _content_hash(config: Config, ckpt: ckpts.Checkpoint) -> str:
-    return ckpts.checkpoint_hash(ckpt.path) if ckpt.kind != "base" else _base_hash(config)
-
-
-def _resolved(digest: str | Future) -> str | None:
-    """A content hash, waiting for a background one; a checkpoint that cannot be hashed
-    (e.g. a corrupt file) is recorded without one (its load error says what is wrong)."""
-    if not isinstance(digest, Future):
-        return digest
-    try:
-        return digest.result()
-    except Exception as exc:
-        log.warning("could not hash the checkpoint: %s", exc)
-        return None
-
-
-def _base_hash(config: Config) -> str:
-    from pathlib import Path
-
-    base = Path(config.base_model)
-    return ckpts.checkpoint_hash(base) if base.is_dir() else f"hub:{config.base_model}"
-
-
-def _eval_row(
-    session: Session, ckpt: ckpts.Checkpoint, digest: str, status: str, error: str | None
-) -> dict:
-    config = session.config
-    now = datetime.now(UTC)
-    family = getattr(session.loaded, "family", None)
-    return {
-        "eval_id": uuid.uuid4().hex,
-        "run_id": config.effective_run_id,
-        "step": ckpt.step,
-        "checkpoint_path": str(ckpt.path),
-        "checkpoint_hash": _resolved(digest),
-        "status": status,
-        "error": error,
-        "started_at": now,
-        "finished_at": now,
-        "n_specimens": len(session.specimens),
-        "task": config.task,
-        "model_family": family,
-        "output_format": session.output_format,
-        "parser_version": parsing.PARSER_VERSION,
-        "scorer_version": scoring.SCORER_VERSION,
-        "dataset_version": session.dataset_version,
-        "config_hash": config_hash(config),
-        "generation": json.dumps(
-            {
-                "batch_size": config.batch_size,
-                "max_new_tokens": config.max_new_tokens,
-                "greedy": True,
-            }
-        ),
-        "config": json.dumps(dump_config(config)),
-        "device": str(getattr(session.loaded, "device", config.device)),
-        "vieval_version": __version__,
-    }
 
 
 def evaluate_one(
@@ -444,23 +299,23 @@ def finish_step(
     if predictions is None:
         t0 = time.perf_counter()
         predictions = [
-            parse_one(session, specimen, out.text, out.input_size)
+            results.parse_one(session, specimen, out.text, out.input_size)
             for specimen, out in zip(session.specimens, generated, strict=True)
         ]
         timings["parse_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    aggregates = score_predictions(
+    aggregates = results.score_predictions(
         config, session.specimens, predictions, device=str(session.loaded.device)
     )
     timings["score_s"] = time.perf_counter() - t0
 
-    row = _eval_row(session, ckpt, digest, "ok", None)
+    row = results.evaluation_row(session, ckpt, digest, "ok", None)
     row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
     row["started_at"], row["finished_at"] = started, datetime.now(UTC)
     row.update(row_extra or {})
     row["timings"] = json.dumps(timings)  # the commit's own time goes to the log only
-    rows = prediction_rows(config.effective_run_id, ckpt.step, row["eval_id"], predictions)
+    rows = results.prediction_rows(config.effective_run_id, ckpt.step, row["eval_id"], predictions)
 
     def commit() -> None:
         t0 = time.perf_counter()
@@ -481,79 +336,6 @@ def finish_step(
     else:
         commit()
     return row
-
-
-def parse_one(session: Session, specimen: Specimen, text: str, input_size) -> Prediction:
-    """Raw text -> Prediction (never raises: junk output is data)."""
-    if specimen.task == "grounding":
-        result = parsing.parse_grounding(
-            text,
-            session.output_format,
-            (specimen.width, specimen.height),
-            input_size=input_size,
-            coords=session.coords,
-            default_label=specimen.prompt,
-        )
-    else:
-        result = parsing.parse_answer(text)
-    return Prediction(
-        specimen_id=specimen.specimen_id,
-        raw_text=text,
-        parse_status=result.status,
-        pred_boxes=result.boxes,
-        pred_answer=result.answer,
-        input_size=tuple(input_size) if input_size else None,
-    )
-
-
-def score_predictions(
-    config: Config, specimens: list[Specimen], predictions: list[Prediction], device: str
-) -> dict:
-    """Fill each prediction's metrics and failure category; return the step's aggregates."""
-    statuses = [p.parse_status for p in predictions]
-    sc = config.scoring
-    if config.task == "grounding":
-        pred_boxes = [p.pred_boxes for p in predictions]
-        ref_boxes = [s.ref_boxes for s in specimens]
-        per = scoring.score_grounding(
-            pred_boxes,
-            ref_boxes,
-            statuses,
-            iou_threshold=sc.iou_threshold,
-            tight_iou=sc.tight_iou,
-            device=device,
-        )
-        aggregates = scoring.aggregate_grounding(
-            per, statuses, pred_boxes=pred_boxes, ref_boxes=ref_boxes
-        )
-    else:
-        answers = [p.pred_answer for p in predictions]
-        refs = [s.ref_answers for s in specimens]
-        per = scoring.score_vqa(
-            answers,
-            refs,
-            [s.prompt for s in specimens],
-            anls_threshold=sc.anls_threshold,
-            format_ratio=sc.format_ratio,
-        )
-        aggregates = scoring.aggregate_vqa(per, answers, refs)
-    for prediction, metrics in zip(predictions, per, strict=True):
-        prediction.failure_category = metrics.pop("failure_category", "")
-        metrics.pop("failure_action", None)
-        prediction.metrics = metrics
-    return aggregates
-
-
-def prediction_rows(
-    run_id: str, step: int, eval_id: str, predictions: list[Prediction]
-) -> list[dict]:
-    """Predictions as rows of the store's predictions table."""
-    rows = []
-    for prediction in predictions:
-        row = store.prediction_row(prediction)
-        row.update(run_id=run_id, step=step, eval_id=eval_id)
-        rows.append(row)
-    return rows
 
 
 def run(config: Config, console: Console | None = None) -> RunOutcome:

@@ -99,7 +99,7 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
     Parsing of each batch runs on the decoding thread while the next batch generates.
     """
     from vieval_runner import generation
-    from vieval_runner.runner import parse_one
+    from vieval_runner.results import parse_one
 
     config = session.config
     st = state(session)
