@@ -12,7 +12,7 @@ from rich.console import Console
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config
 from vieval_runner.records import Box, Prediction, Specimen
-from vieval_runner.results import prediction_rows, score_predictions
+from vieval_runner.results import parse_text, prediction_rows, score_predictions
 
 
 def _specimens_by_id(reader) -> dict[str, Specimen]:
@@ -101,22 +101,5 @@ def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) ->
         if row.get("input_width") and row.get("input_height")
         else None
     )
-    if specimen.task == "grounding":
-        result = parsing.parse_grounding(
-            text,
-            evaluation["output_format"],
-            (specimen.width, specimen.height),
-            input_size=input_size,
-            coords=config.coords or _family_coords(evaluation.get("model_family")),
-            default_label=specimen.prompt,
-        )
-    else:
-        result = parsing.parse_answer(text)
-    return Prediction(
-        specimen_id=specimen.specimen_id,
-        raw_text=text,
-        parse_status=result.status,
-        pred_boxes=result.boxes,
-        pred_answer=result.answer,
-        input_size=input_size,
-    )
+    coords = config.coords or _family_coords(evaluation.get("model_family"))
+    return parse_text(specimen, text, input_size, evaluation["output_format"], coords)

@@ -52,14 +52,21 @@ def evaluation_row(
 
 
 def parse_one(session, specimen: Specimen, text: str, input_size) -> Prediction:
-    """Raw text -> Prediction (never raises: junk output is data)."""
+    """Raw text -> Prediction with the session's output format (never raises)."""
+    return parse_text(specimen, text, input_size, session.output_format, session.coords)
+
+
+def parse_text(
+    specimen: Specimen, text: str, input_size, output_format: str | None, coords: str | None
+) -> Prediction:
+    """Raw text -> Prediction (never raises: junk output is data); also used by rescore."""
     if specimen.task == "grounding":
         result = parsing.parse_grounding(
             text,
-            session.output_format,
+            output_format,
             (specimen.width, specimen.height),
             input_size=input_size,
-            coords=session.coords,
+            coords=coords,
             default_label=specimen.prompt,
         )
     else:
