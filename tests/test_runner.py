@@ -13,7 +13,7 @@ from rich.console import Console
 
 from vieval_runner import generation, models, parsing, rescore, runner, store
 from vieval_runner.config import config_from_dict
-from vieval_runner.records import Specimen
+from vieval_runner.records import Box, Specimen
 
 
 def _target_box(w: int, h: int) -> tuple[float, float, float, float]:
@@ -266,3 +266,58 @@ def test_vqa_from_a_hf_dataset_with_a_chat_family(tmp_path, tiny_run):
     aggregates = reader.aggregates(config.effective_run_id).to_pylist()
     assert [a["step"] for a in aggregates] == [0, 200]
     assert all(a["exact_match"] is not None and a["bleu"] is not None for a in aggregates)
+
+
+def test_box_scores_from_token_log_probabilities_enable_ap(tiny_run, tmp_path):
+    """Scripted answers: forced tokens have probability 1, so confidence is exactly 1.0; free
+    generation gives a confidence in (0, 1); scored boxes make AP computable."""
+    from vieval_runner import results, scoring
+
+    run = tiny_run("qwen25_vl")
+    loaded = models.load_base(run.base_model_dir, device="cpu")
+    models.swap_weights(loaded, run.run_dir / "checkpoint-200")
+    specimens = make_specimens()[:4]
+    for spec in specimens:
+        spec.ref_boxes = [Box(*_target_box(spec.width, spec.height), label=spec.prompt)]
+    prepared = generation.prepare(loaded, specimens)
+    texts = [
+        _scripted("qwen25_vl", s, p.input_size) for s, p in zip(specimens, prepared, strict=True)
+    ]
+    options = generation.GenerateOptions(scores=True)
+    forced = generation.generate(
+        loaded, prepared, batch_size=4, max_new_tokens=80, forced_texts=texts, options=options
+    )
+    assert [g.confidence for g in forced] == [1.0] * 4
+    free = generation.generate(loaded, prepared, batch_size=4, max_new_tokens=8, options=options)
+    assert all(g.confidence is not None and 0.0 < g.confidence < 1.0 for g in free)
+    plain = generation.generate(loaded, prepared, batch_size=4, max_new_tokens=8)
+    assert [g.text for g in plain] == [g.text for g in free]  # scoring changes no output
+    assert all(g.confidence is None for g in plain)
+
+    predictions = [
+        results.parse_text(s, g.text, g.input_size, "qwen25_vl_json", None, confidence=g.confidence)
+        for s, g in zip(specimens, forced, strict=True)
+    ]
+    assert all(b.score == 1.0 for p in predictions for b in p.pred_boxes)
+    statuses = [p.parse_status for p in predictions]
+    pred_boxes = [p.pred_boxes for p in predictions]
+    ref_boxes = [s.ref_boxes for s in specimens]
+    per = scoring.score_grounding(pred_boxes, ref_boxes, statuses)
+    aggregates = scoring.aggregate_grounding(
+        per, statuses, pred_boxes=pred_boxes, ref_boxes=ref_boxes
+    )
+    assert aggregates["ap50"] == pytest.approx(1.0) and aggregates["ap"] is not None
+
+
+def test_box_scores_reach_the_store_and_survive_rescore(tmp_path, tiny_run):
+    run = tiny_run("qwen25_vl")
+    config = _config(tmp_path, run, box_scores=True, steps=[200])
+    runner.run(config, _quiet())
+    rows = store.open_store(config.store).step(config.effective_run_id, 200).to_pylist()
+    assert all(0.0 < r["confidence"] <= 1.0 for r in rows)
+    for r in rows:
+        assert all(b["score"] == r["confidence"] for b in r["pred_boxes"])
+    rescore.rescore_store(config.store, console=_quiet())
+    again = store.open_store(config.store).step(config.effective_run_id, 200).to_pylist()
+    assert [r["confidence"] for r in again] == [r["confidence"] for r in rows]
+    assert [r["pred_boxes"] for r in again] == [r["pred_boxes"] for r in rows]

@@ -130,6 +130,10 @@ class Config(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on CPU."
     )
+    box_scores: bool = Field(
+        False,
+        description="Score boxes with the output's confidence (exp mean token log-prob) for AP; costs GPU memory.",
+    )
     force: bool = Field(
         False, description="Re-evaluate steps already stored for the same checkpoint and config."
     )

@@ -11,6 +11,7 @@ run on two helper threads meanwhile.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ class GeneratedText:
     input_size: tuple[int, int] | None
     n_new_tokens: int  # tokens before the end token
     truncated: bool  # hit max_new_tokens without an end token
+    confidence: float | None = None  # exp(mean token log-probability); with options.scores
 
 
 def _pad_id(loaded: LoadedModel) -> int:
@@ -123,23 +125,34 @@ def _to_device(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[str
 
 
 def _decode_rows(
-    loaded: LoadedModel, new_tokens: torch.Tensor, max_new_tokens: int, lead: int | None = None
-) -> list[tuple[str, int, bool]]:
-    """``(text, n_tokens, truncated)`` per row; ``lead``: a forced first token to drop."""
+    loaded: LoadedModel,
+    new_tokens: torch.Tensor,
+    max_new_tokens: int,
+    lead: int | None = None,
+    logprobs: torch.Tensor | None = None,
+) -> list[tuple[str, int, bool, float | None]]:
+    """``(text, n_tokens, truncated, confidence)`` per row; ``lead``: a forced first token to
+    drop; ``logprobs`` (aligned with ``new_tokens``): confidence = exp(mean log-probability)
+    of the content tokens, None without them."""
     tokenizer = loaded.processor.tokenizer
     ends = set(_end_ids(loaded))
     rows = []
-    for row in new_tokens.tolist():
+    for r, row in enumerate(new_tokens.tolist()):
         stop = next((i for i, tok in enumerate(row) if tok in ends), None)
         content = row if stop is None else row[:stop]
+        first = 0
         if lead is not None and content[:1] == [lead]:
-            content = content[1:]
+            content, first = content[1:], 1
+        confidence = None
+        if logprobs is not None and content:
+            mean = float(logprobs[r, first : first + len(content)].float().mean())
+            confidence = math.exp(mean) if math.isfinite(mean) else None
         # keep special tokens: Qwen2-VL boxes and PaliGemma <locNNNN> are (special) tokens
         with _TOKENIZER_LOCK:
             text = tokenizer.decode(
                 content, skip_special_tokens=False, clean_up_tokenization_spaces=False
             )
-        rows.append((text, len(content), stop is None and len(row) >= max_new_tokens))
+        rows.append((text, len(content), stop is None and len(row) >= max_new_tokens, confidence))
     return rows
 
 
@@ -151,6 +164,7 @@ class GenerateOptions:
     compile: bool = False  # static cache + torch.compile of the decoding forward
     vision_cache: object = None  # embedding_cache.VisionCache: image embeddings by specimen
     overlap: bool = True  # collate ahead and decode behind on helper threads
+    scores: bool = False  # token log-probabilities -> GeneratedText.confidence (box scores)
 
 
 def _generate_tokens(
@@ -160,8 +174,9 @@ def _generate_tokens(
     max_new_tokens: int,
     forced: list[str | None] | None,
     options: GenerateOptions,
-) -> tuple[torch.Tensor, int | None]:
-    """One ``generate`` call; the new tokens (on CPU) and a forced lead token to drop."""
+) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
+    """One ``generate`` call: the new tokens (on CPU), a forced lead token to drop, and the
+    tokens' log-probabilities (``options.scores``; else None)."""
     import contextlib
 
     inputs = _to_device(loaded, inputs)
@@ -189,6 +204,8 @@ def _generate_tokens(
     # A forced end token at max length (BART, Florence-2) would replace the last token and
     # hide truncation. generate() refills None arguments from the model's generation config,
     # so it is switched off there for the call.
+    if options.scores:
+        kwargs.update(output_scores=True, return_dict_in_generate=True)
     gen_config = loaded.model.generation_config
     forced_eos, gen_config.forced_eos_token_id = gen_config.forced_eos_token_id, None
     cache = options.vision_cache
@@ -207,11 +224,19 @@ def _generate_tokens(
             )
     finally:
         gen_config.forced_eos_token_id = forced_eos
+    logprobs = None
+    if options.scores:
+        # one log-probability per generated token (the sequences' tail), softmax-normalized
+        logprobs = loaded.model.compute_transition_scores(
+            out.sequences, out.scores, normalize_logits=True
+        ).cpu()
+        out = out.sequences
     if not FAMILIES[loaded.family]["encoder_decoder"]:
-        return out[:, inputs["input_ids"].shape[1] :].cpu(), None  # decoder-only: drop prompt
+        # decoder-only: drop the prompt
+        return out[:, inputs["input_ids"].shape[1] :].cpu(), None, logprobs
     # encoder-decoder: the output holds no prompt; drop the decoder start token and the
     # forced <s> after it (Florence-2 writes "</s><s>answer</s>")
-    return out[:, 1:].cpu(), gen_config.forced_bos_token_id
+    return out[:, 1:].cpu(), gen_config.forced_bos_token_id, logprobs
 
 
 def auto_batch_size(loaded: LoadedModel, n: int) -> int:
@@ -272,11 +297,11 @@ def generate(
     order = sorted(range(len(prepared)), key=lambda i: -lens[i])
     results: list[GeneratedText | None] = [None] * len(prepared)
 
-    def finish(chunk, batch, tokens, lead) -> None:
-        rows = _decode_rows(loaded, tokens, max_new_tokens, lead)
+    def finish(chunk, batch, tokens, lead, logprobs) -> None:
+        rows = _decode_rows(loaded, tokens, max_new_tokens, lead, logprobs)
         texts = []
-        for i, p, (text, n_new, truncated) in zip(chunk, batch, rows, strict=True):
-            results[i] = GeneratedText(text, p.input_size, n_new, truncated)
+        for i, p, (text, n_new, truncated, confidence) in zip(chunk, batch, rows, strict=True):
+            results[i] = GeneratedText(text, p.input_size, n_new, truncated, confidence)
             texts.append(results[i])
         if on_batch is not None:
             on_batch(chunk, texts)
@@ -301,7 +326,7 @@ def generate(
                 ahead = (tuple(following), loader.submit(_load_batch, loaded, prepared, following))
             forced = None if forced_texts is None else [forced_texts[i] for i in chunk]
             try:
-                tokens, lead = _generate_tokens(
+                tokens, lead, logprobs = _generate_tokens(
                     loaded, batch, inputs, max_new_tokens, forced, options
                 )
             except torch.OutOfMemoryError:
@@ -320,11 +345,11 @@ def generate(
                     warned = True
                 continue
             if finisher is not None:
-                finishing.append(finisher.submit(finish, chunk, batch, tokens, lead))
+                finishing.append(finisher.submit(finish, chunk, batch, tokens, lead, logprobs))
                 while finishing and finishing[0].done():
                     finishing.pop(0).result()  # a failure surfaces at once
             else:
-                finish(chunk, batch, tokens, lead)
+                finish(chunk, batch, tokens, lead, logprobs)
             pos += len(chunk)
             if progress is not None:
                 progress(len(chunk))

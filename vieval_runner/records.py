@@ -100,3 +100,4 @@ class Prediction:
     metrics: dict[str, float | int | None] = field(default_factory=dict)
     failure_category: str = ""
     input_size: tuple[int, int] | None = None
+    confidence: float | None = None  # exp(mean token log-probability), when scored

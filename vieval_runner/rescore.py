@@ -102,4 +102,11 @@ def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) ->
         else None
     )
     coords = config.coords or _family_coords(evaluation.get("model_family"))
-    return parse_text(specimen, text, input_size, evaluation["output_format"], coords)
+    return parse_text(
+        specimen,
+        text,
+        input_size,
+        evaluation["output_format"],
+        coords,
+        confidence=row.get("confidence"),  # the generation's: re-parsed boxes keep their score
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from vieval_runner import __version__, parsing, scoring, store
@@ -51,15 +52,30 @@ def evaluation_row(
     }
 
 
-def parse_one(session, specimen: Specimen, text: str, input_size) -> Prediction:
-    """Raw text -> Prediction with the session's output format (never raises)."""
-    return parse_text(specimen, text, input_size, session.output_format, session.coords)
+def parse_one(session, specimen: Specimen, out) -> Prediction:
+    """A ``GeneratedText`` -> Prediction with the session's output format (never raises)."""
+    return parse_text(
+        specimen,
+        out.text,
+        out.input_size,
+        session.output_format,
+        session.coords,
+        confidence=getattr(out, "confidence", None),
+    )
 
 
 def parse_text(
-    specimen: Specimen, text: str, input_size, output_format: str | None, coords: str | None
+    specimen: Specimen,
+    text: str,
+    input_size,
+    output_format: str | None,
+    coords: str | None,
+    confidence: float | None = None,
 ) -> Prediction:
-    """Raw text -> Prediction (never raises: junk output is data); also used by rescore."""
+    """Raw text -> Prediction (never raises: junk output is data); also used by rescore.
+
+    ``confidence`` (the generation's exp(mean token log-probability), ``box_scores: true``)
+    becomes every parsed box's score, so AP50 and AP@[.5:.95] can rank the boxes."""
     if specimen.task == "grounding":
         result = parsing.parse_grounding(
             text,
@@ -71,13 +87,17 @@ def parse_text(
         )
     else:
         result = parsing.parse_answer(text)
+    boxes = result.boxes
+    if confidence is not None:
+        boxes = [replace(box, score=confidence) for box in boxes]
     return Prediction(
         specimen_id=specimen.specimen_id,
         raw_text=text,
         parse_status=result.status,
-        pred_boxes=result.boxes,
+        pred_boxes=boxes,
         pred_answer=result.answer,
         input_size=tuple(input_size) if input_size else None,
+        confidence=confidence,
     )
 
 

@@ -299,7 +299,7 @@ def finish_step(
     if predictions is None:
         t0 = time.perf_counter()
         predictions = [
-            results.parse_one(session, specimen, out.text, out.input_size)
+            results.parse_one(session, specimen, out)
             for specimen, out in zip(session.specimens, generated, strict=True)
         ]
         timings["parse_s"] = time.perf_counter() - t0

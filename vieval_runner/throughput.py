@@ -116,7 +116,7 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
     def parse_batch(indices: list[int], texts: list) -> None:
         t0 = time.perf_counter()
         for i, out in zip(indices, texts, strict=True):
-            predictions[i] = parse_one(session, specimens[i], out.text, out.input_size)
+            predictions[i] = parse_one(session, specimens[i], out)
         parse_time[0] += time.perf_counter() - t0
 
     options = generation.GenerateOptions(
@@ -124,6 +124,7 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
         compile=config.compile,
         vision_cache=cache,
         overlap=config.overlap,
+        scores=config.box_scores,
     )
     hits = cache.hits if cache is not None else 0
     t0 = time.perf_counter()

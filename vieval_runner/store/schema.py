@@ -86,6 +86,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("failure_category", pa.string()),
         ("input_width", pa.int64()),
         ("input_height", pa.int64()),
+        ("confidence", pa.float64()),  # exp(mean token log-probability); null unless scored
     ]
 )
 

@@ -137,6 +137,7 @@ def prediction_row(prediction: Prediction) -> dict:
     }
     if prediction.input_size is not None:
         row["input_width"], row["input_height"] = prediction.input_size
+    row["confidence"] = prediction.confidence
     return row
 
 
