@@ -171,3 +171,12 @@ def test_bad_data_exits_2_naming_file_and_row(tmp_path, tiny_run, capsys):
     assert cli.main(["run", str(config), "data.strict=false", "steps=[0]"]) == 0
     out = capsys.readouterr().out
     assert "skipped 1 bad rows" in out and "line 3" in out
+
+
+def test_no_checkpoints_found_exits_2(tmp_path, tiny_run, capsys):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    config = _config_file(tmp_path, tiny_run("qwen25_vl"), run_dir=str(empty), include_base=False)
+    assert cli.main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoints found" in err and str(empty) in err

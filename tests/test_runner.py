@@ -11,7 +11,7 @@ import pytest
 from conftest import make_specimens
 from rich.console import Console
 
-from vieval_runner import generation, models, parsing, rescore, runner, store
+from vieval_runner import generation, models, parsing, rescore, runner, scoring, store
 from vieval_runner.config import config_from_dict
 from vieval_runner.records import Box, Specimen
 
@@ -133,6 +133,7 @@ def test_run_writes_every_step_and_resumes(tmp_path, tiny_run):
     for row in step:
         assert row["parse_status"] in parsing_statuses()
         assert row["failure_category"]
+        assert row["failure_action"] == scoring.FAILURE_ACTIONS[row["failure_category"]]
         assert row["tp"] + row["fn"] == 1  # one reference box each
     # checkpoints generate different text (weights really swapped)
     texts = {

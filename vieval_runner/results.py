@@ -130,11 +130,11 @@ def score_predictions(
             [s.prompt for s in specimens],
             anls_threshold=sc.anls_threshold,
             format_ratio=sc.format_ratio,
+            specimen_ids=[s.specimen_id for s in specimens],
         )
         aggregates = scoring.aggregate_vqa(per, answers, refs)
     for prediction, metrics in zip(predictions, per, strict=True):
         prediction.failure_category = metrics.pop("failure_category", "")
-        metrics.pop("failure_action", None)
         prediction.metrics = metrics
     return aggregates
 

@@ -84,6 +84,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("parse_status", pa.string()),
         *PREDICTION_METRICS,
         ("failure_category", pa.string()),
+        ("failure_action", pa.string()),  # the suggested action for that category
         ("input_width", pa.int64()),
         ("input_height", pa.int64()),
         ("confidence", pa.float64()),  # exp(mean token log-probability); null unless scored
