@@ -152,3 +152,29 @@ def test_callback_evaluates_the_live_model_on_every_save(tmp_path, tiny_run):
     saved = store.open_store(str(tmp_path / "store2")).step("run", 6).to_pylist()
     assert {r["specimen_id"]: r["raw_text"] for r in saved} == live
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.slow
+def test_callback_subprocess_mode_launches_vieval_run_per_save(tmp_path, tiny_run):
+    base = tiny_run("paligemma").base_model_dir
+    train, val = _split(tmp_path / "data", n_val=3)
+    config_path = tmp_path / "eval.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "base_model": str(base),
+                "store": str(tmp_path / "store"),
+                "data": {"path": str(val)},
+                "batch_size": 3,
+                "max_new_tokens": 8,
+            }
+        )
+    )
+    callback = VievalCallback(config_path, mode="subprocess", device="cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _trainer(base, tmp_path / "data", train, tmp_path / "run", [callback]).train()
+    assert callback.evaluated == [2, 4, 6]  # on_train_end waited for the last one
+    assert _evaluations_by_step(tmp_path / "store") == {2: 1, 4: 1, 6: 1}
+    evaluations = store.open_store(str(tmp_path / "store")).evaluations().to_pylist()
+    assert {e["device"] for e in evaluations} == {"cpu"}
