@@ -290,6 +290,19 @@ def generate(
         batch_size, probe = auto_batch_size(loaded, len(prepared)), True
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if (
+        batch_size > 1
+        and loaded.device.type == "cuda"
+        and not FAMILIES[loaded.family].get("batches_on_cuda", True)
+    ):
+        # correctness first: this family's batched outputs on CUDA differ from one-at-a-time
+        warnings.warn(
+            f"{loaded.family}: batched generation on CUDA is not batch-invariant yet; "
+            "generating one specimen at a time",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        batch_size, probe = 1, False
     if forced_texts is not None and len(forced_texts) != len(prepared):
         raise ValueError(f"{len(forced_texts)} forced_texts for {len(prepared)} specimens")
     lens = _prompt_lens(prepared)
