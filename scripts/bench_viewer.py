@@ -44,16 +44,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a bare checkout too
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from vieval_runner.viewer.chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+
 # The first specimen's predicted boxes, drawn in the first run's panel (see static/app.js).
 BOXES_DRAWN = "#panels .panel.run svg g.boxes g.box rect"
 TARGET_S = 2.0

@@ -11,16 +11,7 @@ import argparse
 from playwright.sync_api import sync_playwright
 
 from vieval_runner.viewer import serve
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from vieval_runner.viewer.chromium import CHROMIUM, CHROMIUM_ARGS
 
 
 def main() -> None:
@@ -33,7 +24,7 @@ def main() -> None:
     server = serve(args.stores, port=0).start()
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1440, "height": 900})
             page.goto(server.url)
             page.wait_for_selector("#specimen-list li")

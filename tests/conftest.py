@@ -55,6 +55,29 @@ def make_specimens(task: str = "grounding") -> list[Specimen]:
     return specimens
 
 
+def model_batch(loaded, specimens):
+    """A real 3-specimen batch (images of different sizes), padded by the processor; used by
+    the weight-swap tests of full checkpoints and of LoRA adapters."""
+    from vieval_runner.generation import build_prompt
+
+    chosen = specimens[:3]
+    texts = [build_prompt(loaded, s) for s in chosen]
+    images = [s.load_image() for s in chosen]
+    if loaded.facts.get("nested_images"):
+        images = [[image] for image in images]
+    inputs = loaded.processor(images=images, text=texts, return_tensors="pt", padding=True)
+    inputs.pop("labels", None)
+    return inputs
+
+
+def logits_of(model, inputs):
+    """The model's logits on ``inputs``, without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """``tiny_run(family)`` -> TinyRun, written once per session per family (steps 100-300)."""

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import logits_of, model_batch
 from safetensors.torch import load_file, save_file
 
 from vieval_runner import models
@@ -21,25 +22,6 @@ from vieval_runner.models import (
     swap_weights,
 )
 from vieval_runner.tiny_models import FAMILIES_BUILDABLE
-
-
-def _batch(loaded, specimens):
-    """A real 3-specimen batch (images of different sizes), left-padded by the processor."""
-    from vieval_runner.generation import build_prompt
-
-    chosen = specimens[:3]
-    texts = [build_prompt(loaded, s) for s in chosen]
-    images = [s.load_image() for s in chosen]
-    if loaded.facts.get("nested_images"):
-        images = [[image] for image in images]
-    inputs = loaded.processor(images=images, text=texts, return_tensors="pt", padding=True)
-    inputs.pop("labels", None)
-    return inputs
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def _fresh(path):
@@ -85,17 +67,17 @@ def test_load_base_defaults(tiny_run):
 def test_swap_equals_fresh_from_pretrained_and_restores_base(tiny_run, family, specimens):
     run = tiny_run(family)
     loaded = load_base(run.base_model_dir, device="cpu")
-    inputs = _batch(loaded, specimens)
-    base = _logits(loaded.model, inputs)
-    assert torch.equal(base, _logits(_fresh(run.base_model_dir), inputs))
+    inputs = model_batch(loaded, specimens)
+    base = logits_of(loaded.model, inputs)
+    assert torch.equal(base, logits_of(_fresh(run.base_model_dir), inputs))
     ckpt = run.run_dir / "checkpoint-200"
     swap_weights(loaded, ckpt)
-    swapped = _logits(loaded.model, inputs)
-    assert torch.equal(swapped, _logits(_fresh(ckpt), inputs))  # bit-identical
+    swapped = logits_of(loaded.model, inputs)
+    assert torch.equal(swapped, logits_of(_fresh(ckpt), inputs))  # bit-identical
     assert (swapped - base).abs().max().item() > 1e-3  # the swap changed something
     assert loaded.current == str(ckpt)
     restore_base(loaded)
-    assert torch.equal(_logits(loaded.model, inputs), base)
+    assert torch.equal(logits_of(loaded.model, inputs), base)
     assert loaded.current == "base"
 
 
@@ -104,11 +86,11 @@ def test_restore_base_from_host_copy_when_no_local_files(tiny_run, specimens, mo
     monkeypatch.setattr(models, "_local_weights_dir", lambda base: None)
     loaded = load_base(run.base_model_dir, device="cpu")
     assert loaded.base_weights_dir is None and loaded._base_state
-    inputs = _batch(loaded, specimens)
-    base = _logits(loaded.model, inputs)
+    inputs = model_batch(loaded, specimens)
+    base = logits_of(loaded.model, inputs)
     swap_weights(loaded, run.run_dir / "checkpoint-300")
     restore_base(loaded)
-    assert torch.equal(_logits(loaded.model, inputs), base)
+    assert torch.equal(logits_of(loaded.model, inputs), base)
 
 
 @pytest.mark.parametrize("family", ["qwen25_vl", "paligemma", "llava", "internvl"])
@@ -117,17 +99,17 @@ def test_naive_load_state_dict_would_silently_load_nothing(tiny_run, family, spe
     run = tiny_run(family)
     ckpt = run.run_dir / "checkpoint-200"
     loaded = load_base(run.base_model_dir, device="cpu")
-    inputs = _batch(loaded, specimens)
+    inputs = model_batch(loaded, specimens)
     file_tensors = load_file(ckpt / "model.safetensors")
     result = loaded.model.load_state_dict(file_tensors, strict=False)
     # at most lm_head matches by name; everything else is silently skipped
     assert len(file_tensors) - len(result.unexpected_keys) <= 1
     assert len(result.missing_keys) > 30
-    expected = _logits(_fresh(ckpt), inputs)
-    naive = _logits(loaded.model, inputs)
+    expected = logits_of(_fresh(ckpt), inputs)
+    naive = logits_of(loaded.model, inputs)
     assert (naive - expected).abs().max() > 1e-2  # wrong, with no error
     swap_weights(loaded, ckpt)
-    assert torch.equal(_logits(loaded.model, inputs), expected)
+    assert torch.equal(logits_of(loaded.model, inputs), expected)
 
 
 def _copy_ckpt(tiny_run, tmp_path, family="qwen25_vl"):
@@ -193,9 +175,9 @@ def test_sharded_checkpoint_swaps(tiny_run, tmp_path, specimens):
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
     loaded = load_base(run.base_model_dir, device="cpu")
-    inputs = _batch(loaded, specimens)
+    inputs = model_batch(loaded, specimens)
     swap_weights(loaded, sharded)
-    assert torch.equal(_logits(loaded.model, inputs), _logits(fresh, inputs))
+    assert torch.equal(logits_of(loaded.model, inputs), logits_of(fresh, inputs))
     next(sharded.glob("model-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="shards named by the index are missing"):
         swap_weights(loaded, sharded)

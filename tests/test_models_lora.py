@@ -9,28 +9,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import logits_of, model_batch
 from safetensors.torch import load_file, save_file
 
 from vieval_runner.checkpoints import find_checkpoints
 from vieval_runner.models import CheckpointError, apply_checkpoint, load_base, swap_weights
-
-
-def _inputs(loaded, specimens):
-    from vieval_runner.generation import build_prompt
-
-    chosen = specimens[:3]
-    images = [s.load_image() for s in chosen]
-    if loaded.facts.get("nested_images"):
-        images = [[image] for image in images]
-    texts = [build_prompt(loaded, s) for s in chosen]
-    inputs = loaded.processor(images=images, text=texts, return_tensors="pt", padding=True)
-    inputs.pop("labels", None)
-    return inputs
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def _merged(base_dir, adapter_dir):
@@ -74,18 +57,18 @@ def test_adapter_swap_equals_merged_reference(tiny_lora_run, family, specimens):
     run = tiny_lora_run(family)
     ckpts = _by_step(run)
     loaded = load_base(run.base_model_dir, device="cpu")
-    inputs = _inputs(loaded, specimens)
-    base = _logits(loaded.model, inputs)
+    inputs = model_batch(loaded, specimens)
+    base = logits_of(loaded.model, inputs)
     apply_checkpoint(loaded, ckpts[200])
-    swapped = _logits(loaded.model, inputs)
-    reference = _logits(_merged(run.base_model_dir, run.run_dir / "checkpoint-200"), inputs)
+    swapped = logits_of(loaded.model, inputs)
+    reference = logits_of(_merged(run.base_model_dir, run.run_dir / "checkpoint-200"), inputs)
     # merging changes the arithmetic order only: equal to float32 rounding of the logit scale
     scale = max(1.0, reference.abs().max().item())
     assert (swapped - reference).abs().max().item() <= 1e-5 * scale
     assert (swapped - base).abs().max().item() > 1e-2  # the adapter changed the outputs
     assert loaded.current == str(ckpts[200].path) and loaded.adapter is not None
     apply_checkpoint(loaded, ckpts[0])
-    assert torch.equal(_logits(loaded.model, inputs), base)
+    assert torch.equal(logits_of(loaded.model, inputs), base)
 
 
 def test_switching_adapters_and_back_is_exact_and_step0_is_the_base(tiny_lora_run, specimens):
@@ -93,24 +76,24 @@ def test_switching_adapters_and_back_is_exact_and_step0_is_the_base(tiny_lora_ru
     ckpts = _by_step(run)
     loaded = load_base(run.base_model_dir, device="cpu")
     model_class = type(loaded.model)
-    inputs = _inputs(loaded, specimens)
-    base = _logits(loaded.model, inputs)
+    inputs = model_batch(loaded, specimens)
+    base = logits_of(loaded.model, inputs)
     outputs = {}
     for step in (100, 200, 300):
         apply_checkpoint(loaded, ckpts[step])
-        outputs[step] = _logits(loaded.model, inputs)
+        outputs[step] = logits_of(loaded.model, inputs)
     assert not torch.equal(outputs[100], outputs[200])
     assert not torch.equal(outputs[200], outputs[300])
     # only the active adapter stays on the model: the old ones are deleted
     assert list(loaded._peft.peft_config) == [loaded.adapter]
     apply_checkpoint(loaded, ckpts[100])
-    assert torch.equal(_logits(loaded.model, inputs), outputs[100])
+    assert torch.equal(logits_of(loaded.model, inputs), outputs[100])
     apply_checkpoint(loaded, ckpts[0])  # step 0 after an adapter: the base, exactly
-    assert torch.equal(_logits(loaded.model, inputs), base)
+    assert torch.equal(logits_of(loaded.model, inputs), base)
     assert type(loaded.model) is model_class and not _has_lora_layers(loaded.model)
     assert loaded.current == "base" and loaded.adapter is None
     apply_checkpoint(loaded, ckpts[300])  # and adapters go on again after the base
-    assert torch.equal(_logits(loaded.model, inputs), outputs[300])
+    assert torch.equal(logits_of(loaded.model, inputs), outputs[300])
 
 
 def test_generation_uses_the_active_adapter(tiny_lora_run, specimens):
@@ -133,8 +116,8 @@ def test_adapter_for_another_base_raises_and_keeps_the_active_adapter(tiny_lora_
     run = tiny_lora_run("qwen2_vl")
     foreign = tiny_lora_run("paligemma").run_dir / "checkpoint-100"
     loaded = load_base(run.base_model_dir, device="cpu")
-    inputs = _inputs(loaded, specimens)
-    base = _logits(loaded.model, inputs)
+    inputs = model_batch(loaded, specimens)
+    base = logits_of(loaded.model, inputs)
     # first adapter fails: the model is left clean, no LoRA layers behind
     with pytest.raises(
         CheckpointError, match=rf"{re.escape(str(foreign))}: adapter does not fit.*match no layer"
@@ -142,14 +125,14 @@ def test_adapter_for_another_base_raises_and_keeps_the_active_adapter(tiny_lora_
         swap = _by_step(tiny_lora_run("paligemma"))[100]
         apply_checkpoint(loaded, swap)
     assert not _has_lora_layers(loaded.model) and loaded.adapter is None
-    assert torch.equal(_logits(loaded.model, inputs), base)
+    assert torch.equal(logits_of(loaded.model, inputs), base)
     # with an adapter active, a bad one leaves it active and unchanged
     ckpts = _by_step(run)
     apply_checkpoint(loaded, ckpts[200])
-    at_200 = _logits(loaded.model, inputs)
+    at_200 = logits_of(loaded.model, inputs)
     with pytest.raises(CheckpointError, match=re.escape(str(foreign))):
         apply_checkpoint(loaded, swap)
-    assert torch.equal(_logits(loaded.model, inputs), at_200)
+    assert torch.equal(logits_of(loaded.model, inputs), at_200)
     assert loaded.current == str(ckpts[200].path)
 
 
@@ -198,13 +181,13 @@ def test_full_checkpoint_after_adapter_and_adapter_after_full(tiny_lora_run, tin
     lora = tiny_lora_run("qwen2_vl")
     full = tiny_run("qwen2_vl")  # same seed: the same base weights
     loaded = load_base(lora.base_model_dir, device="cpu")
-    inputs = _inputs(loaded, specimens)
+    inputs = model_batch(loaded, specimens)
     apply_checkpoint(loaded, _by_step(lora)[100])
-    at_100 = _logits(loaded.model, inputs)
+    at_100 = logits_of(loaded.model, inputs)
     swap_weights(loaded, full.run_dir / "checkpoint-200")
     assert not _has_lora_layers(loaded.model)
     apply_checkpoint(loaded, _by_step(lora)[100])  # the adapter goes on the base, not step 200
-    assert torch.equal(_logits(loaded.model, inputs), at_100)
+    assert torch.equal(logits_of(loaded.model, inputs), at_100)
 
 
 def test_unknown_kind_is_an_error(tiny_lora_run):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from test_models import _batch, _logits
+from conftest import logits_of, model_batch
 
 from vieval_runner import models, prefetch
 from vieval_runner.models import CheckpointError, load_base, restore_base, swap_weights
@@ -19,19 +19,19 @@ def test_prefetched_swap_is_bit_identical_to_a_plain_swap(tiny_run, family, spec
     run = tiny_run(family)
     ckpt = run.run_dir / "checkpoint-300"
     plain = load_base(run.base_model_dir, device="cpu")
-    inputs = _batch(plain, specimens)
-    base = _logits(plain.model, inputs)
+    inputs = model_batch(plain, specimens)
+    base = logits_of(plain.model, inputs)
     swap_weights(plain, ckpt)
-    want = _logits(plain.model, inputs)
+    want = logits_of(plain.model, inputs)
 
     loaded = load_base(run.base_model_dir, device="cpu")
     future = prefetch.prefetch_checkpoint(loaded, ckpt)
     tensors = future.result(timeout=60)
     assert tensors.path == ckpt and tensors.files
     # the resident weights are untouched until the swap
-    assert torch.equal(_logits(loaded.model, inputs), base)
+    assert torch.equal(logits_of(loaded.model, inputs), base)
     models.apply_checkpoint(loaded, _Ckpt(ckpt), tensors)
-    assert torch.equal(_logits(loaded.model, inputs), want)
+    assert torch.equal(logits_of(loaded.model, inputs), want)
     assert loaded.current == str(ckpt)
     assert loaded.vision_hash == plain.vision_hash is not None
     with pytest.raises(ValueError, match="prefetched tensors are of"):
@@ -52,12 +52,12 @@ def test_prefetch_of_a_corrupt_checkpoint_raises_and_leaves_the_model(
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     loaded = load_base(run.base_model_dir, device="cpu")
-    inputs = _batch(loaded, specimens)
-    before = _logits(loaded.model, inputs)
+    inputs = model_batch(loaded, specimens)
+    before = logits_of(loaded.model, inputs)
     future = prefetch.prefetch_checkpoint(loaded, bad)
     with pytest.raises(CheckpointError, match="checkpoint-999.*unreadable safetensors"):
         future.result(timeout=60)
-    assert torch.equal(_logits(loaded.model, inputs), before)
+    assert torch.equal(logits_of(loaded.model, inputs), before)
     # a checkpoint missing a tensor still fails the strict coverage check at swap time
     from safetensors.torch import load_file, save_file
 
@@ -69,7 +69,7 @@ def test_prefetch_of_a_corrupt_checkpoint_raises_and_leaves_the_model(
     tensors = prefetch.prefetch_checkpoint(loaded, partial).result(timeout=60)
     with pytest.raises(CheckpointError, match="missing 1"):
         swap_weights(loaded, partial, tensors)
-    assert torch.equal(_logits(loaded.model, inputs), before)
+    assert torch.equal(logits_of(loaded.model, inputs), before)
 
 
 def test_vision_hash_agrees_between_files_and_resident_tensors(tiny_run):

@@ -20,19 +20,11 @@ from test_viewer import (  # the store builders live with the HTTP tests
 
 from vieval_runner.store import create_store, write_specimens
 from vieval_runner.viewer import export_html, serve
+from vieval_runner.viewer.chromium import CHROMIUM
+from vieval_runner.viewer.chromium import CHROMIUM_ARGS as ARGS
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 # The README's screenshots are refreshed only on request (VIEVAL_SCREENSHOTS=1): a test run
 # must not rewrite tracked files. Otherwise they go to a temporary folder (still taken, so a
 # page that cannot be rendered still fails).

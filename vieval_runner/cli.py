@@ -196,12 +196,7 @@ def cmd_view(args) -> int:
 
     server = serve(args.stores, host=args.host, port=args.port)
     print(f"viewer: {server.url}  (Ctrl+C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
+    server.serve_until_interrupted()
     return EXIT_OK
 
 

@@ -207,12 +207,7 @@ def main(
         server = serve([config.store], port=port)
         console.print(f"viewer: {server.url}  (Ctrl+C to stop)")
         print(config.store, flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.shutdown()
+        server.serve_until_interrupted()
     else:
         print(config.store, flush=True)
     return outcome.exit_status

@@ -109,3 +109,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+def default_coords(family: str | None, configured: str | None = None) -> str | None:
+    """The ``plain_xyxy`` coordinate convention: the configured one, else the family's."""
+    return configured or FAMILIES.get(family or "", {}).get("coords")

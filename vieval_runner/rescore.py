@@ -11,6 +11,7 @@ from rich.console import Console
 
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config
+from vieval_runner.families import default_coords
 from vieval_runner.records import Box, Prediction, Specimen
 from vieval_runner.results import parse_text, prediction_rows, score_predictions
 
@@ -88,12 +89,6 @@ def rescore_store(
     return done
 
 
-def _family_coords(family: str | None) -> str | None:
-    from vieval_runner.families import FAMILIES  # plain data, no model library import
-
-    return FAMILIES.get(family or "", {}).get("coords")
-
-
 def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) -> Prediction:
     text = row["raw_text"] or ""
     input_size = (
@@ -101,7 +96,7 @@ def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) ->
         if row.get("input_width") and row.get("input_height")
         else None
     )
-    coords = config.coords or _family_coords(evaluation.get("model_family"))
+    coords = default_coords(evaluation.get("model_family"), config.coords)
     return parse_text(
         specimen,
         text,

@@ -106,12 +106,12 @@ def wait_for_specimens(session: Session) -> None:
 
 def attach_model(session: Session, loaded) -> None:
     """Make ``loaded`` the session's model; output format and coords default from its family."""
-    from vieval_runner.families import FAMILIES
+    from vieval_runner.families import FAMILIES, default_coords
 
     facts = FAMILIES[loaded.family]
     session.loaded = loaded
     session.output_format = session.config.output_format or facts["output_format"]
-    session.coords = session.config.coords or facts.get("coords")
+    session.coords = default_coords(loaded.family, session.config.coords)
 
 
 def _ensure_model(

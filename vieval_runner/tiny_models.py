@@ -308,16 +308,23 @@ def _trainer_state(step: int, steps: tuple[int, ...], seed: int) -> dict:
     }  # fmt: skip
 
 
+def write_base(out_dir: Path, family: str, seed: int):
+    """Build the tiny ``family`` model and save it with its processor at ``out_dir/base``
+    (step 0 of a run); returns ``(model, processor, base_dir)``."""
+    model, processor = build_tiny_model(family, seed)
+    base = Path(out_dir) / "base"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    return model, processor, base
+
+
 def write_tiny_run(
     out_dir: str | Path, family: str, steps: tuple[int, ...] = (100, 200, 300), seed: int = 0
 ) -> TinyRun:
     """Write ``out_dir/base`` and a Trainer-layout ``out_dir/run/checkpoint-<step>/`` per step."""
     out_dir = Path(out_dir)
     steps = tuple(sorted(int(s) for s in steps))
-    model, processor = build_tiny_model(family, seed)
-    base = out_dir / "base"
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    model, processor, base = write_base(out_dir, family, seed)
     run_dir = out_dir / "run"
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     for step in steps:

@@ -15,6 +15,7 @@ from vieval_runner.scoring.categories import (
 )
 from vieval_runner.scoring.coco_ap import coco_average_precision
 from vieval_runner.scoring.iou import step_ious
+from vieval_runner.scoring.stats import mean_present
 
 if TYPE_CHECKING:
     import torch
@@ -123,11 +124,6 @@ def score_grounding(
     return out
 
 
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 def aggregate_grounding(
     per_specimen: list[dict],
     parse_statuses: list[str],
@@ -163,11 +159,11 @@ def aggregate_grounding(
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "macro_precision": _mean([d["precision"] for d in per_specimen]),
-        "macro_recall": _mean([d["recall"] for d in per_specimen]),
-        "macro_f1": _mean([d["f1"] for d in per_specimen]),
+        "macro_precision": mean_present([d["precision"] for d in per_specimen]),
+        "macro_recall": mean_present([d["recall"] for d in per_specimen]),
+        "macro_f1": mean_present([d["f1"] for d in per_specimen]),
         "iou_mean": iou_sum / tp if tp else None,
-        "acc_at_50": _mean([d["acc_at_50"] for d in per_specimen]),
+        "acc_at_50": mean_present([d["acc_at_50"] for d in per_specimen]),
         "parse_failure_rate": (
             sum(s in PARSE_FAILURE_STATUSES for s in parse_statuses) / n if n else None
         ),

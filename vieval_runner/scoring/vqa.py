@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from vieval_runner.scoring.categories import FAILURE_ACTIONS, vqa_category
+from vieval_runner.scoring.stats import mean_present
 from vieval_runner.scoring.text import (
     lcs_length,
     levenshtein,
@@ -121,11 +122,6 @@ def score_vqa(
     return out
 
 
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 def aggregate_vqa(
     per_specimen: list[dict], pred_answers: list[str | None], ref_answers: list[list[str]]
 ) -> dict:
@@ -146,7 +142,7 @@ def aggregate_vqa(
         streams = [[r[k] if k < len(r) else None for r in ref_answers] for k in range(width)]
         bleu = sacrebleu.corpus_bleu([p or "" for p in pred_answers], streams).score
     means = ("exact_match", "vqa_accuracy", "token_f1", "rouge_l", "anls")
-    return {k: _mean([d[k] for d in per_specimen]) for k in means} | {
+    return {k: mean_present([d[k] for d in per_specimen]) for k in means} | {
         "bleu": bleu,
         "parse_failure_rate": (sum(not (p or "").strip() for p in pred_answers) / n if n else None),
         "n_specimens": n,

@@ -30,14 +30,11 @@ def write_tiny_lora_run(
     """
     from peft import LoraConfig, get_peft_model
 
-    from vieval_runner.tiny_models import TinyRun, _trainer_state, build_tiny_model
+    from vieval_runner.tiny_models import TinyRun, _trainer_state, write_base
 
     out_dir = Path(out_dir)
     steps = tuple(sorted(int(s) for s in steps))
-    model, processor = build_tiny_model(family, seed)
-    base = out_dir / "base"
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    model, processor, base = write_base(out_dir, family, seed)
     model.name_or_path = str(base)  # recorded as the adapter's base_model_name_or_path
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
                         lora_dropout=0.0, base_model_name_or_path=str(base))  # fmt: skip

@@ -137,6 +137,15 @@ class ViewerServer:
         finally:
             self._serving.clear()
 
+    def serve_until_interrupted(self) -> None:
+        """Serve in the foreground until Ctrl+C, then close the socket (the CLI's loop)."""
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
+
     def start(self) -> ViewerServer:
         """Serve from a background thread (for tests and notebooks); returns self."""
         self._serving.set()  # so an immediate shutdown() still stops the loop
