@@ -118,3 +118,16 @@ def tiny_lora_run(tmp_path_factory):
 @pytest.fixture
 def specimens() -> list[Specimen]:
     return make_specimens()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_vieval_cache(tmp_path_factory):
+    """No test writes to the user's home cache: reusable prepared inputs go to a session
+    tmp folder (``VIEVAL_CACHE_DIR``)."""
+    before = os.environ.get("VIEVAL_CACHE_DIR")
+    os.environ["VIEVAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("vieval_cache"))
+    yield
+    if before is None:
+        os.environ.pop("VIEVAL_CACHE_DIR", None)
+    else:
+        os.environ["VIEVAL_CACHE_DIR"] = before

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vieval_runner.families import FAMILIES
-from vieval_runner.generation import build_prompt, collate, generate, prepare
+from vieval_runner.generation import GenerateOptions, build_prompt, collate, generate, prepare
 from vieval_runner.models import load_base, swap_weights
 from vieval_runner.records import Specimen
 from vieval_runner.tiny_models import FAMILIES_BUILDABLE
@@ -234,34 +234,45 @@ def test_truncation_is_flagged(loaded_at_200, specimens):
     assert all(_FORCED["qwen25_vl"].startswith(g.text) and g.text for g in out)
 
 
-def test_oom_halves_the_batch_and_keeps_every_specimen(loaded_at_200, specimens, monkeypatch):
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "hf"])
+def test_oom_halves_the_batch_and_keeps_every_specimen(loaded_at_200, specimens, lean):
     loaded, _ = loaded_at_200("paligemma")
     prepared = prepare(loaded, specimens)
-    expected = [g.text for g in generate(loaded, prepared, batch_size=8, max_new_tokens=6)]
-    real_generate = loaded.model.generate
+    options = GenerateOptions(lean=lean)
+    expected = [
+        g.text for g in generate(loaded, prepared, batch_size=8, max_new_tokens=6, options=options)
+    ]
     sizes = []
 
-    def small_memory(**kwargs):
-        sizes.append(kwargs["input_ids"].shape[0])
-        if kwargs["input_ids"].shape[0] > 2:
+    def small_memory(module, args, kwargs):  # the model's forward, whichever loop calls it
+        rows = kwargs["input_ids"].shape[0]
+        if kwargs["input_ids"].shape[1] > 1:  # prefill: once per batch
+            sizes.append(rows)
+        if rows > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_generate(**kwargs)
 
-    monkeypatch.setattr(loaded.model, "generate", small_memory)
+    hook = loaded.model.register_forward_pre_hook(small_memory, with_kwargs=True)
     done = []
-    with pytest.warns(RuntimeWarning, match="out of memory at batch size 8; halving to 4") as rec:
-        out = generate(loaded, prepared, batch_size=8, max_new_tokens=6, progress=done.append)
+    try:
+        with pytest.warns(RuntimeWarning, match="out of memory at batch size 8; halving to 4") as rec:
+            out = generate(loaded, prepared, batch_size=8, max_new_tokens=6,
+                           progress=done.append, options=options)  # fmt: skip
+    finally:
+        hook.remove()
     assert len([w for w in rec if "out of memory" in str(w.message)]) == 1  # warned once
     assert [g.text for g in out] == expected
     assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2
     assert sum(done) == len(specimens)
 
-    def no_memory(**kwargs):
+    def no_memory(module, args, kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(loaded.model, "generate", no_memory)
-    with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning):
-        generate(loaded, prepared[:2], batch_size=2)
+    hook = loaded.model.register_forward_pre_hook(no_memory, with_kwargs=True)
+    try:
+        with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning):
+            generate(loaded, prepared[:2], batch_size=2, options=options)
+    finally:
+        hook.remove()
 
 
 def test_generate_rejects_bad_arguments(loaded_at_200, specimens):

@@ -148,6 +148,22 @@ class Config(_Strict):
     cache_dir: str | None = Field(
         None, description="Folder for prepared outputs beyond the RAM budget (default: temp)."
     )
+    reuse_prepared: bool = Field(
+        True,
+        description="Keep processor outputs on local disk and reuse them in later runs on the "
+        "same split and processor.",
+    )
+    prepared_cache_dir: str | None = Field(
+        None,
+        description="Folder of reusable processor outputs (default: $VIEVAL_CACHE_DIR/prepared, "
+        "else $XDG_CACHE_HOME/vieval/prepared, else ~/.cache/vieval/prepared).",
+    )
+    prepared_cache_max_gb: float = Field(
+        20,
+        ge=0,
+        description="GiB the reusable processor outputs may take; least recently used beyond "
+        "it are removed (0: keep none).",
+    )
     prefetch: bool = Field(
         True, description="Read the next checkpoint's weights while the current one generates."
     )
@@ -166,6 +182,11 @@ class Config(_Strict):
     )
     compile: bool = Field(
         False, description="Static KV cache + torch.compile of the decoding step."
+    )
+    lean_decoding: bool = Field(
+        True,
+        description="Greedy loop without HF generate's per-step overhead where it is exact "
+        "(checked against generate on the first batch); else HF generate.",
     )
     thumb_px: int = Field(
         768, ge=32, description="Longest side of the image copy embedded in the store."

@@ -4,15 +4,14 @@ Processor outputs are computed once per specimen (``prepare``, on a thread pool,
 to a budget and on disk beyond it) and reused for every checkpoint. ``generate`` sorts by
 prompt length (longest first, so out-of-memory shows at once), pads each batch itself (left
 for decoder-only models, right for encoder-decoder), decodes only the new tokens and returns
-results in specimen order. Generation stays on the calling thread; loading/collating the
-next batch and decoding (plus the caller's ``on_batch``, e.g. parsing) of the previous one
-run on two helper threads meanwhile.
+results in specimen order. Generation stays on the calling thread (one batch: ``decoding``, the lean greedy
+loop or HF ``generate``); loading/collating the next batch and decoding (plus the caller's
+``on_batch``, e.g. parsing) of the previous one run on two helper threads meanwhile.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,11 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .decoding import TOKENIZER_LOCK, GenerateOptions, end_ids, generate_tokens, pad_id
 from .models import FAMILIES, LoadedModel
 from .preparation import SEQ_KEYS as _SEQ_KEYS
 from .preparation import PreparedSpecimen, build_prompt, prepare, prepare_one
 
 __all__ = [
+    "GenerateOptions",
     "GeneratedText",
     "PreparedSpecimen",
     "build_prompt",
@@ -33,8 +34,6 @@ __all__ = [
     "prepare",
     "prepare_one",
 ]
-# fast tokenizers raise "Already borrowed" when used from two threads at once
-_TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -48,25 +47,6 @@ class GeneratedText:
     confidence: float | None = None  # exp(mean token log-probability); with options.scores
 
 
-def _pad_id(loaded: LoadedModel) -> int:
-    tokenizer = loaded.processor.tokenizer
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return int(_end_ids(loaded)[0])
-
-
-def _end_ids(loaded: LoadedModel) -> list[int]:
-    """Token ids that end a generation: eos (all of them), pad and end-of-turn."""
-    gen = loaded.model.generation_config
-    eos = gen.eos_token_id
-    ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
-    tokenizer = loaded.processor.tokenizer
-    for token_id in (tokenizer.eos_token_id, tokenizer.pad_token_id, gen.pad_token_id):
-        if token_id is not None and token_id not in ids:
-            ids.append(int(token_id))
-    return ids
-
-
 def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str, torch.Tensor]:
     """Pad sequence tensors to the batch's longest prompt and concatenate the others.
 
@@ -77,7 +57,7 @@ def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str,
     """
     left = FAMILIES[loaded.family]["padding_side"] == "left"
     width = max(p.prompt_len for p in batch)
-    pad_id = _pad_id(loaded)
+    pad_value = pad_id(loaded)
     out: dict[str, torch.Tensor] = {}
     for key, fill in _SEQ_KEYS.items():
         rows = []
@@ -86,7 +66,7 @@ def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str,
             if seq is None:
                 break
             pad = torch.full(
-                (width - seq.shape[0],), pad_id if fill == "pad" else fill, dtype=seq.dtype
+                (width - seq.shape[0],), pad_value if fill == "pad" else fill, dtype=seq.dtype
             )
             rows.append(torch.cat([pad, seq] if left else [seq, pad]))
         else:
@@ -114,16 +94,6 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
-def _to_device(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    moved = {}
-    for key, value in inputs.items():
-        value = value.to(loaded.device)
-        if value.is_floating_point():  # pixel values follow the model's dtype
-            value = value.to(loaded.dtype)
-        moved[key] = value
-    return moved
-
-
 def _decode_rows(
     loaded: LoadedModel,
     new_tokens: torch.Tensor,
@@ -135,7 +105,7 @@ def _decode_rows(
     drop; ``logprobs`` (aligned with ``new_tokens``): confidence = exp(mean log-probability)
     of the content tokens, None without them."""
     tokenizer = loaded.processor.tokenizer
-    ends = set(_end_ids(loaded))
+    ends = set(end_ids(loaded))
     rows = []
     for r, row in enumerate(new_tokens.tolist()):
         stop = next((i for i, tok in enumerate(row) if tok in ends), None)
@@ -148,95 +118,12 @@ def _decode_rows(
             mean = float(logprobs[r, first : first + len(content)].float().mean())
             confidence = math.exp(mean) if math.isfinite(mean) else None
         # keep special tokens: Qwen2-VL boxes and PaliGemma <locNNNN> are (special) tokens
-        with _TOKENIZER_LOCK:
+        with TOKENIZER_LOCK:
             text = tokenizer.decode(
                 content, skip_special_tokens=False, clean_up_tokenization_spaces=False
             )
         rows.append((text, len(content), stop is None and len(row) >= max_new_tokens, confidence))
     return rows
-
-
-@dataclass
-class GenerateOptions:
-    """How ``generate`` runs (everything but the inputs); defaults = plain HF generate."""
-
-    static_cache: bool = False  # cache_implementation="static" (no torch.compile)
-    compile: bool = False  # static cache + torch.compile of the decoding forward
-    vision_cache: object = None  # embedding_cache.VisionCache: image embeddings by specimen
-    overlap: bool = True  # collate ahead and decode behind on helper threads
-    scores: bool = False  # token log-probabilities -> GeneratedText.confidence (box scores)
-
-
-def _generate_tokens(
-    loaded: LoadedModel,
-    batch: list[PreparedSpecimen],
-    inputs: dict[str, torch.Tensor],
-    max_new_tokens: int,
-    forced: list[str | None] | None,
-    options: GenerateOptions,
-) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
-    """One ``generate`` call: the new tokens (on CPU), a forced lead token to drop, and the
-    tokens' log-probabilities (``options.scores``; else None)."""
-    import contextlib
-
-    inputs = _to_device(loaded, inputs)
-    kwargs: dict = {}
-    if forced is not None:
-        from transformers import LogitsProcessorList
-
-        from .tiny_models import ForcedTextLogitsProcessor
-
-        eos = _end_ids(loaded)[0]
-        with _TOKENIZER_LOCK:
-            processor = ForcedTextLogitsProcessor(
-                loaded.processor.tokenizer, forced, eos_token_id=eos
-            )
-        kwargs["logits_processor"] = LogitsProcessorList([processor])
-    if options.static_cache or options.compile:
-        kwargs["cache_implementation"] = "static"
-        kwargs["disable_compile"] = not options.compile
-        if options.compile:
-            from transformers import CompileConfig
-
-            config = CompileConfig()
-            config._compile_all_devices = True  # transformers compiles only on GPUs otherwise
-            kwargs["compile_config"] = config
-    # A forced end token at max length (BART, Florence-2) would replace the last token and
-    # hide truncation. generate() refills None arguments from the model's generation config,
-    # so it is switched off there for the call.
-    if options.scores:
-        kwargs.update(output_scores=True, return_dict_in_generate=True)
-    gen_config = loaded.model.generation_config
-    forced_eos, gen_config.forced_eos_token_id = gen_config.forced_eos_token_id, None
-    cache = options.vision_cache
-    ids = [p.specimen_id for p in batch]
-    scope = cache.batch(ids) if cache is not None else contextlib.nullcontext()
-    try:
-        with torch.inference_mode(), scope:
-            out = loaded.model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=_pad_id(loaded),
-                eos_token_id=_end_ids(loaded),
-                **kwargs,
-            )
-    finally:
-        gen_config.forced_eos_token_id = forced_eos
-    logprobs = None
-    if options.scores:
-        # one log-probability per generated token (the sequences' tail), softmax-normalized
-        logprobs = loaded.model.compute_transition_scores(
-            out.sequences, out.scores, normalize_logits=True
-        ).cpu()
-        out = out.sequences
-    if not FAMILIES[loaded.family]["encoder_decoder"]:
-        # decoder-only: drop the prompt
-        return out[:, inputs["input_ids"].shape[1] :].cpu(), None, logprobs
-    # encoder-decoder: the output holds no prompt; drop the decoder start token and the
-    # forced <s> after it (Florence-2 writes "</s><s>answer</s>")
-    return out[:, 1:].cpu(), gen_config.forced_bos_token_id, logprobs
 
 
 def auto_batch_size(loaded: LoadedModel, n: int) -> int:
@@ -339,9 +226,11 @@ def generate(
                 ahead = (tuple(following), loader.submit(_load_batch, loaded, prepared, following))
             forced = None if forced_texts is None else [forced_texts[i] for i in chunk]
             try:
-                tokens, lead, logprobs = _generate_tokens(
-                    loaded, batch, inputs, max_new_tokens, forced, options
-                )
+                ids = [p.specimen_id for p in batch]
+                tokens, lead, logprobs = generate_tokens(
+                    loaded, ids, inputs, max_new_tokens, forced, options,
+                    lambda rows, batch=batch: collate(loaded, [batch[r] for r in rows]),
+                )  # fmt: skip
             except torch.OutOfMemoryError:
                 if len(chunk) == 1:
                     raise

@@ -101,6 +101,7 @@ def prepare(
     workers: int = 1,
     ram_budget_mb: float | None = None,
     cache_dir: str | Path | None = None,
+    into: PreparedSet | None = None,
 ) -> list[PreparedSpecimen] | PreparedSet:
     """Processor outputs of each specimen, computed once and reusable across checkpoints.
 
@@ -108,12 +109,16 @@ def prepare(
     most ``2 * workers`` results waiting). With ``ram_budget_mb`` the result is a
     ``PreparedSet`` holding tensors in RAM up to the budget and the rest in safetensors
     chunks under ``cache_dir`` (default: the system temp folder); without it, a plain list.
+    ``into``: fill this (empty) ``PreparedSet`` instead (``prepared_reuse`` passes a persisting
+    one); the budget and folder arguments are then ignored.
     """
     from .prepared_cache import PreparedSet
 
-    out: list | PreparedSet = (
-        [] if ram_budget_mb is None else PreparedSet(int(ram_budget_mb * 2**20), cache_dir)
-    )
+    out: list | PreparedSet
+    if into is not None:
+        out = into
+    else:
+        out = [] if ram_budget_mb is None else PreparedSet(int(ram_budget_mb * 2**20), cache_dir)
     items = iter(specimens)
     if workers <= 1:
         for specimen in items:

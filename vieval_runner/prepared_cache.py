@@ -6,6 +6,13 @@ A Qwen2-VL image at 448 px is ~2.4 MB of pixel values, so a 10,000-specimen spli
 chunk, keys ``<index>.<tensor>``) and reads a specimen back per batch through safetensors'
 memory map. Prompt lengths, ids and input sizes stay in memory (generation sorts by them).
 The folder is temporary: removed by ``close()`` or when the set is garbage-collected.
+
+With ``persist_max_bytes`` every specimen is also written to the chunks (the ones kept in RAM
+too) while the chunks stay within that many bytes, so the finished folder holds the whole split
+(``persisted``) and ``prepared_reuse`` can keep it for later runs; ``from_chunks`` opens such a
+folder again (every specimen then read per batch from disk). Chunks only kept for later runs
+(every specimen in them is also in RAM) are written on a background thread while preparation
+goes on; ``finish()`` waits for them, and a failed one only makes the set not ``persisted``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import tempfile
 import uuid
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
@@ -31,7 +39,7 @@ class _Meta:
     prompt_len: int
     input_size: tuple[int, int] | None
     keys: tuple[str, ...]  # the specimen's tensor names besides input_ids
-    chunk: int  # -1: in memory
+    chunk: int  # chunk file holding it; -1: only in memory
 
 
 def nbytes(prepared: PreparedSpecimen) -> int:
@@ -48,6 +56,8 @@ class PreparedSet(Sequence):
         ram_budget_bytes: int,
         cache_dir: str | Path | None = None,
         chunk_bytes: int = 64 * 2**20,
+        persist_max_bytes: int | None = None,
+        expected_count: int | None = None,
     ) -> None:
         self.ram_budget_bytes = int(ram_budget_bytes)
         self.ram_bytes = 0  # tensors held in memory (kept specimens + the pending chunk)
@@ -58,6 +68,14 @@ class PreparedSet(Sequence):
         self._memory: dict[int, PreparedSpecimen] = {}
         self._pending: dict[int, PreparedSpecimen] = {}
         self._pending_bytes = 0
+        self._pending_extra = 0  # pending bytes not also held in memory (persist mode)
+        self._persist = persist_max_bytes is not None
+        self._persist_max = persist_max_bytes or 0
+        self._expected = expected_count  # to skip writing a split that will not fit the bound
+        self.persist_dropped = False  # persisting stopped: too big, or a write failed
+        self.persist_error: BaseException | None = None
+        self._writer = ThreadPoolExecutor(1, "vieval-persist") if self._persist else None
+        self._writes: list[Future] = []
         self._spilling = False  # once one specimen went to disk, every later one does
         self._chunks: list[Path] = []
         self.folder: Path | None = None
@@ -70,18 +88,31 @@ class PreparedSet(Sequence):
         size = nbytes(prepared)
         index = len(self._meta)
         keys = tuple(prepared.tensors)
-        if not self._spilling and self.ram_bytes + size <= self.ram_budget_bytes:
+        in_ram = not self._spilling and self.ram_bytes + size <= self.ram_budget_bytes
+        if in_ram:
             self._memory[index] = prepared
             self.ram_bytes += size
-            chunk = -1
         else:
             self._spilling = True
+        if (
+            self._persist
+            and index == 0
+            and self._expected
+            and size * self._expected > (self._persist_max)
+        ):
+            # estimated from the first specimen: writing most of it only to drop it wastes disk
+            self._persist, self.persist_dropped = False, True
+        if self._persist and self.disk_bytes + self._pending_bytes + size > self._persist_max:
+            self._persist, self.persist_dropped = False, True  # too big to keep: stop writing
+        chunk = -1
+        if self._persist or not in_ram:
             if self._pending_bytes + size > self._chunk_bytes:
                 self._flush()  # pending bytes stay under max(chunk_bytes, one specimen)
             self._pending[index] = prepared
             self._pending_bytes += size
+            self._pending_extra += 0 if in_ram else size
             chunk = len(self._chunks)
-        self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes + self._pending_bytes)
+        self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes + self._pending_extra)
         self._meta.append(
             _Meta(prepared.specimen_id, prepared.prompt_len, prepared.input_size, keys, chunk)
         )
@@ -89,9 +120,21 @@ class PreparedSet(Sequence):
             self._flush()
 
     def finish(self) -> PreparedSet:
-        """Write the last partial chunk; the set is complete after this."""
+        """Write the last partial chunk and wait for background writes; complete after this."""
         self._flush()
+        self._wait_writes()
         return self
+
+    def _wait_writes(self) -> None:
+        for future in self._writes:
+            try:
+                future.result()
+            except Exception as exc:  # e.g. a full disk: this run has them in RAM anyway
+                self.persist_dropped, self.persist_error = True, self.persist_error or exc
+        self._writes = []
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def _flush(self) -> None:
         if not self._pending:
@@ -110,13 +153,54 @@ class PreparedSet(Sequence):
             for key, value in p.tensors.items():
                 tensors[f"{index}.{key}"] = value.contiguous()
         path = self.folder / f"chunk-{len(self._chunks):05d}.safetensors"
-        save_file(tensors, str(path))
+        if self._writer is not None and all(i in self._memory for i in self._pending):
+            # only kept for later runs (this run reads them from RAM): written in the background
+            self._writes.append(self._writer.submit(save_file, tensors, str(path)))
+        else:
+            save_file(tensors, str(path))
         self._chunks.append(path)
         self.disk_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes, self._pending_extra = {}, 0, 0
+
+    @classmethod
+    def from_chunks(
+        cls,
+        folder: Path,
+        chunks: list[Path],
+        metas: list[tuple[str, int, tuple[int, int] | None, tuple[str, ...], int]],
+        owned: bool,
+    ) -> PreparedSet:
+        """A finished set over existing chunk files; ``metas``: per specimen ``(id,
+        prompt_len, input_size, tensor keys, chunk)``. ``owned``: ``close()`` removes
+        ``folder`` (False: the folder belongs to someone else, e.g. the reuse cache)."""
+        prepared = cls(0)
+        prepared._meta = [_Meta(*m) for m in metas]
+        prepared._chunks = list(chunks)
+        prepared._spilling = True
+        prepared.folder = Path(folder)
+        prepared.disk_bytes = sum(p.stat().st_size for p in prepared._chunks)
+        if owned:
+            prepared._finalizer = weakref.finalize(prepared, shutil.rmtree, prepared.folder, True)
+        return prepared
+
+    @property
+    def persisted(self) -> bool:
+        """Every specimen is in the chunk files (a persisting set, finished, within its bound)."""
+        complete = bool(self._meta) and not self._pending and not self._writes
+        return complete and not self.persist_dropped and all(m.chunk >= 0 for m in self._meta)
+
+    @property
+    def chunk_files(self) -> list[Path]:
+        """The chunk files written so far, in order."""
+        return list(self._chunks)
+
+    def metas(self) -> list[tuple[str, int, tuple[int, int] | None, tuple[str, ...], int]]:
+        """Per specimen ``(id, prompt_len, input_size, tensor keys, chunk)`` (``from_chunks``)."""
+        return [(m.specimen_id, m.prompt_len, m.input_size, m.keys, m.chunk) for m in self._meta]
 
     def close(self) -> None:
         """Remove the on-disk chunks (also done when the set is garbage-collected)."""
+        self._wait_writes()
         if self._finalizer is not None:
             self._finalizer()
 
@@ -134,8 +218,8 @@ class PreparedSet(Sequence):
 
     @property
     def on_disk(self) -> int:
-        """How many specimens live on disk."""
-        return sum(1 for m in self._meta if m.chunk >= 0)
+        """How many specimens are read from disk (not held in memory)."""
+        return len(self._meta) - len(self._memory)
 
     @overload
     def __getitem__(self, index: int) -> PreparedSpecimen: ...

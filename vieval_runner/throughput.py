@@ -2,7 +2,8 @@
 the accelerator's.
 
 - ``prepare``: processor outputs for the split once per run, on ``preprocess_workers``
-  threads, in RAM up to ``prepare_cache_ram_mb`` and on disk beyond it; the vision
+  threads, in RAM up to ``prepare_cache_ram_mb`` and on disk beyond it, and with
+  ``reuse_prepared`` kept for (or reused from) later runs (``prepared_reuse``); the vision
   embedding cache (``cache_vision``) is installed on the model here.
 - ``start_prefetch`` / ``take_prefetched``: the next full checkpoint's tensors are read on a
   background thread while the current one generates.
@@ -48,22 +49,29 @@ def prepare(session) -> None:
 
     config = session.config
     t0 = time.perf_counter()
-    session.prepared = generation.prepare(
-        session.loaded,
-        session.specimens,
-        template=config.prompt_template,
-        system_prompt=config.system_prompt,
-        workers=config.preprocess_workers,
-        ram_budget_mb=config.prepare_cache_ram_mb,
-        cache_dir=config.cache_dir,
-    )
-    on_disk = getattr(session.prepared, "on_disk", 0)
-    log.info(
-        "prepared %d specimens in %.2fs (%d on disk)",
-        len(session.specimens),
-        time.perf_counter() - t0,
-        on_disk,
-    )
+    if config.reuse_prepared and config.prepared_cache_max_gb > 0:
+        from vieval_runner.prepared_reuse import prepare_reusing
+
+        # kept on local disk across runs: a later run on the same split reads them back
+        session.prepared, line = prepare_reusing(session.loaded, session.specimens, config)
+        log.info(line)
+    else:
+        session.prepared = generation.prepare(
+            session.loaded,
+            session.specimens,
+            template=config.prompt_template,
+            system_prompt=config.system_prompt,
+            workers=config.preprocess_workers,
+            ram_budget_mb=config.prepare_cache_ram_mb,
+            cache_dir=config.cache_dir,
+        )
+        on_disk = getattr(session.prepared, "on_disk", 0)
+        log.info(
+            "prepared %d specimens in %.2fs (%d on disk)",
+            len(session.specimens),
+            time.perf_counter() - t0,
+            on_disk,
+        )
     session.loaded.hash_vision = config.cache_vision  # hashing only feeds the cache
     if config.cache_vision and state(session).vision_cache is None:
         from vieval_runner.embedding_cache import VisionCache
@@ -125,6 +133,7 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
         vision_cache=cache,
         overlap=config.overlap,
         scores=config.box_scores,
+        lean=config.lean_decoding,
     )
     hits = cache.hits if cache is not None else 0
     t0 = time.perf_counter()

@@ -1,0 +1,184 @@
+"""The lean greedy loop against HF generate, on the real tiny models of every family."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from vieval_runner import decoding
+from vieval_runner.decoding import GenerateOptions, hf_generate, lean_blocker, lean_greedy
+from vieval_runner.families import FAMILIES
+from vieval_runner.generation import collate, generate, prepare
+from vieval_runner.models import load_base, swap_weights
+from vieval_runner.tiny_models import FAMILIES_BUILDABLE, ForcedTextLogitsProcessor
+
+DECODER_ONLY = [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]]
+
+
+@pytest.fixture(scope="module")
+def loaded_at(tiny_run):
+    """family -> LoadedModel at checkpoint-200 (built lazily, once per module)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            run = tiny_run(family)
+            loaded = load_base(run.base_model_dir, device="cpu", dtype="fp32")
+            swap_weights(loaded, run.run_dir / "checkpoint-200")
+            cache[family] = loaded
+        return cache[family]
+
+    return get
+
+
+def _batch(loaded, specimens):
+    """The nine mixed-size specimens as one left-padded batch (longest prompt first)."""
+    prepared = sorted(prepare(loaded, specimens), key=lambda p: -p.prompt_len)
+    assert prepared[0].prompt_len > prepared[-1].prompt_len  # real padding in the batch
+    return decoding.to_device(loaded, collate(loaded, prepared))
+
+
+def _both(loaded, inputs, max_new_tokens, processors=lambda: []):
+    with torch.inference_mode():
+        ref, ref_lp = hf_generate(
+            loaded, inputs, max_new_tokens, processors(), GenerateOptions(scores=True)
+        )
+        new, new_lp = lean_greedy(loaded, inputs, max_new_tokens, processors(), True)
+    return ref[:, inputs["input_ids"].shape[1] :], ref_lp, new, new_lp
+
+
+@pytest.mark.parametrize("family", DECODER_ONLY)
+def test_lean_loop_gives_hf_generate_tokens_and_scores(loaded_at, specimens, family):
+    loaded = loaded_at(family)
+    inputs = _batch(loaded, specimens)
+    ref, ref_lp, new, new_lp = _both(loaded, inputs, 12)
+    assert new.shape[1] >= ref.shape[1]
+    assert torch.equal(new[:, : ref.shape[1]], ref)
+    assert torch.allclose(new_lp[:, : ref.shape[1]], ref_lp, atol=1e-5)
+    assert len({tuple(r) for r in ref.tolist()}) > 1  # rows differ: the check can fail
+
+
+@pytest.mark.parametrize("family", ["qwen25_vl", "paligemma"])
+def test_lean_loop_stops_like_hf_on_end_tokens(loaded_at, specimens, family):
+    """Forced answers of different lengths: rows that ended get pad, the loop stops early."""
+    loaded = loaded_at(family)
+    inputs = _batch(loaded, specimens)
+    rows = inputs["input_ids"].shape[0]
+    texts = [("red circle " * (1 + i % 3)).strip() for i in range(rows)]
+    tokenizer = loaded.processor.tokenizer
+    eos = decoding.end_ids(loaded)[0]
+
+    def forced():
+        return [ForcedTextLogitsProcessor(tokenizer, texts, eos)]
+
+    ref, _, new, _ = _both(loaded, inputs, 40, forced)
+    assert ref.shape[1] < 40  # every row ended: HF stopped early
+    assert torch.equal(new[:, : ref.shape[1]], ref)
+    assert new.shape[1] == ref.shape[1]  # on the CPU the loop checks every step
+
+
+def test_generation_config_suppression_is_applied(loaded_at, specimens):
+    loaded = loaded_at("qwen2_vl")
+    inputs = _batch(loaded, specimens)
+    gen = loaded.model.generation_config
+    plain = _both(loaded, inputs, 10)[0]
+    try:
+        gen.suppress_tokens = [int(t) for t in plain[:, 0].unique()]  # ban the first choices
+        assert lean_blocker(loaded, GenerateOptions()) is None
+        ref, ref_lp, new, new_lp = _both(loaded, inputs, 10)
+    finally:
+        gen.suppress_tokens = None
+    assert not torch.equal(ref, plain)  # the setting changed the output: the test can fail
+    assert torch.equal(new[:, : ref.shape[1]], ref)
+    assert torch.allclose(new_lp[:, : ref.shape[1]], ref_lp, atol=1e-5)
+
+
+def test_blockers_name_why_hf_generate_is_used(loaded_at):
+    assert lean_blocker(loaded_at("florence2"), GenerateOptions()) == "encoder-decoder model"
+    loaded = loaded_at("paligemma")
+    assert lean_blocker(loaded, GenerateOptions(static_cache=True)) == "static cache / compile"
+    assert lean_blocker(loaded, GenerateOptions(lean=False)) == "lean: false"
+    gen = loaded.model.generation_config
+    try:
+        gen.no_repeat_ngram_size, gen.repetition_penalty = 3, 1.05
+        assert lean_blocker(loaded, GenerateOptions()) == (
+            "generation config sets no_repeat_ngram_size, repetition_penalty"
+        )
+    finally:
+        gen.no_repeat_ngram_size, gen.repetition_penalty = 0, 1.0
+
+
+def test_generate_is_identical_with_and_without_the_lean_loop(loaded_at, specimens):
+    for family in ("qwen2_vl", "smolvlm"):
+        loaded = loaded_at(family)
+        prepared = prepare(loaded, specimens)
+        runs = [
+            generate(
+                loaded,
+                prepared,
+                batch_size=4,
+                max_new_tokens=9,
+                options=GenerateOptions(lean=lean, scores=True),
+            )  # fmt: skip
+            for lean in (True, False)
+        ]
+        assert [g.text for g in runs[0]] == [g.text for g in runs[1]]
+        for a, b in zip(*runs, strict=True):
+            assert (a.n_new_tokens, a.truncated) == (b.n_new_tokens, b.truncated)
+            assert a.confidence == pytest.approx(b.confidence, abs=1e-6)
+
+
+def test_a_lean_loop_that_drifts_from_hf_is_switched_off(tiny_run, specimens, monkeypatch, caplog):
+    """As if a transformers release changed a hook: the first-batch check catches it."""
+    run = tiny_run("llava")
+    loaded = load_base(run.base_model_dir, device="cpu", dtype="fp32")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    prepared = prepare(loaded, specimens)
+    expected = [
+        g.text for g in generate(loaded, prepared, 4, 8, options=GenerateOptions(lean=False))
+    ]
+    real = decoding._greedy_scores
+
+    def drifted(scores, *args):
+        scores = real(scores, *args)
+        return scores.flip(-1)  # picks other tokens than HF would
+
+    monkeypatch.setattr(decoding, "_greedy_scores", drifted)
+    lean_calls = []
+    real_lean = decoding.lean_greedy
+    monkeypatch.setattr(
+        decoding, "lean_greedy", lambda *a, **k: lean_calls.append(1) or real_lean(*a, **k)
+    )
+    with caplog.at_level(logging.WARNING, logger="vieval"):
+        out = generate(loaded, prepared, batch_size=4, max_new_tokens=8)
+    assert [g.text for g in out] == expected  # HF generate did the work
+    assert "lean greedy decoding is off for llava" in caplog.text
+    assert lean_calls == [1]  # only the check ran the lean loop; not the batches
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vieval"):
+        generate(loaded, prepared, batch_size=4, max_new_tokens=8)
+    assert lean_calls == [1] and "lean" not in caplog.text  # decided once per model and config
+
+
+def test_a_lean_loop_that_fails_is_switched_off(tiny_run, specimens, monkeypatch, caplog):
+    """A hook with another signature (another transformers release) raises: HF generate runs."""
+    run = tiny_run("paligemma")
+    loaded = load_base(run.base_model_dir, device="cpu", dtype="fp32")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    prepared = prepare(loaded, specimens)
+    expected = [
+        g.text for g in generate(loaded, prepared, 4, 8, options=GenerateOptions(lean=False))
+    ]
+
+    def broken(*args, **kwargs):
+        raise TypeError("prepare_inputs_for_generation() got an unexpected keyword argument")
+
+    monkeypatch.setattr(decoding, "lean_greedy", broken)
+    with caplog.at_level(logging.WARNING, logger="vieval"):
+        out = generate(loaded, prepared, batch_size=4, max_new_tokens=8)
+    assert [g.text for g in out] == expected
+    assert "lean greedy decoding is off for paligemma: it failed on the first batch (TypeError" in (
+        caplog.text
+    )
