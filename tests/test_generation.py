@@ -254,7 +254,9 @@ def test_oom_halves_the_batch_and_keeps_every_specimen(loaded_at_200, specimens,
     hook = loaded.model.register_forward_pre_hook(small_memory, with_kwargs=True)
     done = []
     try:
-        with pytest.warns(RuntimeWarning, match="out of memory at batch size 8; halving to 4") as rec:
+        with pytest.warns(
+            RuntimeWarning, match="out of memory at batch size 8; halving to 4"
+        ) as rec:
             out = generate(loaded, prepared, batch_size=8, max_new_tokens=6,
                            progress=done.append, options=options)  # fmt: skip
     finally:

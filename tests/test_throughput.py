@@ -139,3 +139,40 @@ def test_torch_compile_with_static_cache_gives_the_same_text(tiny_run, specimens
     compiled = GenerateOptions(compile=True)
     got = generate(loaded, prepared, batch_size=4, max_new_tokens=6, options=compiled)
     assert [g.text for g in got] == want
+
+
+@pytest.mark.parametrize(
+    ("extra", "cpus", "during"),
+    [
+        ({}, 2, 1),  # overlap on: one core left for the helper threads
+        ({"overlap": False}, 2, None),  # no helpers: torch's own setting
+        ({"cpu_threads": 2}, 2, 2),  # asked for
+        ({}, 1, None),  # one CPU: nothing to leave free
+    ],
+)
+def test_generation_threads_leave_a_core_to_the_helpers_and_come_back(
+    tmp_path, tiny_run, monkeypatch, extra, cpus, during
+):
+    from vieval_runner import throughput
+
+    run = tiny_run("qwen2_vl")
+    config = _config(tmp_path, run, steps=[100], include_base=False, **extra)
+    monkeypatch.setattr(throughput.os, "cpu_count", lambda: cpus)
+    seen = []
+    from vieval_runner import generation
+
+    real = generation.generate
+
+    def recording(*args, **kwargs):  # what torch uses while the runner generates
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", recording)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert runner.run(config, _quiet()).evaluated == [100]
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [2 if during is None else during]

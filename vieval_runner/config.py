@@ -159,10 +159,10 @@ class Config(_Strict):
         "else $XDG_CACHE_HOME/vieval/prepared, else ~/.cache/vieval/prepared).",
     )
     prepared_cache_max_gb: float = Field(
-        20,
+        4,
         ge=0,
-        description="GiB the reusable processor outputs may take; least recently used beyond "
-        "it are removed (0: keep none).",
+        description="GiB the reusable processor outputs may take (a bigger split is not kept); "
+        "least recently used beyond it are removed (0: keep none).",
     )
     prefetch: bool = Field(
         True, description="Read the next checkpoint's weights while the current one generates."
@@ -182,6 +182,12 @@ class Config(_Strict):
     )
     compile: bool = Field(
         False, description="Static KV cache + torch.compile of the decoding step."
+    )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads while generating on the CPU; default: CPUs - 1 with overlap "
+        "on (the helper threads need a core), else torch's own.",
     )
     lean_decoding: bool = Field(
         True,

@@ -117,28 +117,46 @@ def _local_weights_dir(base_model: str) -> Path | None:
     return snap if _weight_files(snap, required=False) else None
 
 
-def load_base(base_model: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load the base model and its processor once, in eval mode, on ``device`` with SDPA."""
-    import transformers
+def load_base_processor(base_model: str | Path) -> LoadedModel:
+    """The base model's family and processor without its weights (``model`` is None): enough
+    to prepare the split while the weights load (``load_base(..., processor_of=...)``)."""
     from transformers import AutoConfig, AutoProcessor
 
     base = str(base_model)
-    dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
     if Path(base).is_dir():
         family = detect_family(base)
     else:
         family = family_for_model_type(AutoConfig.from_pretrained(base).model_type, base)
+    processor = AutoProcessor.from_pretrained(base)
+    _set_padding_side(processor, family)
+    cpu = torch.device("cpu")
+    return LoadedModel(None, processor, family, cpu, torch.float32, base, _local_weights_dir(base))
+
+
+def load_base(
+    base_model: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    processor_of: LoadedModel | None = None,
+) -> LoadedModel:
+    """Load the base model and its processor once, in eval mode, on ``device`` with SDPA.
+
+    ``processor_of``: a ``load_base_processor`` result whose family and processor to use."""
+    import transformers
+
+    base = str(base_model)
+    dev = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    head = processor_of or load_base_processor(base)
+    family = head.family
     cls = getattr(transformers, FAMILIES[family]["model_class"])
     try:
         model = cls.from_pretrained(base, dtype=torch_dtype, attn_implementation="sdpa")
     except (ValueError, ImportError):  # a family without SDPA support: use its default
         model = cls.from_pretrained(base, dtype=torch_dtype)
     model.to(dev).eval()
-    processor = AutoProcessor.from_pretrained(base)
-    _set_padding_side(processor, family)
-    weights_dir = _local_weights_dir(base)
-    loaded = LoadedModel(model, processor, family, dev, torch_dtype, base, weights_dir)
+    weights_dir = head.base_weights_dir
+    loaded = LoadedModel(model, head.processor, family, dev, torch_dtype, base, weights_dir)
     if weights_dir is None:  # no files to re-read: keep a host copy for restore_base
         loaded._base_state = {
             k: v.detach().to("cpu", copy=True) for k, v in _targets(model).items()

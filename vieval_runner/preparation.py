@@ -7,6 +7,7 @@ thread pool), keeping the results in RAM or, past a budget, on disk (``prepared_
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,6 +103,7 @@ def prepare(
     ram_budget_mb: float | None = None,
     cache_dir: str | Path | None = None,
     into: PreparedSet | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[PreparedSpecimen] | PreparedSet:
     """Processor outputs of each specimen, computed once and reusable across checkpoints.
 
@@ -110,7 +112,8 @@ def prepare(
     ``PreparedSet`` holding tensors in RAM up to the budget and the rest in safetensors
     chunks under ``cache_dir`` (default: the system temp folder); without it, a plain list.
     ``into``: fill this (empty) ``PreparedSet`` instead (``prepared_reuse`` passes a persisting
-    one); the budget and folder arguments are then ignored.
+    one); the budget and folder arguments are then ignored. ``cancel``: once set, stop with
+    ``PreparationCancelled`` (the runner prepares while the weights load; a failed load stops it).
     """
     from .prepared_cache import PreparedSet
 
@@ -119,7 +122,7 @@ def prepare(
         out = into
     else:
         out = [] if ram_budget_mb is None else PreparedSet(int(ram_budget_mb * 2**20), cache_dir)
-    items = iter(specimens)
+    items = _until(cancel, specimens)
     if workers <= 1:
         for specimen in items:
             out.append(prepare_one(loaded, specimen, template, system_prompt))
@@ -138,3 +141,14 @@ def prepare(
             while window:
                 out.append(window.popleft().result())
     return out if isinstance(out, list) else out.finish()
+
+
+class PreparationCancelled(Exception):
+    """``prepare`` was stopped through its ``cancel`` event."""
+
+
+def _until(cancel: threading.Event | None, specimens: Sequence[Specimen]):
+    for specimen in specimens:
+        if cancel is not None and cancel.is_set():
+            raise PreparationCancelled("preparation stopped")
+        yield specimen

@@ -1,11 +1,11 @@
 """Prepared specimens under a RAM budget: the first ones in memory, the rest on disk.
 
-A Qwen2-VL image at 448 px is ~2.4 MB of pixel values, so a 10,000-specimen split would be
-24 GB in RAM. ``PreparedSet`` keeps specimens in memory until their tensors reach
-``ram_budget_bytes``, then writes the rest in chunks of safetensors files (one file per
-chunk, keys ``<index>.<tensor>``) and reads a specimen back per batch through safetensors'
-memory map. Prompt lengths, ids and input sizes stay in memory (generation sorts by them).
-The folder is temporary: removed by ``close()`` or when the set is garbage-collected.
+A Qwen2-VL image at 448 px is ~4.8 MB of float32 pixel values (1,024 patches x 1,176), so
+10,000 specimens would be 48 GB in RAM. ``PreparedSet`` keeps specimens in memory until their
+tensors reach ``ram_budget_bytes``, then writes the rest in chunks of safetensors files (one
+file per chunk, keys ``<index>.<tensor>``) and reads a specimen back per batch through
+safetensors' memory map. Prompt lengths, ids and input sizes stay in memory (generation sorts
+by them). The folder is temporary: removed by ``close()`` or when the set is garbage-collected.
 
 With ``persist_max_bytes`` every specimen is also written to the chunks (the ones kept in RAM
 too) while the chunks stay within that many bytes, so the finished folder holds the whole split

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,15 +129,31 @@ def _ensure_model(
     console.print(
         f"[bold]model[/] {config.base_model} (device={config.device}, dtype={config.dtype})"
     )
-    attach_model(
-        session, models.load_base(config.base_model, device=config.device, dtype=config.dtype)
-    )
+    head = models.load_base_processor(config.base_model)  # family + processor: no weights
+    preparing: Future | None = None
+    if session.prepared is not None:
+        loaded = models.load_base(config.base_model, config.device, config.dtype, head)
+    else:
+        # once per run, and while the weights load: the split only needs the processor
+        cancel = threading.Event()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vieval-prepare-split")
+        preparing = pool.submit(throughput.prepare_inputs, session, head, cancel)
+        try:
+            loaded = models.load_base(config.base_model, config.device, config.dtype, head)
+        except BaseException:
+            cancel.set()  # a failed load does not wait for the whole split
+            raise
+        finally:
+            pool.shutdown(wait=False)
+    attach_model(session, loaded)
     console.print(
-        f"      family {session.loaded.family}, output format {session.output_format}, "
-        f"device {session.loaded.device}, dtype {str(session.loaded.dtype).removeprefix('torch.')}"
+        f"      family {loaded.family}, output format {session.output_format}, "
+        f"device {loaded.device}, dtype {str(loaded.dtype).removeprefix('torch.')}"
     )
     throughput.start_prefetch(session, first)  # read while the split is prepared
-    throughput.prepare(session)  # once per run: thread pool, RAM budget, vision cache
+    if preparing is not None:
+        preparing.result()  # its errors (e.g. an unreadable image) surface here
+    throughput.install_caches(session)  # the vision-embedding cache
 
 
 def select_checkpoints(config: Config) -> list[ckpts.Checkpoint]:

@@ -13,7 +13,7 @@ split is prepared as usual, written through to chunk files and saved as an entry
 - Bounded: after a save, least-recently-used entries beyond ``prepared_cache_max_gb`` go.
 - A corrupt entry (bad JSON, a missing or truncated chunk, tensor keys not the manifest's) is a
   warning naming the folder, then removed and prepared again. Sizes and safetensors headers are
-  checked, not every tensor byte (hashing 24 GB would cost more than preparing again).
+  checked, not every tensor byte (hashing 48 GB would cost more than preparing again).
 """
 
 from __future__ import annotations
@@ -134,9 +134,11 @@ def split_key(
     return h.hexdigest()
 
 
-def prepare_reusing(loaded, specimens: Sequence[Specimen], config) -> tuple[PreparedSet, str]:
+def prepare_reusing(
+    loaded, specimens: Sequence[Specimen], config, cancel=None
+) -> tuple[PreparedSet, str]:
     """The split's prepared inputs, reused from the cache or prepared (and saved), plus the
-    one log line saying which. ``config``: the run's ``Config``."""
+    one log line saying which. ``config``: the run's ``Config``; ``cancel``: see ``prepare``."""
     from ..preparation import prepare
 
     t0 = time.perf_counter()
@@ -178,6 +180,7 @@ def prepare_reusing(loaded, specimens: Sequence[Specimen], config) -> tuple[Prep
         config.system_prompt,
         workers=config.preprocess_workers,
         into=into,
+        cancel=cancel,
     )
     took = time.perf_counter() - t0
     head = f"prepared {len(prepared)} specimens in {took:.2f}s"
