@@ -18,19 +18,9 @@ DECODER_ONLY = [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decode
 
 
 @pytest.fixture(scope="module")
-def loaded_at(tiny_run):
-    """family -> LoadedModel at checkpoint-200 (built lazily, once per module)."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            run = tiny_run(family)
-            loaded = load_base(run.base_model_dir, device="cpu", dtype="fp32")
-            swap_weights(loaded, run.run_dir / "checkpoint-200")
-            cache[family] = loaded
-        return cache[family]
-
-    return get
+def loaded_at(loaded_at_200):
+    """family -> LoadedModel at checkpoint-200 (conftest's, once per module)."""
+    return lambda family: loaded_at_200(family)[0]
 
 
 def _batch(loaded, specimens):
@@ -130,15 +120,19 @@ def test_generate_is_identical_with_and_without_the_lean_loop(loaded_at, specime
             assert a.confidence == pytest.approx(b.confidence, abs=1e-6)
 
 
-def test_a_lean_loop_that_drifts_from_hf_is_switched_off(tiny_run, specimens, monkeypatch, caplog):
-    """As if a transformers release changed a hook: the first-batch check catches it."""
-    run = tiny_run("llava")
+def _fresh(tiny_run, family, specimens):
+    """A model of its own (its lean verdict starts unknown), its inputs and HF's texts."""
+    run = tiny_run(family)
     loaded = load_base(run.base_model_dir, device="cpu", dtype="fp32")
     swap_weights(loaded, run.run_dir / "checkpoint-200")
     prepared = prepare(loaded, specimens)
-    expected = [
-        g.text for g in generate(loaded, prepared, 4, 8, options=GenerateOptions(lean=False))
-    ]
+    expected = generate(loaded, prepared, 4, 8, options=GenerateOptions(lean=False))
+    return loaded, prepared, [g.text for g in expected]
+
+
+def test_a_lean_loop_that_drifts_from_hf_is_switched_off(tiny_run, specimens, monkeypatch, caplog):
+    """As if a transformers release changed a hook: the first-batch check catches it."""
+    loaded, prepared, expected = _fresh(tiny_run, "llava", specimens)
     real = decoding._greedy_scores
 
     def drifted(scores, *args):
@@ -164,13 +158,7 @@ def test_a_lean_loop_that_drifts_from_hf_is_switched_off(tiny_run, specimens, mo
 
 def test_a_lean_loop_that_fails_is_switched_off(tiny_run, specimens, monkeypatch, caplog):
     """A hook with another signature (another transformers release) raises: HF generate runs."""
-    run = tiny_run("paligemma")
-    loaded = load_base(run.base_model_dir, device="cpu", dtype="fp32")
-    swap_weights(loaded, run.run_dir / "checkpoint-200")
-    prepared = prepare(loaded, specimens)
-    expected = [
-        g.text for g in generate(loaded, prepared, 4, 8, options=GenerateOptions(lean=False))
-    ]
+    loaded, prepared, expected = _fresh(tiny_run, "paligemma", specimens)
 
     def broken(*args, **kwargs):
         raise TypeError("prepare_inputs_for_generation() got an unexpected keyword argument")

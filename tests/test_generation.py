@@ -26,22 +26,6 @@ _FORCED = {
 }
 
 
-@pytest.fixture(scope="module")
-def loaded_at_200(tiny_run):
-    """family -> (LoadedModel at checkpoint-200, run); built lazily."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            run = tiny_run(family)
-            loaded = load_base(run.base_model_dir, device="cpu")
-            swap_weights(loaded, run.run_dir / "checkpoint-200")
-            cache[family] = (loaded, run)
-        return cache[family]
-
-    return get
-
-
 def test_build_prompt_qwen_chat_and_templates(loaded_at_200):
     loaded, _ = loaded_at_200("qwen25_vl")
     spec = Specimen("a", "grounding", "red circle", 10, 10, image_bytes=b"")
