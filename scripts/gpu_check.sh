@@ -4,6 +4,7 @@
 # Stages, each time-boxed so one hang cannot eat the budget (the whole script < 8 min):
 #   1. pytest over the GPU-marked tests                              (90 s)
 #   1b. SmolVLM batching diagnosis, stage by stage (issue 3)         (60 s)
+#   1c. lean greedy loop vs HF generate, tiny models (issue 7)       (60 s)
 #   2. smoke: the qwen2vl-2b benchmark path with tiny dims on CUDA   (120 s; gates stage 3)
 #   3. the throughput benchmark on a Qwen2-VL-2B-shaped model, bf16  (what time is left)
 # Full log: $OUT/gpu_check.log; figures: $OUT/throughput.json. Summary table printed LAST.
@@ -57,6 +58,8 @@ stage gpu_tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider $GPU_TESTS
 
 # issue 3: which stage of SmolVLM's batched forward leaves the single one on CUDA
 stage smolvlm_diag 60 env DEV="$DEVICE" python3 scripts/gpu_diag_smolvlm.py
+# issue 7: the lean greedy loop vs HF generate per family (tiny models: per-step overhead)
+stage decoding 60 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5
 
 SMOKE_JSON="$OUT/throughput_smoke.json"
 stage smoke 120 python3 scripts/bench_throughput.py --preset qwen2vl-2b --shrink \
@@ -79,7 +82,7 @@ fi
 
 echo
 echo "================================ summary ================================"
-for name in env gpu_tests smolvlm_diag smoke bench; do
+for name in env gpu_tests smolvlm_diag decoding smoke bench; do
     printf '%-10s exit %-8s %5ss\n' "$name" "${STATUS[$name]:-not run}" "${DURATION[$name]:-0}"
 done
 python3 - "$OUT/throughput.json" <<'PY'

@@ -170,3 +170,18 @@ def test_a_lean_loop_that_fails_is_switched_off(tiny_run, specimens, monkeypatch
     assert "lean greedy decoding is off for paligemma: it failed on the first batch (TypeError" in (
         caplog.text
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", DECODER_ONLY)
+def test_lean_loop_gives_hf_generate_tokens_on_gpu(tiny_run, specimens, family):
+    """bf16 on CUDA: the same forward calls, so the same tokens (and the 4-step stop check)."""
+    run = tiny_run(family)
+    loaded = load_base(run.base_model_dir, device="cuda", dtype="bf16")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    inputs = _batch(loaded, specimens)
+    ref, ref_lp, new, new_lp = _both(loaded, inputs, 12)
+    assert torch.equal(new[:, : ref.shape[1]].cpu(), ref.cpu())
+    assert torch.isin(new[:, ref.shape[1] :].cpu(), torch.tensor(decoding.end_ids(loaded))).all()
+    assert torch.allclose(new_lp[:, : ref.shape[1]].float(), ref_lp.float(), atol=1e-3)
