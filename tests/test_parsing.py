@@ -531,3 +531,146 @@ def test_pathological_inputs_are_fast(fmt):
         t0 = time.perf_counter()
         assert_valid(FORMATS[fmt](text, ctx))
         assert time.perf_counter() - t0 < 2.0, (fmt, text[:20])
+
+
+# ---------------------------------------------------------------- box spans (per-box scores)
+
+
+def spans(text: str, fmt: str, **kw) -> tuple[str, list[str]]:
+    """Status and, per box, the raw text its span covers (spans index the exact input)."""
+    kw.setdefault("image_size", (W, H))
+    r = parse_grounding(text, fmt, **kw)
+    out = []
+    for b in r.boxes:
+        assert b.span is not None, (fmt, text, b)
+        start, end = b.span
+        assert 0 <= start < end <= len(text)
+        out.append(text[start:end])
+    return r.status, out
+
+
+SPAN_CASES = {
+    "qwen2_vl": (
+        "<|im_start|>assistant\n<|object_ref_start|>dog<|object_ref_end|>"
+        "<|box_start|>(10,20),(300,400)<|box_end|> and <|object_ref_start|>cat<|object_ref_end|>"
+        "<|box_start|>(1,2),(30,40),(50,60),(70,80)<|box_end|><|im_end|>",
+        [
+            "<|object_ref_start|>dog<|object_ref_end|><|box_start|>(10,20),(300,400)<|box_end|>",
+            "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(1,2),(30,40)",
+            ",(50,60),(70,80)<|box_end|>",
+        ],
+    ),
+    "qwen25_vl_json": (
+        'Here are the boxes:\n```json\n[\n  {"bbox_2d": [10, 20, 300, 400], "label": "dog"},\n'
+        '  {"bbox_2d": [30, 40, 50, 60], "label": "cat"}\n]\n```\nDone.',
+        [
+            '{"bbox_2d": [10, 20, 300, 400], "label": "dog"}',
+            '{"bbox_2d": [30, 40, 50, 60], "label": "cat"}',
+        ],
+    ),
+    "qwen3_vl_json": (
+        "Sure. [{'bbox_2d': [10, 20, 300, 400], 'label': \"dog's toy\"},"
+        " {'label': 'cat', 'bbox_2d': [[30, 40], [50, 60]]},]",
+        [
+            "{'bbox_2d': [10, 20, 300, 400], 'label': \"dog's toy\"}",
+            "{'label': 'cat', 'bbox_2d': [[30, 40], [50, 60]]}",
+        ],
+    ),
+    "paligemma_loc": (
+        "<bos><loc0010><loc0020><loc0300><loc0400> dog ; "
+        "<loc0030><loc0040><loc0050><loc0060><seg012><loc0070><loc0080><loc0090><loc0100> cat"
+        "<eos>",
+        [
+            "<loc0010><loc0020><loc0300><loc0400> dog",
+            "<loc0030><loc0040><loc0050><loc0060>",
+            "<loc0070><loc0080><loc0090><loc0100> cat",
+        ],
+    ),
+    "florence2_loc": (
+        "</s><s>dog<loc_10><loc_20><loc_300><loc_400>cat<loc_30><loc_40><loc_50><loc_60>"
+        "<loc_70><loc_80><loc_90><loc_99></s>",
+        [
+            "dog<loc_10><loc_20><loc_300><loc_400>",
+            "cat<loc_30><loc_40><loc_50><loc_60>",
+            "<loc_70><loc_80><loc_90><loc_99>",
+        ],
+    ),
+    "internvl": (
+        "The <ref>dog</ref><box>[[10, 20, 300, 400]]</box> and "
+        "<ref>cat</ref><box>[[30, 40, 50, 60], [70, 80, 90, 99]]</box>.",
+        [
+            "<ref>dog</ref><box>[[10, 20, 300, 400]]</box>",
+            "<ref>cat</ref><box>[[30, 40, 50, 60]",
+            ", [70, 80, 90, 99]]</box>",
+        ],
+    ),
+    "kosmos2": (
+        "<grounding> A <phrase>dog</phrase><object><patch_index_0001><patch_index_0100></object>"
+        " near <phrase>cats</phrase><object><patch_index_0002><patch_index_0200>"
+        "</delimiter_of_multi_objects/><patch_index_0003><patch_index_0300></object>.",
+        [
+            "<phrase>dog</phrase><object><patch_index_0001><patch_index_0100></object>",
+            "<phrase>cats</phrase><object><patch_index_0002><patch_index_0200>",
+            "</delimiter_of_multi_objects/><patch_index_0003><patch_index_0300></object>",
+        ],
+    ),
+    "plain_xyxy": (
+        "<pad><pad>  The dog is at [10, 20, 300, 400] and the cat at (30, 40, 50, 60).",
+        ["[10, 20, 300, 400]", "(30, 40, 50, 60)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(SPAN_CASES))
+def test_each_box_knows_its_span_in_the_raw_text(fmt):
+    """Two or more boxes amid prose, residue and fences: each box's span is the structure it
+    was read from, in positions of the exact text the parser was given."""
+    text, want = SPAN_CASES[fmt]
+    assert set(SPAN_CASES) == set(FORMATS)
+    kw = {"input_size": (W, H)} if fmt == "qwen25_vl_json" else {}
+    status, got = spans(text, fmt, **kw)
+    assert status == "ok", (fmt, status)
+    assert got == want
+
+
+def test_spans_of_a_cut_off_json_list_and_of_duplicates():
+    """A truncated list keeps the spans of the entries that closed; identical boxes (kept, not
+    deduplicated) each keep their own span; swapped corners and clamping keep the span."""
+    text = (
+        '[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "a"}, '
+        '{"bbox_2d": [900, 900, 10, 2000], "label": "b"}, {"bbox_2d": [5, 6'
+    )
+    status, got = spans(text, "qwen3_vl_json")
+    assert status == "truncated"
+    assert got == [
+        '{"bbox_2d": [1, 2, 3, 4], "label": "a"}',
+        '{"bbox_2d": [1, 2, 3, 4], "label": "a"}',
+        '{"bbox_2d": [900, 900, 10, 2000], "label": "b"}',
+    ]
+    r = parse_grounding(text, "qwen3_vl_json", (W, H))
+    assert r.boxes[0] == r.boxes[1] and r.boxes[0].span != r.boxes[1].span  # span: no equality
+    assert r.boxes[2].as_list() == pytest.approx([0.01 * W, 0.9 * H, 0.9 * W, H])
+    assert Box(1, 2, 3, 4, span=(0, 5)).to_row() == Box(1, 2, 3, 4).to_row()  # not stored
+
+
+def test_spans_survive_leading_residue_and_whitespace():
+    """clean-up removes pads and role headers before parsing; spans still index the raw text."""
+    text = '<pad><|im_start|>assistant\n  <pad>[{"bbox_2d": [1, 2, 3, 4]}]  <|im_end|><pad>'
+    status, got = spans(text, "qwen3_vl_json")
+    assert (status, got) == ("ok", ['{"bbox_2d": [1, 2, 3, 4]}'])
+    cut = "<|object_ref_start|>x<|object_ref_end|><|box_start|>(1,2),(3,4)"
+    status, got = spans(cut, "qwen2_vl")  # cut before <|box_end|>: the box is whole
+    assert got == [cut]
+
+
+def test_fuzzed_spans_stay_inside_the_text():
+    rng = random.Random(7)
+    pieces = [t for text, _ in SPAN_CASES.values() for t in (text[:40], text[40:], text)]
+    pieces += ["<pad>", "```json\n", "```", "[", "{", ",", " ", "\u00e9", "<|im_end|>"]
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        for fmt in FORMATS:
+            r = parse_grounding(text, fmt, (W, H), input_size=(W, H))
+            for b in r.boxes:
+                assert b.span is not None, (fmt, text)
+                assert 0 <= b.span[0] < b.span[1] <= len(text), (fmt, text, b.span)

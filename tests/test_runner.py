@@ -316,9 +316,12 @@ def test_box_scores_reach_the_store_and_survive_rescore(tmp_path, tiny_run):
     runner.run(config, _quiet())
     rows = store.open_store(config.store).step(config.effective_run_id, 200).to_pylist()
     assert all(0.0 < r["confidence"] <= 1.0 for r in rows)
-    for r in rows:
-        assert all(b["score"] == r["confidence"] for b in r["pred_boxes"])
+    for r in rows:  # per-token columns for per-box scores (re-derived by rescore)
+        assert len(r["token_logprobs"]) == len(r["token_ends"]) > 0
+        assert r["token_ends"][-1] == len(r["raw_text"])
+        assert all(0.0 < b["score"] <= 1.0 for b in r["pred_boxes"])
     rescore.rescore_store(config.store, console=_quiet())
     again = store.open_store(config.store).step(config.effective_run_id, 200).to_pylist()
     assert [r["confidence"] for r in again] == [r["confidence"] for r in rows]
+    assert [r["token_logprobs"] for r in again] == [r["token_logprobs"] for r in rows]
     assert [r["pred_boxes"] for r in again] == [r["pred_boxes"] for r in rows]

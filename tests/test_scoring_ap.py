@@ -138,3 +138,57 @@ def test_ap_undefined_cases():
     perfect = coco_average_precision(scored, refs, [np.ones((1, 1))])
     assert perfect == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0),
                        "ap75": pytest.approx(1.0)}  # fmt: skip
+
+
+def test_per_box_token_scores_reorder_boxes_and_change_ap():
+    """Each output holds a correct box and a wrong one. With the sequence confidence both share
+    a score, so AP cannot tell them apart; with per-box token scores (the wrong box written with
+    less confident tokens) it ranks the correct boxes first. Both equal pycocotools on the same
+    scored boxes."""
+    import json
+
+    from vieval_runner.records import Specimen
+    from vieval_runner.results import parse_text
+
+    rng = np.random.default_rng(3)
+    specimens, texts, ends, logprobs, confidences = [], [], [], [], []
+    for i in range(12):
+        ref = [int(v) for v in rng.integers(50, 400, 2)]
+        ref = [ref[0], ref[1], ref[0] + 200, ref[1] + 150]
+        wrong = [(ref[0] + 500) % 900, (ref[1] + 500) % 900, 0, 0]
+        wrong[2:] = [wrong[0] + 80, wrong[1] + 60]
+        first, second = (ref, wrong) if i % 2 else (wrong, ref)  # order varies in the text
+        parts = [json.dumps({"bbox_2d": first}), json.dumps({"bbox_2d": second})]
+        text = "[" + ", ".join(parts) + "]"
+        cut = len(parts[0]) + 1  # one "token" per box (+ the closing bracket)
+        lp_ref, lp_wrong = -float(rng.uniform(0.05, 0.5)), -float(rng.uniform(1.0, 3.0))
+        lps = [lp_ref, lp_wrong] if first is ref else [lp_wrong, lp_ref]
+        texts.append(text)
+        ends.append([cut, len(text) - 1, len(text)])
+        logprobs.append([*lps, -0.01])
+        confidences.append(float(np.exp(np.mean(logprobs[-1]))))
+        spec = Specimen(f"s{i}", "grounding", "thing", 1000, 1000)
+        spec.ref_boxes = [Box(*ref)]
+        specimens.append(spec)
+
+    def step_ap(per_box: bool):
+        preds = [
+            parse_text(s, t, None, "qwen25_vl_json", None, c, lp if per_box else None, e)
+            for s, t, c, lp, e in zip(specimens, texts, confidences, logprobs, ends, strict=True)
+        ]
+        boxes = [p.pred_boxes for p in preds]
+        refs = [s.ref_boxes for s in specimens]
+        agg = aggregate_grounding(
+            score_grounding(boxes, refs, ["ok"] * len(boxes)), ["ok"] * len(boxes), boxes, refs
+        )
+        stats = cocoeval_stats(boxes, refs)
+        assert agg["ap"] == pytest.approx(stats[0], abs=1e-6)
+        assert agg["ap50"] == pytest.approx(stats[1], abs=1e-6)
+        return agg["ap50"], boxes
+
+    shared_ap, shared = step_ap(per_box=False)
+    per_box_ap, scored = step_ap(per_box=True)
+    assert all(len({b.score for b in bs}) == 1 for bs in shared)  # one score per output
+    assert all(len({b.score for b in bs}) == 2 for bs in scored)
+    assert per_box_ap == pytest.approx(1.0)  # every correct box outranks every wrong one
+    assert shared_ap < 0.9

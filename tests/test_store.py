@@ -558,3 +558,47 @@ def test_prediction_records_and_a_tiny_cache(store):
         assert hist.column("input_height").to_pylist() == [224] * 3
         assert [reader.step("r", s).num_rows for s in (0, 10, 20)] == [3, 3, 3]
     assert small._histories["r"][1] is None and big._histories["r"][1] is not None
+
+
+def test_token_columns_are_nullable_and_added_to_stores_without_them(tmp_path):
+    """``token_logprobs`` / ``token_ends`` (per-box scores, ``vieval rescore``): a store made
+    before they existed opens (null) and takes them on the next commit; box structs keep
+    their columns (a box's text span is not stored)."""
+    from deltalake import write_deltalake
+
+    from vieval_runner.records import Prediction
+    from vieval_runner.store import PREDICTIONS_SCHEMA, prediction_row
+
+    root = str(tmp_path / "before")
+    create_store(root)
+    older = pa.schema([f for f in PREDICTIONS_SCHEMA if not f.name.startswith("token_")])
+    DeltaTable.create(
+        table_uri(root, "predictions"),
+        older,
+        mode="overwrite",
+        partition_by=["step"],
+        configuration={FORMAT_KEY: FORMAT_VERSION},
+        raise_if_key_not_exists=False,
+    )
+    plain = {name: None for name in older.names}
+    plain.update(run_id="r", step=1, eval_id="e", specimen_id="a", raw_text="[]")
+    write_deltalake(
+        table_uri(root, "predictions"), pa.Table.from_pylist([plain], older), mode="append"
+    )
+    reader = open_store(root)
+    assert reader.step("r", 1).column("token_logprobs").to_pylist() == [None]
+
+    text = '[{"bbox_2d": [1, 2, 3, 4]}]'
+    scored = Prediction(
+        "a", text, "ok", [Box(1, 2, 3, 4, "x", 0.25, span=(1, len(text) - 1))],
+        confidence=0.25, token_logprobs=[-1.5, -0.125], token_ends=[3, len(text)],
+    )  # fmt: skip
+    commit_step(root, {"run_id": "r", "step": 2}, [prediction_row(scored)])
+    reader.refresh()
+    step = reader.step("r", 2)
+    assert step.schema.field("token_logprobs").type == pa.list_(pa.float32())
+    assert step.schema.field("token_ends").type == pa.list_(pa.int32())
+    row = step.to_pylist()[0]
+    assert (row["token_logprobs"], row["token_ends"]) == ([-1.5, -0.125], [3, len(text)])
+    assert set(row["pred_boxes"][0]) == {"x1", "y1", "x2", "y2", "label", "score"}
+    assert reader.step("r", 1).column("token_ends").to_pylist() == [None]

@@ -132,7 +132,8 @@ class Config(_Strict):
     )
     box_scores: bool = Field(
         False,
-        description="Score boxes with the output's confidence (exp mean token log-prob) for AP; costs GPU memory.",
+        description="Score each box by the tokens that wrote it (exp mean log-prob) for AP; "
+        "the HF generate fallback keeps every step's scores on the device.",
     )
     force: bool = Field(
         False, description="Re-evaluate steps already stored for the same checkpoint and config."

@@ -45,6 +45,10 @@ class GeneratedText:
     n_new_tokens: int  # tokens before the end token
     truncated: bool  # hit max_new_tokens without an end token
     confidence: float | None = None  # exp(mean token log-probability); with options.scores
+    # with options.scores, per content token: its log-probability (float32 values) and the
+    # character offset in ``text`` where it ends (per-box scores: ``results.box_token_scores``)
+    token_logprobs: list[float] | None = None
+    token_ends: list[int] | None = None
 
 
 def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str, torch.Tensor]:
@@ -94,16 +98,57 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
+def token_ends(tokenizer, content: list[int], text: str) -> list[int]:
+    """Where each token of ``content`` ends in ``text`` (= ``tokenizer.decode(content)``):
+    ``len(decode(content[:i + 1]))``, a token that completes no character (part of a
+    multi-byte character) ending where the previous one did. Call under ``TOKENIZER_LOCK``.
+
+    The fast tokenizer's incremental decoder gives this in one pass; where its pieces do not
+    add up to ``text`` exactly (a decoder or clean-up it does not mirror), every prefix is
+    decoded instead (quadratic, but exact by construction)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        try:
+            from tokenizers.decoders import DecodeStream
+
+            stream, pieces, ends, pos = DecodeStream(skip_special_tokens=False), [], [], 0
+            for token in content:
+                piece = stream.step(backend, token) or ""
+                pieces.append(piece)
+                pos += len(piece)
+                ends.append(pos)
+            if "".join(pieces) == text:
+                return ends
+        except Exception:  # an older tokenizers or a decoder it cannot stream: slow path
+            pass
+    prefixes = [content[: i + 1] for i in range(len(content))]
+    decoded = tokenizer.batch_decode(
+        prefixes, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    ends, last = [], 0
+    for piece in decoded:
+        # a prefix ending inside a multi-byte character decodes to U+FFFD: not yet in text
+        last = max(last, len(piece) if text.startswith(piece) else _common(piece, text))
+        ends.append(last)
+    return ends
+
+
+def _common(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def _decode_rows(
     loaded: LoadedModel,
     new_tokens: torch.Tensor,
     max_new_tokens: int,
     lead: int | None = None,
     logprobs: torch.Tensor | None = None,
-) -> list[tuple[str, int, bool, float | None]]:
-    """``(text, n_tokens, truncated, confidence)`` per row; ``lead``: a forced first token to
-    drop; ``logprobs`` (aligned with ``new_tokens``): confidence = exp(mean log-probability)
-    of the content tokens, None without them."""
+) -> list[tuple[str, int, bool, float | None, list[float] | None, list[int] | None]]:
+    """``(text, n_tokens, truncated, confidence, token_logprobs, token_ends)`` per row;
+    ``lead``: a forced first token to drop; ``logprobs`` (aligned with ``new_tokens``):
+    confidence = exp(mean log-probability) of the content tokens, and per content token its
+    log-probability and end offset in ``text``; all None without them."""
     tokenizer = loaded.processor.tokenizer
     ends = set(end_ids(loaded))
     rows = []
@@ -113,16 +158,22 @@ def _decode_rows(
         first = 0
         if lead is not None and content[:1] == [lead]:
             content, first = content[1:], 1
-        confidence = None
-        if logprobs is not None and content:
-            mean = float(logprobs[r, first : first + len(content)].float().mean())
-            confidence = math.exp(mean) if math.isfinite(mean) else None
+        confidence = per_token = offsets = None
+        if logprobs is not None:
+            values = logprobs[r, first : first + len(content)].float()
+            per_token = values.tolist()
+            if content:
+                mean = float(values.mean())
+                confidence = math.exp(mean) if math.isfinite(mean) else None
         # keep special tokens: Qwen2-VL boxes and PaliGemma <locNNNN> are (special) tokens
         with TOKENIZER_LOCK:
             text = tokenizer.decode(
                 content, skip_special_tokens=False, clean_up_tokenization_spaces=False
             )
-        rows.append((text, len(content), stop is None and len(row) >= max_new_tokens, confidence))
+            if per_token is not None:
+                offsets = token_ends(tokenizer, content, text)
+        truncated = stop is None and len(row) >= max_new_tokens
+        rows.append((text, len(content), truncated, confidence, per_token, offsets))
     return rows
 
 
@@ -200,8 +251,8 @@ def generate(
     def finish(chunk, batch, tokens, lead, logprobs) -> None:
         rows = _decode_rows(loaded, tokens, max_new_tokens, lead, logprobs)
         texts = []
-        for i, p, (text, n_new, truncated, confidence) in zip(chunk, batch, rows, strict=True):
-            results[i] = GeneratedText(text, p.input_size, n_new, truncated, confidence)
+        for i, p, row in zip(chunk, batch, rows, strict=True):
+            results[i] = GeneratedText(row[0], p.input_size, *row[1:])
             texts.append(results[i])
         if on_batch is not None:
             on_batch(chunk, texts)

@@ -26,6 +26,10 @@ class Box:
     y2: float
     label: str = ""
     score: float | None = None
+    # where the parser read this box in the raw output text: ``raw_text[start:end]``. It ties
+    # the box to the tokens that wrote it (per-box scores); not part of equality, hashing or
+    # the store's box struct.
+    span: tuple[int, int] | None = field(default=None, compare=False)
 
     def as_list(self) -> list[float]:
         return [self.x1, self.y1, self.x2, self.y2]
@@ -101,3 +105,7 @@ class Prediction:
     failure_category: str = ""
     input_size: tuple[int, int] | None = None
     confidence: float | None = None  # exp(mean token log-probability), when scored
+    # when scored: each generated content token's log-probability and the offset in raw_text
+    # where it ends, so box scores can be re-derived from re-parsed text (``vieval rescore``)
+    token_logprobs: list[float] | None = None
+    token_ends: list[int] | None = None

@@ -103,5 +103,8 @@ def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) ->
         input_size,
         evaluation["output_format"],
         coords,
-        confidence=row.get("confidence"),  # the generation's: re-parsed boxes keep their score
+        # the generation's scores: re-parsed boxes get their tokens' scores again
+        confidence=row.get("confidence"),
+        token_logprobs=row.get("token_logprobs"),
+        token_ends=row.get("token_ends"),
     )

@@ -4,14 +4,17 @@ for the whole step), and the rows the store keeps (predictions and the evaluatio
 from __future__ import annotations
 
 import json
+import math
 import uuid
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
 from vieval_runner import __version__, parsing, scoring, store
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config, dump_config
-from vieval_runner.records import Prediction, Specimen
+from vieval_runner.records import Box, Prediction, Specimen
 from vieval_runner.resume import config_hash, resolved
 
 
@@ -61,7 +64,42 @@ def parse_one(session, specimen: Specimen, out) -> Prediction:
         session.output_format,
         session.coords,
         confidence=getattr(out, "confidence", None),
+        token_logprobs=getattr(out, "token_logprobs", None),
+        token_ends=getattr(out, "token_ends", None),
     )
+
+
+def box_token_scores(
+    boxes: Sequence[Box],
+    token_ends: Sequence[int],
+    token_logprobs: Sequence[float],
+    fallback: float | None = None,
+) -> list[float | None]:
+    """Each box's score: exp(mean log-probability) of the tokens that wrote it.
+
+    Token ``i`` covers the characters ``[token_ends[i - 1], token_ends[i])`` of the text (the
+    first from 0); a token that completes no character (part of a multi-byte one) counts for
+    the character it starts. A box's tokens are those whose range overlaps its ``span``; a
+    box without span or tokens, or with a non-finite mean, gets ``fallback`` (the output's
+    sequence confidence)."""
+    starts, reach, last = [], [], 0
+    for end in token_ends:
+        end = max(int(end), last)  # offsets never go back
+        starts.append(last)
+        reach.append(max(end, last + 1))
+        last = end
+    scores: list[float | None] = []
+    for box in boxes:
+        score = fallback
+        if box.span is not None:
+            a, b = box.span
+            first, stop = bisect_right(reach, a), bisect_left(starts, b)
+            if stop > first:
+                mean = math.fsum(token_logprobs[first:stop]) / (stop - first)
+                if math.isfinite(mean):
+                    score = math.exp(mean)
+        scores.append(score)
+    return scores
 
 
 def parse_text(
@@ -71,11 +109,16 @@ def parse_text(
     output_format: str | None,
     coords: str | None,
     confidence: float | None = None,
+    token_logprobs: Sequence[float] | None = None,
+    token_ends: Sequence[int] | None = None,
 ) -> Prediction:
     """Raw text -> Prediction (never raises: junk output is data); also used by rescore.
 
-    ``confidence`` (the generation's exp(mean token log-probability), ``box_scores: true``)
-    becomes every parsed box's score, so AP50 and AP@[.5:.95] can rank the boxes."""
+    With the generation's scores (``box_scores: true``), each parsed box's score is the
+    exp(mean log-probability) of the tokens that wrote it (``box_token_scores``), falling
+    back to ``confidence`` (the whole output's), so AP50 and AP@[.5:.95] can rank boxes
+    within and across outputs. ``token_ends`` are offsets in ``text``, which must be the
+    decoded text they were computed on."""
     if specimen.task == "grounding":
         result = parsing.parse_grounding(
             text,
@@ -88,7 +131,13 @@ def parse_text(
     else:
         result = parsing.parse_answer(text)
     boxes = result.boxes
-    if confidence is not None:
+    logprobs = None if token_logprobs is None else list(token_logprobs)
+    ends = None if token_ends is None else list(token_ends)
+    if logprobs is not None and ends is not None and len(logprobs) == len(ends):
+        # (lengths that differ: a damaged row; the sequence confidence, rather than a guess)
+        scores = box_token_scores(boxes, ends, logprobs, confidence)
+        boxes = [replace(box, score=score) for box, score in zip(boxes, scores, strict=True)]
+    elif confidence is not None:
         boxes = [replace(box, score=confidence) for box in boxes]
     return Prediction(
         specimen_id=specimen.specimen_id,
@@ -98,6 +147,8 @@ def parse_text(
         pred_answer=result.answer,
         input_size=tuple(input_size) if input_size else None,
         confidence=confidence,
+        token_logprobs=logprobs,
+        token_ends=ends,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,13 +338,31 @@ def write_tiny_run(
     return TinyRun(base_model_dir=base, run_dir=run_dir, steps=steps, family=family)
 
 
+class SoftScript(str):
+    """A scripted answer whose tokens are boosted rather than forced (tests of scores).
+
+    ``margins[t]`` (aligned with the text's tokens, then EOS): the scripted token ``t`` gets
+    the row's best score plus this margin, so greedy decoding still writes the script but the
+    token's probability is below 1 and depends on the margin; ``None`` (or past the list)
+    forces it as usual. It is a ``str``, so it travels through ``forced_texts`` unchanged.
+    """
+
+    margins: tuple[float | None, ...]
+
+    def __new__(cls, text: str, margins: Sequence[float | None]) -> SoftScript:
+        obj = super().__new__(cls, text)
+        obj.margins = tuple(margins)
+        return obj
+
+
 class ForcedTextLogitsProcessor(LogitsProcessor):
     """Forces batch row ``i`` to emit the tokens of ``texts[i]`` then EOS (None: leave free).
 
     Used by tests and the demo to push scripted answers through the real ``generate`` and
     decode path. ``texts`` is aligned with the rows of the batch as passed to ``generate``;
     ``generation.generate(forced_texts=...)`` keeps it aligned across its length sort.
-    One instance serves one ``generate`` call (it remembers the prompt length).
+    One instance serves one ``generate`` call (it remembers the prompt length). A
+    ``SoftScript`` text is boosted by its margins instead of forced (see there).
     """
 
     def __init__(self, tokenizer, texts: list[str | None], eos_token_id: int | None = None):
@@ -353,6 +371,7 @@ class ForcedTextLogitsProcessor(LogitsProcessor):
             None if t is None else tokenizer.encode(t, add_special_tokens=False) + [eos]
             for t in texts
         ]
+        self.margins = [getattr(t, "margins", ()) for t in texts]
         self.eos = eos
         self.prompt_len: int | None = None
 
@@ -367,6 +386,11 @@ class ForcedTextLogitsProcessor(LogitsProcessor):
             if target is None:
                 continue
             token = target[t] if t < len(target) else self.eos
+            margins = self.margins[row]
+            margin = margins[t] if t < len(margins) else None
+            if margin is not None:
+                scores[row, token] = scores[row].max() + float(margin)
+                continue
             scores[row] = float("-inf")
             scores[row, token] = 0.0
         return scores

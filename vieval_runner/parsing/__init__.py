@@ -23,7 +23,8 @@ Decisions:
 
 - Every box is in original-image pixels, ``x1 <= x2``, ``y1 <= y2`` (swapped corners are
   ordered, silently), clamped to ``[0, W] x [0, H]``, ``score`` None, label from the output or
-  ``default_label``. Zero-area boxes (also those clamped flat onto an edge) are kept: they are
+  ``default_label``, and ``span``: where it stood in the exact text given (residue, fences
+  and prose included), so ``results`` can score it by the tokens that wrote it. Zero-area boxes (also those clamped flat onto an edge) are kept: they are
   the model's prediction and score as a miss.
 - Exact duplicates are kept: a repetition loop is a real failure the scorer should count as
   false positives, not something the parser hides.
@@ -74,7 +75,7 @@ __all__ = [
 ]
 
 #: Bump on any change of parsing behaviour: stored with each evaluation for ``vieval rescore``.
-PARSER_VERSION = "1.0.0"
+PARSER_VERSION = "1.1.0"  # 1.1: boxes carry their text span (per-box scores)
 
 FORMATS: dict[str, Callable[[str, ParseContext], ParseResult]] = {
     "qwen2_vl": parse_qwen2_vl,

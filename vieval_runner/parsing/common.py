@@ -50,12 +50,52 @@ _PAD_RE = re.compile(r"<pad>|<\|pad\|>|<unk>")
 
 def clean_text(text: str) -> str:
     """Drop leading BOS/role/padding residue, cut at the first end-of-turn token, strip."""
-    text = _PAD_RE.sub("", text)
-    text = _LEAD_RE.sub("", text)
+    return clean_text_map(text)[0]
+
+
+# A cleaned text plus, for each of its characters, the index of that character in the raw
+# text: parsers report box spans in raw-text positions, whatever they removed before reading.
+Mapped = tuple[str, list[int]]
+
+
+def remove_map(text: str, where: list[int], pattern: re.Pattern) -> Mapped:
+    """``pattern.sub("", text)`` that also drops the removed characters from ``where``."""
+    parts: list[str] = []
+    kept: list[int] = []
+    pos = 0
+    for m in pattern.finditer(text):
+        parts.append(text[pos : m.start()])
+        kept.extend(where[pos : m.start()])
+        pos = m.end()
+    if not parts:
+        return text, where
+    parts.append(text[pos:])
+    kept.extend(where[pos:])
+    return "".join(parts), kept
+
+
+def clean_text_map(text: str, where: list[int] | None = None) -> Mapped:
+    """``clean_text`` and the raw index of each kept character (``where``: of ``text``'s)."""
+    where = list(range(len(text))) if where is None else where
+    text, where = remove_map(text, where, _PAD_RE)
+    m = _LEAD_RE.match(text)
+    if m:
+        text, where = text[m.end() :], where[m.end() :]
     m = _END_RE.search(text)
     if m:
-        text = text[: m.start()]
-    return text.strip()
+        text, where = text[: m.start()], where[: m.start()]
+    stripped = text.lstrip()
+    start = len(text) - len(stripped)
+    stripped = stripped.rstrip()
+    return stripped, where[start : start + len(stripped)]
+
+
+def raw_span(where: list[int], start: int, end: int) -> tuple[int, int] | None:
+    """Span ``[start, end)`` of a mapped text as a span of the raw text (None if empty)."""
+    start, end = max(start, 0), min(end, len(where))
+    if end <= start:
+        return None
+    return where[start], where[end - 1] + 1
 
 
 def to_float(value: object) -> float | None:
@@ -122,13 +162,22 @@ class Collector:
     was an explicitly empty structure such as ``[]``); ``result`` turns them into one status.
     """
 
-    def __init__(self, ctx: ParseContext) -> None:
+    def __init__(self, ctx: ParseContext, where: list[int] | None = None) -> None:
         self.ctx = ctx
         self.boxes: list[Box] = []
         self.flags: set[str] = set()
+        self.where = where  # raw index of each character of the text the parser reads
 
-    def add(self, xyxy: list[float | None] | tuple, label: object = None) -> None:
-        """Add a box given in original-image pixels; order corners, clamp, note problems."""
+    def add(
+        self,
+        xyxy: list[float | None] | tuple,
+        label: object = None,
+        span: tuple[int, int] | None = None,
+    ) -> None:
+        """Add a box given in original-image pixels; order corners, clamp, note problems.
+
+        ``span``: where the box stood in the text being read (mapped to the raw text through
+        ``where``); it becomes ``Box.span``."""
         if len(xyxy) != 4 or any(v is None or math.isnan(v) for v in xyxy):
             self.flags.add("malformed")  # NaN has no place in the image: the box is dropped
             return
@@ -141,7 +190,10 @@ class Collector:
         x1, x2 = (min(max(v, 0.0), w) for v in (x1, x2))
         y1, y2 = (min(max(v, 0.0), h) for v in (y1, y2))
         text = label.strip() if isinstance(label, str) else ("" if label is None else str(label))
-        self.boxes.append(Box(x1, y1, x2, y2, label=text or self.ctx.default_label))
+        if span is not None and self.where is not None:
+            span = raw_span(self.where, *span)
+        box = Box(x1, y1, x2, y2, label=text or self.ctx.default_label, span=span)
+        self.boxes.append(box)
 
     def result(self, text: str) -> ParseResult:
         """Status precedence: truncated > malformed > empty > out_of_range > ok."""

@@ -3,6 +3,10 @@
 Models wrap JSON in prose and code fences, stop mid-list at ``max_new_tokens``, write trailing
 commas or single quotes. The reader takes every JSON value it can find, repairs what is cheap,
 and from a cut-off list salvages each entry that closed before the cut.
+
+Box spans (``Box.span``): the JSON object (``{"bbox_2d": [...], "label": ...}``) or bare
+coordinate list a box was read from, found by walking the text's bracket structure alongside
+the parsed value (where the two disagree, e.g. duplicate keys, a child takes its parent's span).
 """
 
 from __future__ import annotations
@@ -11,7 +15,14 @@ import ast
 import json
 import re
 
-from vieval_runner.parsing.common import COORDS, NUM, Collector, ParseContext, clean_text, to_float
+from vieval_runner.parsing.common import (
+    COORDS,
+    NUM,
+    Collector,
+    ParseContext,
+    clean_text_map,
+    to_float,
+)
 from vieval_runner.records import ParseResult
 
 _BOX_KEYS = ("bbox_2d", "bbox", "box_2d", "box")
@@ -23,24 +34,72 @@ _MAX_DEPTH = 8  # salvage/recursion depth: junk like "[[[[[[" must stay linear i
 _FAIL = object()
 
 
-def _unfence(text: str) -> str:
-    blocks = _FENCE.findall(text)
-    return "\n".join(blocks) if blocks else text
+Span = tuple[int, int]
 
 
-def _skip_string(s: str, i: int) -> int | None:
-    """Index after the JSON string starting at ``s[i] == '"'``, or None if it never closes."""
+def _unfence(text: str, where: list[int]) -> tuple[str, list[int]]:
+    """The fenced blocks joined by newlines (the text if none), with raw positions."""
+    blocks = list(_FENCE.finditer(text))
+    if not blocks:
+        return text, where
+    parts, kept = [], []
+    for k, m in enumerate(blocks):
+        if k:
+            parts.append("\n")
+            kept.append(kept[-1] if kept else where[m.start(1)] if where else 0)
+        parts.append(m.group(1))
+        kept.extend(where[m.start(1) : m.end(1)])
+    return "".join(parts), kept
+
+
+def _skip_string(s: str, i: int, quote: str = '"') -> int | None:
+    """Index after the string starting at ``s[i] == quote``, or None if it never closes."""
     i += 1
     n = len(s)
     while i < n:
         c = s[i]
         if c == "\\":
             i += 2
-        elif c == '"':
+        elif c == quote:
             return i + 1
         else:
             i += 1
     return None
+
+
+def _children(s: str, span: Span) -> list[Span]:
+    """Spans of the elements (list) or values (dict) of the bracket group ``s[span]``, split
+    at top-level commas; strings in double or single quotes are skipped whole."""
+    start, end = span
+    out: list[Span] = []
+    item, value, depth, i = start + 1, None, 0, start + 1
+    while i < end:
+        c = s[i]
+        if c in "\"'":
+            j = _skip_string(s, i, c)
+            i = end if j is None else j
+            continue
+        if c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth -= 1
+            if depth < 0:
+                break
+        elif depth == 0 and c == ":" and value is None:
+            value = i + 1
+        elif depth == 0 and c == ",":
+            out.append(((value if s[start] == "{" and value is not None else item), i))
+            item, value = i + 1, None
+        i += 1
+    out.append(((value if s[start] == "{" and value is not None else item), min(i, end)))
+    spans = []
+    for a, b in out:
+        piece = s[a:b]
+        a += len(piece) - len(piece.lstrip())
+        b = a + len(piece.strip())
+        if b > a:
+            spans.append((a, b))
+    return spans
 
 
 def _balanced_end(s: str, start: int, limit: int) -> int | None:
@@ -99,7 +158,7 @@ def _salvage(s: str, start: int, limit: int, flags: set[str], depth: int = 0) ->
                 break
             val = _loads(s[i:end])
             if val is not _FAIL:
-                out.append(val)
+                out.append((val, (i, end)))
             elif c == "[":
                 out.extend(_salvage(s, i, end - 1, flags, depth + 1))
             else:
@@ -110,8 +169,9 @@ def _salvage(s: str, start: int, limit: int, flags: set[str], depth: int = 0) ->
     return out
 
 
-def json_values(body: str) -> tuple[list, set[str]]:
-    """Every top-level JSON value in ``body`` (prose between them is skipped), and flags."""
+def json_values(body: str) -> tuple[list[tuple[object, Span]], set[str]]:
+    """Every top-level JSON value in ``body`` with its span (prose between them is skipped),
+    and flags."""
     decoder = json.JSONDecoder()
     values: list = []
     flags: set[str] = set()
@@ -120,7 +180,7 @@ def json_values(body: str) -> tuple[list, set[str]]:
         start = m.start()
         try:
             val, pos = decoder.raw_decode(body, start)
-            values.append(val)
+            values.append((val, (start, pos)))
             continue
         except (ValueError, RecursionError):
             pass
@@ -131,7 +191,7 @@ def json_values(body: str) -> tuple[list, set[str]]:
             break
         val = _loads(body[start:end])
         if val is not _FAIL:
-            values.append(val)
+            values.append((val, (start, end)))
         else:
             values.extend(_salvage(body, start, end - 1, flags))
         pos = end
@@ -170,8 +230,26 @@ def _label(entry: dict) -> object:
     return None
 
 
-def _collect(v: object, col: Collector, sx: float, sy: float, depth: int, top: bool) -> None:
-    """Add the boxes found in one parsed JSON value."""
+def _child_spans(body: str, span: Span, n: int) -> list[Span]:
+    """The ``n`` children's spans of the group at ``span``; all ``span`` if they disagree."""
+    if body[span[0] : span[0] + 1] in ("[", "{"):
+        children = _children(body, span)
+        if len(children) == n:
+            return children
+    return [span] * n
+
+
+def _collect(
+    v: object,
+    col: Collector,
+    sx: float,
+    sy: float,
+    depth: int,
+    top: bool,
+    body: str = "",
+    span: Span = (0, 0),
+) -> None:
+    """Add the boxes found in one parsed JSON value (``span``: where it stood in ``body``)."""
     if depth > _MAX_DEPTH:
         col.flags.add("malformed")
         return
@@ -182,37 +260,41 @@ def _collect(v: object, col: Collector, sx: float, sy: float, depth: int, top: b
             if xyxy is None:
                 col.flags.add("malformed")
                 return
-            col.add(_scale(xyxy, sx, sy), _label(v))
+            col.add(_scale(xyxy, sx, sy), _label(v), span)
         elif any(k in v for k in _POINT_KEYS):
             return  # a point is not a box: skipped, not an error
         else:
-            nested = [x for x in v.values() if isinstance(x, (list, dict))]
+            pairs = zip(v.values(), _child_spans(body, span, len(v)), strict=True)
+            nested = [(x, sp) for x, sp in pairs if isinstance(x, (list, dict))]
             if not nested:
                 col.flags.add("malformed")
-            for x in nested:
-                _collect(x, col, sx, sy, depth + 1, top=False)
+            for x, sp in nested:
+                _collect(x, col, sx, sy, depth + 1, False, body, sp)
     elif isinstance(v, (list, tuple)):
         if _is_box_list(v):
-            col.add(_scale([to_float(x) for x in v], sx, sy))
+            col.add(_scale([to_float(x) for x in v], sx, sy), None, span)
         elif not v:
             col.flags.add("empty")
         else:
-            inner = [x for x in v if isinstance(x, (list, tuple, dict))]
+            pairs = zip(v, _child_spans(body, span, len(v)), strict=True)
+            inner = [(x, sp) for x, sp in pairs if isinstance(x, (list, tuple, dict))]
             if len(inner) < len(v) and not top:
                 col.flags.add("malformed")  # at top level, odd lists are prose like "[1]"
-            for x in inner:
-                _collect(x, col, sx, sy, depth + 1, top=False)
+            for x, sp in inner:
+                _collect(x, col, sx, sy, depth + 1, False, body, sp)
 
 
 def _parse_json(text: str, ctx: ParseContext, sx: float, sy: float) -> ParseResult:
-    text = clean_text(text)
-    col = Collector(ctx)
-    values, flags = json_values(_unfence(text))
+    text, where = clean_text_map(text)
+    body, body_where = _unfence(text, where)
+    col = Collector(ctx, body_where)
+    values, flags = json_values(body)
     col.flags |= flags
-    for v in values:
-        _collect(v, col, sx, sy, 0, top=True)
+    for v, span in values:
+        _collect(v, col, sx, sy, 0, True, body, span)
     if not values and not flags:
-        _plain_boxes(text, col, sx, sy)  # no JSON at all: bare "(x1, y1, x2, y2)" tuples
+        col.where = where  # no JSON at all: bare "(x1, y1, x2, y2)" tuples in the text
+        _plain_boxes(text, col, sx, sy)
     return col.result(text)
 
 
@@ -237,15 +319,15 @@ _PLAIN_CUT = re.compile(rf"[\[(]\s*(?:(?:{NUM}){_SEP}){{0,3}}(?:{NUM})?\s*\Z", r
 
 def _plain_boxes(text: str, col: Collector, sx: float, sy: float) -> None:
     for m in _PLAIN.finditer(text):
-        col.add(_scale([to_float(g) for g in m.groups()], sx, sy))
+        col.add(_scale([to_float(g) for g in m.groups()], sx, sy), None, m.span())
     if _PLAIN_CUT.search(text):
         col.flags.add("truncated")
 
 
 def parse_plain_xyxy(text: str, ctx: ParseContext) -> ParseResult:
     """Every ``[x1, y1, x2, y2]`` / ``(x1, y1, x2, y2)`` in the text, in ``ctx.coords`` units."""
-    text = clean_text(text)
-    col = Collector(ctx)
+    text, where = clean_text_map(text)
+    col = Collector(ctx, where)
     div = COORDS[ctx.coords or "pixel"]
     w, h = ctx.image_size
     sx, sy = (1.0, 1.0) if div is None else (w / div, h / div)

@@ -3,6 +3,11 @@
 ``qwen2_vl``, ``internvl`` and ``kosmos2`` write ``phrase-tag ... box-tag``: a box takes the most
 recent phrase (or the default label). ``paligemma_loc`` and ``florence2_loc`` write runs of
 location tokens: PaliGemma's label follows its run, Florence-2's precedes it.
+
+Box spans (``Box.span``, raw-text positions): a box tag's boxes split the group from its
+phrase tag (if no earlier box used that phrase) to its closing tag, each box ending where its
+last coordinate ends (the last at the closing tag); a location run's boxes take their own
+location tokens plus the label (PaliGemma: up to the ``;``; Florence-2: the text before).
 """
 
 from __future__ import annotations
@@ -10,40 +15,88 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from vieval_runner.parsing.common import NUM, Collector, ParseContext, clean_text, floats
+from vieval_runner.parsing.common import (
+    NUM,
+    NUM_RE,
+    Collector,
+    ParseContext,
+    clean_text_map,
+    floats,
+    remove_map,
+)
 from vieval_runner.records import ParseResult
 
-BoxHandler = Callable[[str, str | None, bool, Collector], None]
+Span = tuple[int, int]
+#: ``on_box(content, content_start, ref, complete, group, col)``; ``group``: the box tag's span
+#: (with its phrase tag when this is the first box tag after it).
+BoxHandler = Callable[[str, int, str | None, bool, Span, Collector], None]
 
 
-def _walk(text: str, tags: re.Pattern, ref_tag: str, box_tag: str, on_box: BoxHandler, col):
-    """Walk ``text`` tag by tag; call ``on_box(content, ref, complete, col)`` for each box tag.
+def _walk(
+    text: str,
+    tags: re.Pattern,
+    names: tuple[str, str, str],
+    on_box: BoxHandler,
+    col: Collector,
+) -> None:
+    """Walk ``text`` tag by tag; call ``on_box`` for each box tag. ``names``: the phrase-open,
+    box-open and box-close tag names (``tags`` group 1).
 
     ``complete`` is False when the text ends inside the box (cut off by ``max_new_tokens``).
     """
+    ref_tag, box_tag, close_tag = names
     marks = list(tags.finditer(text))
     ref: str | None = None
+    ref_start: int | None = None  # a phrase no box has used yet starts the next box's span
     for i, m in enumerate(marks):
         nxt = marks[i + 1] if i + 1 < len(marks) else None
-        content = text[m.end() : nxt.start() if nxt else len(text)]
+        content_end = nxt.start() if nxt else len(text)
+        content = text[m.end() : content_end]
         if m.group(1) == ref_tag:
             if nxt is None:
                 col.flags.add("truncated")  # cut inside the phrase: nothing to recover
                 return
-            ref = content
+            ref, ref_start = content, m.start()
         elif m.group(1) == box_tag:
-            on_box(content, ref, nxt is not None, col)
+            end = nxt.end() if nxt is not None and nxt.group(1) == close_tag else content_end
+            group = (m.start() if ref_start is None else ref_start, end)
+            ref_start = None
+            on_box(content, m.end(), ref, nxt is not None, group, col)
             if nxt is None:
                 col.flags.add("truncated")
 
 
-def _groups_of_four(nums: list, col: Collector, ref, sx: float, sy: float) -> None:
+def _split(ends: list[int], group: Span) -> list[Span]:
+    """One span per box: consecutive pieces of ``group``, box k ending at ``ends[k]`` (the last
+    at the group's end), so every character of the group belongs to exactly one box."""
+    spans, start = [], group[0]
+    for k, end in enumerate(ends):
+        end = group[1] if k == len(ends) - 1 else max(end, start)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+_CLOSER = re.compile(r"\s*[)\]]")
+
+
+def _quad_ends(content: str, offset: int) -> list[int]:
+    """Where each group of four numbers in ``content`` ends, with the bracket that closes its
+    last number (``offset``: content's start in the text)."""
+    ends = [m.end() for m in NUM_RE.finditer(content)][3::4]
+    return [(m.end() if (m := _CLOSER.match(content, e)) else e) + offset for e in ends]
+
+
+def _groups_of_four(
+    nums: list, col: Collector, ref, sx: float, sy: float, spans: list[Span] | None = None
+) -> None:
     if not nums or len(nums) % 4:
         col.flags.add("malformed")
         return
     for k in range(0, len(nums), 4):
         x1, y1, x2, y2 = nums[k : k + 4]
-        col.add([_mul(x1, sx), _mul(y1, sy), _mul(x2, sx), _mul(y2, sy)], ref)
+        span = spans[k // 4] if spans and k // 4 < len(spans) else None
+        col.add([_mul(x1, sx), _mul(y1, sy), _mul(x2, sx), _mul(y2, sy)], ref, span)
 
 
 def _mul(v: float | None, s: float) -> float | None:
@@ -63,21 +116,22 @@ def parse_qwen2_vl(text: str, ctx: ParseContext) -> ParseResult:
     Without any Qwen tag (output decoded with ``skip_special_tokens=True``), bare
     ``(x1,y1),(x2,y2)`` pairs are read with the default label.
     """
-    text = clean_text(text)
-    col = Collector(ctx)
+    text, where = clean_text_map(text)
+    col = Collector(ctx, where)
     w, h = ctx.image_size
     sx, sy = w / 1000, h / 1000
 
-    def on_box(content: str, ref, complete: bool, col: Collector) -> None:
+    def on_box(content: str, at: int, ref, complete: bool, group: Span, col: Collector) -> None:
         nums = floats(content)
         if complete or (nums and len(nums) % 4 == 0 and content.rstrip().endswith(")")):
-            _groups_of_four(nums, col, ref, sx, sy)
+            _groups_of_four(nums, col, ref, sx, sy, _split(_quad_ends(content, at), group))
 
     if _QWEN_TAGS.search(text):
-        _walk(text, _QWEN_TAGS, "object_ref_start", "box_start", on_box, col)
+        names = ("object_ref_start", "box_start", "box_end")
+        _walk(text, _QWEN_TAGS, names, on_box, col)
     else:
         for m in _QWEN_BARE.finditer(text):
-            _groups_of_four(floats(m.group(0)), col, None, sx, sy)
+            _groups_of_four(floats(m.group(0)), col, None, sx, sy, [m.span()])
     return col.result(text)
 
 
@@ -88,21 +142,27 @@ _INNER_LIST = re.compile(r"\[([^\[\]]*)\]")
 
 def parse_internvl(text: str, ctx: ParseContext) -> ParseResult:
     """``<ref>phrase</ref><box>[[x1, y1, x2, y2], ...]</box>``, 0-1000 relative."""
-    text = clean_text(text)
-    col = Collector(ctx)
+    text, where = clean_text_map(text)
+    col = Collector(ctx, where)
     w, h = ctx.image_size
     sx, sy = w / 1000, h / 1000
 
-    def on_box(content: str, ref, complete: bool, col: Collector) -> None:
-        inner = _INNER_LIST.findall(content)
+    def on_box(content: str, at: int, ref, complete: bool, group: Span, col: Collector) -> None:
+        inner = list(_INNER_LIST.finditer(content))
         if not inner:
             if complete:
-                _groups_of_four(floats(content), col, ref, sx, sy)
+                nums = floats(content)
+                _groups_of_four(nums, col, ref, sx, sy, _split(_quad_ends(content, at), group))
             return
-        for item in inner:  # an unclosed last list is not matched: recovered boxes are whole
-            _groups_of_four(floats(item), col, ref, sx, sy)
+        # an unclosed last list is not matched: recovered boxes are whole
+        items = [(floats(m.group(1)), _quad_ends(m.group(0), at + m.start())) for m in inner]
+        ends = [e for _, quads in items for e in quads]
+        spans = iter(_split(ends, group))
+        for nums, quads in items:
+            mine = [next(spans) for _ in quads] if not len(nums) % 4 else None
+            _groups_of_four(nums, col, ref, sx, sy, mine)
 
-    _walk(text, _INTERN_TAGS, "ref", "box", on_box, col)
+    _walk(text, _INTERN_TAGS, ("ref", "box", "/box"), on_box, col)
     return col.result(text)
 
 
@@ -110,6 +170,7 @@ def parse_internvl(text: str, ctx: ParseContext) -> ParseResult:
 _KOSMOS_TAGS = re.compile(r"<(/?phrase|/?object)>")
 _PATCH = re.compile(r"<patch_index_(\d{1,6})>")
 _KOSMOS_SIDE = 32  # 1024 patch-index tokens = a 32 x 32 grid
+_KOSMOS_DELIMITER = "</delimiter_of_multi_objects/>"
 
 
 def _patch_to_xyxy(ul: int, lr: int, n: int = _KOSMOS_SIDE) -> tuple[float, float, float, float]:
@@ -124,22 +185,26 @@ def _patch_to_xyxy(ul: int, lr: int, n: int = _KOSMOS_SIDE) -> tuple[float, floa
 
 def parse_kosmos2(text: str, ctx: ParseContext) -> ParseResult:
     """``<phrase>p</phrase><object><patch_index_UL><patch_index_LR></object>`` on a 32x32 grid."""
-    text = clean_text(text)
-    col = Collector(ctx)
+    text, where = clean_text_map(text)
+    col = Collector(ctx, where)
     w, h = ctx.image_size
 
-    def on_box(content: str, ref, complete: bool, col: Collector) -> None:
-        parts = content.split("</delimiter_of_multi_objects/>")
+    def on_box(content: str, at: int, ref, complete: bool, group: Span, col: Collector) -> None:
+        parts = content.split(_KOSMOS_DELIMITER)
+        found, pos = [], at
         for k, part in enumerate(parts):
             idx = [int(v) for v in _PATCH.findall(part)]
+            end, pos = pos + len(part), pos + len(part) + len(_KOSMOS_DELIMITER)
             if len(idx) != 2:
                 if complete or k < len(parts) - 1:
                     col.flags.add("malformed")
                 continue
+            found.append((idx, end))
+        for (idx, _), span in zip(found, _split([e for _, e in found], group), strict=True):
             x1, y1, x2, y2 = _patch_to_xyxy(idx[0], idx[1])
-            col.add([x1 * w, y1 * h, x2 * w, y2 * h], ref)
+            col.add([x1 * w, y1 * h, x2 * w, y2 * h], ref, span)
 
-    _walk(text, _KOSMOS_TAGS, "phrase", "object", on_box, col)
+    _walk(text, _KOSMOS_TAGS, ("phrase", "object", "/object"), on_box, col)
     return col.result(text)
 
 
@@ -150,44 +215,52 @@ _FLOR_RUN = re.compile(r"(?:<loc_(\d{1,6})>)+")
 _ANY_TAG = re.compile(r"<[^<>]*>")
 
 
-def _run_values(run: re.Match, prefix: str) -> list[int]:
-    return [int(v) for v in re.findall(prefix + r"(\d{1,6})>", run.group(0))]
-
-
 def _loc_runs(text: str, run_re: re.Pattern, prefix: str, col: Collector):
-    """Yield (run index, complete quads, run) for each location run; flag broken runs."""
+    """Yield (run index, complete quads, their spans, runs) per location run; flag broken
+    runs. A quad's span covers its four location tokens."""
+    token = re.compile(re.escape(prefix) + r"(\d{1,6})>")
     runs = list(run_re.finditer(text))
     for i, run in enumerate(runs):
-        vals = _run_values(run, prefix)
-        if len(vals) % 4:
+        locs = list(token.finditer(text, run.start(), run.end()))
+        if len(locs) % 4:
             at_end = i == len(runs) - 1 and not text[run.end() :].strip()
             col.flags.add("truncated" if at_end else "malformed")
-        quads = [vals[k : k + 4] for k in range(0, len(vals) - len(vals) % 4, 4)]
-        yield i, quads, runs
+        whole = range(0, len(locs) - len(locs) % 4, 4)
+        quads = [[int(m.group(1)) for m in locs[k : k + 4]] for k in whole]
+        spans = [(locs[k].start(), locs[k + 3].end()) for k in whole]
+        yield i, quads, spans, runs
 
 
 def parse_paligemma_loc(text: str, ctx: ParseContext) -> ParseResult:
     """``<locY1><locX1><locY2><locX2> label ; ...``: y first, each ``bin / 1024 * size``."""
-    text = clean_text(_SEG.sub("", text))
-    col = Collector(ctx)
+    text, where = remove_map(text, list(range(len(text))), _SEG)
+    text, where = clean_text_map(text, where)
+    col = Collector(ctx, where)
     w, h = ctx.image_size
-    for i, quads, runs in _loc_runs(text, _PALI_RUN, "<loc", col):
+    for i, quads, spans, runs in _loc_runs(text, _PALI_RUN, "<loc", col):
         tail_end = runs[i + 1].start() if i + 1 < len(runs) else len(text)
         label = text[runs[i].end() : tail_end].split(";")[0]
-        for y1, x1, y2, x2 in quads:
-            col.add([x1 / 1024 * w, y1 / 1024 * h, x2 / 1024 * w, y2 / 1024 * h], label)
+        label_end = runs[i].end() + len(label.rstrip())  # the run's last box owns its label
+        for k, ((y1, x1, y2, x2), span) in enumerate(zip(quads, spans, strict=True)):
+            if k == len(quads) - 1:
+                span = (span[0], label_end)
+            col.add([x1 / 1024 * w, y1 / 1024 * h, x2 / 1024 * w, y2 / 1024 * h], label, span)
     return col.result(text)
 
 
 def parse_florence2_loc(text: str, ctx: ParseContext) -> ParseResult:
     """``label<loc_x1><loc_y1><loc_x2><loc_y2>...``: 1000 bins, dequantized at bin + 0.5."""
-    text = clean_text(text)
-    col = Collector(ctx)
+    text, where = clean_text_map(text)
+    col = Collector(ctx, where)
     w, h = ctx.image_size
-    for i, quads, runs in _loc_runs(text, _FLOR_RUN, "<loc_", col):
+    for i, quads, spans, runs in _loc_runs(text, _FLOR_RUN, "<loc_", col):
         head_start = runs[i - 1].end() if i else 0
-        label = _ANY_TAG.sub("", text[head_start : runs[i].start()])
-        for x1, y1, x2, y2 in quads:
+        head = text[head_start : runs[i].start()]
+        label = _ANY_TAG.sub("", head)
+        head_start += len(head) - len(head.lstrip())
+        for k, ((x1, y1, x2, y2), span) in enumerate(zip(quads, spans, strict=True)):
+            if k == 0:
+                span = (head_start, span[1])  # the run's first box owns the label before it
             col.add(
                 [
                     (x1 + 0.5) * w / 1000,
@@ -196,5 +269,6 @@ def parse_florence2_loc(text: str, ctx: ParseContext) -> ParseResult:
                     (y2 + 0.5) * h / 1000,
                 ],
                 label,
+                span,
             )
     return col.result(text)

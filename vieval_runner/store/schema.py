@@ -88,6 +88,10 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("input_width", pa.int64()),
         ("input_height", pa.int64()),
         ("confidence", pa.float64()),  # exp(mean token log-probability); null unless scored
+        # per generated content token (null unless scored): log-probability, and the offset
+        # in raw_text where the token ends; per-box scores are re-derived from them
+        ("token_logprobs", pa.list_(pa.float32())),
+        ("token_ends", pa.list_(pa.int32())),
     ]
 )
 

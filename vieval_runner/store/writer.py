@@ -138,6 +138,8 @@ def prediction_row(prediction: Prediction) -> dict:
     if prediction.input_size is not None:
         row["input_width"], row["input_height"] = prediction.input_size
     row["confidence"] = prediction.confidence
+    row["token_logprobs"] = prediction.token_logprobs
+    row["token_ends"] = prediction.token_ends
     return row
 
 
