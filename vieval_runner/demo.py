@@ -52,6 +52,8 @@ def write_demo_config(out: Path, task: str) -> Path:
         "max_new_tokens": 24,
         "device": "auto",
     }
+    if task == "grounding":
+        config["box_scores"] = True  # each box scored by its tokens: AP50 and AP@[.5:.95]
     path = out / "config.yaml"
     path.write_text(
         "# vieval demo config: `vieval run config.yaml`\n" + yaml.safe_dump(config, sort_keys=False)
