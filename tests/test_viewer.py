@@ -90,8 +90,10 @@ def grounding_prediction(spec: tuple, step: int, run: str) -> dict:
         return {"specimen_id": sid, "raw_text": XSS, "pred_boxes": [], "parse_status": "malformed",
                 "tp": 0, "fp": 0, "fn": 1, "precision": 0.0, "recall": 0.0, "f1": 0.0,
                 "iou_mean": None, "failure_category": "unparseable"}  # fmt: skip
-    boxes = [Box(min(w, x1 + shift), min(h, y1 + shift / 2), min(w, x2 + shift), y2, lab)
-             for x1, y1, x2, y2, lab in refs]  # fmt: skip
+    boxes = [Box(min(w, x1 + shift), min(h, y1 + shift / 2), min(w, x2 + shift), y2, lab,
+                 # run-b scores its boxes (as box_scores does), run-a does not
+                 score=round(0.95 - 0.1 * k, 2) if run == "run-b" else None)
+             for k, (x1, y1, x2, y2, lab) in enumerate(refs)]  # fmt: skip
     if sid == "dogs-002" and step == 0:
         boxes = boxes[:1]  # one missed
     if sid == "empty-004" and (step == 0 or (step == 300 and run == "run-a")):

@@ -163,6 +163,13 @@ def test_grounding_boxes_at_true_scale_slider_keys_and_two_runs(page, server):
     assert_boxes(drawn, k, pred)
     assert len(pred) == 1  # one of the two dogs is missed at step 0, drawn as missed
     assert page.locator(f'[data-panel="{kb}"] g.box.missed').count() == 1
+    # run B's boxes carry their own scores: the label shows them; run A has none
+    texts = "els => els.map(e => e.textContent)"  # SVG text has no innerText
+    labels = page.eval_on_selector_all(f'[data-panel="{kb}"] g.box:not(.missed) text', texts)
+    assert labels and all(t.endswith(f"p {b[5]:.2f}") for t, b in zip(labels, pred, strict=True))
+    assert not any(
+        " p " in t for t in page.eval_on_selector_all(f'[data-panel="{ka}"] text', texts)
+    )
     page.keyboard.press("ArrowRight")
     wait_step(page, 100)
     page.screenshot(path=str(DOCS / "viewer-two-runs.png"))

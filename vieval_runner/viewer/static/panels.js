@@ -76,7 +76,9 @@
       pred.forEach((b, i) => {
         const m = pm[i];
         const cls = m === null ? "fp" : m[1] >= TIGHT_IOU ? "good" : "loose";
-        const lab = (b[4] || "") + (m === null ? " · FP" : ` · IoU ${m[1].toFixed(2)}`);
+        // b[5]: the box's own score (the tokens that wrote it) when box_scores is on
+        const p = typeof b[5] === "number" ? ` · p ${b[5].toFixed(2)}` : "";
+        const lab = (b[4] || "") + (m === null ? " · FP" : ` · IoU ${m[1].toFixed(2)}`) + p;
         els.push(boxEl(b, cls, lab.replace(/^ · /, "")));
       });
       panel.append(figure(sp, els));
