@@ -321,3 +321,34 @@ def test_default_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
     assert prepared_reuse.cache_root() == tmp_path / "h" / ".cache" / "vieval" / "prepared"
+
+
+def test_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path, tiny_run):
+    """A run killed before ``close()`` leaves its run folder; the next run on this host
+    removes it. Live runs' folders and other hosts' (a shared home) stay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from vieval_runner.prepared_cache import RUN_PREFIX, run_folder_name
+
+    root = tmp_path / "prepared"
+    root.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = run_folder_name().removeprefix(RUN_PREFIX).split("-")[0]
+    killed = root / f"{RUN_PREFIX}{host}-{child.pid}-deadbeef0000"
+    live = root / f"{RUN_PREFIX}{host}-{os.getpid()}-0123456789ab"
+    other = root / f"{RUN_PREFIX}otherhost-{child.pid}-0123456789ab"
+    for folder in (killed, live, other):
+        folder.mkdir()
+        (folder / "chunk-00000.safetensors").write_bytes(b"x" * 100)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    run = tiny_run(FAMILY)
+    loaded = models.load_base(run.base_model_dir, device="cpu")
+    prepared, _ = prepared_reuse.prepare_reusing(
+        loaded, make_specimens()[:2], _tiny_config(tmp_path)
+    )
+    assert len(prepared) == 2
+    assert not killed.exists() and live.exists() and other.exists()

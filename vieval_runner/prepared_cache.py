@@ -17,7 +17,9 @@ goes on; ``finish()`` waits for them, and a failed one only makes the set not ``
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 import uuid
 import weakref
@@ -40,6 +42,16 @@ class _Meta:
     input_size: tuple[int, int] | None
     keys: tuple[str, ...]  # the specimen's tensor names besides input_ids
     chunk: int  # chunk file holding it; -1: only in memory
+
+
+RUN_PREFIX = "vieval-prepared-"
+
+
+def run_folder_name() -> str:
+    """``vieval-prepared-<host>-<pid>-<random>``: whose it is, so the folders of a run that was
+    killed can be told apart from live ones and removed (``prepared_reuse.reap_dead_runs``)."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+    return f"{RUN_PREFIX}{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def nbytes(prepared: PreparedSpecimen) -> int:
@@ -144,7 +156,7 @@ class PreparedSet(Sequence):
         if self.folder is None:
             root = Path(self._cache_dir) if self._cache_dir else Path(tempfile.gettempdir())
             root.mkdir(parents=True, exist_ok=True)
-            self.folder = root / f"vieval-prepared-{uuid.uuid4().hex[:12]}"
+            self.folder = root / run_folder_name()
             self.folder.mkdir()
             self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
         tensors = {}

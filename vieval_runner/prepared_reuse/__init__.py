@@ -10,6 +10,8 @@ split is prepared as usual, written through to chunk files and saved as an entry
   the same key one wins and the other keeps its own copy for the rest of its run.
 - A hit hard-links the entry's chunks into a run folder (no bytes copied), so an eviction by a
   concurrent run cannot pull files from under this run, and ``close()`` removes only the links.
+- Run folders are named by host and pid; those of runs that were killed are removed by the
+  next run on that host (``reap_dead_runs``).
 - Bounded: after a save, least-recently-used entries beyond ``prepared_cache_max_gb`` go.
 - A corrupt entry (bad JSON, a missing or truncated chunk, tensor keys not the manifest's) is a
   warning naming the folder, then removed and prepared again. Sizes and safetensors headers are
@@ -30,7 +32,15 @@ import xxhash
 from ..families import FAMILIES
 from ..prepared_cache import PreparedSet
 from ..records import Specimen
-from .entries import FORMAT_VERSION, CorruptEntry, evict, open_entry, remove_entry, save
+from .entries import (
+    FORMAT_VERSION,
+    CorruptEntry,
+    evict,
+    open_entry,
+    reap_dead_runs,
+    remove_entry,
+    save,
+)
 
 __all__ = [
     "CorruptEntry",
@@ -145,6 +155,7 @@ def prepare_reusing(
     root = cache_root(config.prepared_cache_dir)
     max_bytes = int(config.prepared_cache_max_gb * 2**30)
     run_root = Path(config.cache_dir) if config.cache_dir else root  # the run's own chunks
+    reap_dead_runs(run_root)  # what killed runs left behind on this host
     key = split_key(loaded, specimens, config.prompt_template, config.system_prompt)
     if key is not None and (root / key).is_dir():
         entry = root / key

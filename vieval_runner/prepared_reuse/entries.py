@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..prepared_cache import PreparedSet
+from ..prepared_cache import RUN_PREFIX, PreparedSet, run_folder_name
 
 # bump when preparation's outputs change (keys, shapes, meaning): old entries then miss
 FORMAT_VERSION = 1
@@ -174,7 +174,7 @@ def open_entry(folder: Path, run_root: Path) -> PreparedSet:
     manifest = _read_manifest(folder)
     metas, chunks, expected = _layout(manifest)
     run_root.mkdir(parents=True, exist_ok=True)
-    run = run_root / f"vieval-prepared-{uuid.uuid4().hex[:12]}"
+    run = run_root / run_folder_name()
     run.mkdir()
     try:
         paths = _link_chunks(folder, run, chunks)
@@ -191,6 +191,34 @@ def open_entry(folder: Path, run_root: Path) -> PreparedSet:
     with contextlib.suppress(OSError):
         _write_json(folder / MANIFEST, {**manifest, "last_used": time.time()})
     return prepared
+
+
+def reap_dead_runs(root: Path) -> list[Path]:
+    """Remove run folders (``vieval-prepared-<host>-<pid>-...``) under ``root`` left by runs
+    on this host whose process is gone (killed before ``close()``): they hold links or spilled
+    chunks nobody will read. Folders of other hosts (a shared home) or live pids stay."""
+    if not root.is_dir():
+        return []
+    me = run_folder_name().removeprefix(RUN_PREFIX).split("-")[0]
+    reaped = []
+    for path in root.glob(f"{RUN_PREFIX}*"):
+        host, _, rest = path.name.removeprefix(RUN_PREFIX).partition("-")
+        pid = rest.partition("-")[0]
+        if host != me or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        reaped.append(path)
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def evict(root: Path, max_bytes: int, keep: frozenset[str] = frozenset()) -> list[Path]:
