@@ -131,6 +131,12 @@ def test_run_then_summary_json(tmp_path, tiny_run):
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == f"store: {tmp_path / 'store'}"
     assert "best checkpoint" in done.stdout
+    # where the time went: 2 steps x 4 specimens generated, inputs prepared once
+    (timing,) = [line for line in lines if line.startswith("time ")]
+    assert "(8 samples," in timing and "inputs" in timing and "(once per run)" in timing
+    again = _vieval("run", str(config), "--force")  # the same split: inputs reused
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "(reused)" in again.stdout
     logs = list((tmp_path / "store" / "logs").glob("vieval-*.log"))
     assert logs and "versions:" in logs[0].read_text()
 

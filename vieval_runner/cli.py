@@ -150,6 +150,8 @@ def cmd_run(args, watch: bool = False) -> int:
     console.print(
         f"evaluated steps {outcome.evaluated}, skipped (already stored) {outcome.skipped}"
     )
+    if outcome.timings.get("samples"):
+        console.print(_time_line(outcome.timings, config.overlap), soft_wrap=True)
     print(f"store: {config.store}", flush=True)
     distributed.finish(ranks)
     return outcome.exit_status
@@ -284,3 +286,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _time_line(t: dict[str, float], overlap: bool) -> str:
+    """Where a run's time went, in one line."""
+    rate = t["samples"] / t["generate_s"] if t["generate_s"] else 0.0
+    parts = [f"generating {t['generate_s']:.1f}s ({t['samples']:.0f} samples, {rate:.0f}/s)",
+             f"swapping weights {t['load_s']:.1f}s"]  # fmt: skip
+    if "prepare_s" in t:
+        how = "reused" if t.get("prepare_reused") else "once per run"
+        parts.append(f"inputs {t['prepare_s']:.1f}s ({how})")
+    parts.append(f"commits {t['commit_s']:.1f}s{' (beside generation)' if overlap else ''}")
+    return f"time  {t['wall_s']:.1f}s in all: " + ", ".join(parts)

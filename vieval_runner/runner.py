@@ -36,6 +36,9 @@ class RunOutcome:
     evaluated: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    # where the time went (``vieval run``; empty elsewhere): wall_s, prepare_s, load_s
+    # (weights), generate_s, commit_s (overlapped with the next step), samples
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_status(self) -> int:
@@ -56,6 +59,7 @@ class Session:
     processor_notice_given: bool = False
     specimens_written: Future | None = None  # the background specimens-table write
     throughput: object = None  # throughput.State: vision cache, prefetch, committer
+    step_timings: list[dict] = field(default_factory=list)  # each step's (commit_s filled late)
 
 
 def open_session(
@@ -135,6 +139,7 @@ def _ensure_model(
         loaded = models.load_base(config.base_model, config.device, config.dtype, head)
     else:
         # once per run, and while the weights load: the split only needs the processor
+        throughput.state(session)  # created here: the preparing thread must not race for it
         cancel = threading.Event()
         pool = ThreadPoolExecutor(1, thread_name_prefix="vieval-prepare-split")
         preparing = pool.submit(throughput.prepare_inputs, session, head, cancel)
@@ -313,6 +318,7 @@ def finish_step(
     distributed run. With a committer on the session (``overlap: true``) the commit runs in
     the background and the returned row is committed later (errors: a failed step)."""
     config = session.config
+    session.step_timings.append(timings)
     if predictions is None:
         t0 = time.perf_counter()
         predictions = [
@@ -362,6 +368,7 @@ def run(config: Config, console: Console | None = None) -> RunOutcome:
 
     if distributed.world_size() > 1:  # launched by accelerate launch / torchrun
         return distributed.run(config, console)
+    started = time.perf_counter()
     outcome = RunOutcome(store=config.store, run_id=config.effective_run_id)
     checkpoints = select_checkpoints(config)  # cheap checks first: nothing written on bad input
     if not checkpoints:
@@ -374,4 +381,17 @@ def run(config: Config, console: Console | None = None) -> RunOutcome:
     )
     evaluate_checkpoints(session, checkpoints, console, outcome, explicit=config.steps is not None)
     wait_for_specimens(session)  # even when every step was skipped or failed
+    outcome.timings = _time_spent(session, outcome, time.perf_counter() - started)
     return outcome
+
+
+def _time_spent(session: Session, outcome: RunOutcome, wall_s: float) -> dict[str, float]:
+    spent = {"wall_s": wall_s}
+    for key in ("load_s", "generate_s", "commit_s"):
+        spent[key] = sum(t.get(key, 0.0) for t in session.step_timings)
+    spent["samples"] = len(session.specimens) * len(outcome.evaluated)
+    prepare_s = getattr(session.throughput, "prepare_s", None)
+    if prepare_s is not None:
+        spent["prepare_s"] = prepare_s
+        spent["prepare_reused"] = float(session.throughput.prepare_reused)
+    return spent

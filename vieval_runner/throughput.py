@@ -35,6 +35,8 @@ class State:
 
     vision_cache: object = None  # embedding_cache.VisionCache
     prefetch: tuple[Path, Future] | None = None  # (checkpoint path, future CheckpointTensors)
+    prepare_s: float | None = None  # preparing (or reusing) the split's processor outputs
+    prepare_reused: bool = False  # they came from an earlier run (prepared_reuse)
     committer: Committer | None = None
     memo: dict = field(default_factory=dict)  # batch size found by the auto probe
     noted: set = field(default_factory=set)
@@ -65,6 +67,7 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
         # kept on local disk across runs: a later run on the same split reads them back
         session.prepared, line = prepare_reusing(loaded, session.specimens, config, cancel)
         log.info(line)
+        state(session).prepare_reused = line.startswith("prepared inputs reused")
     else:
         session.prepared = generation.prepare(
             loaded,
@@ -83,6 +86,7 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
             time.perf_counter() - t0,
             on_disk,
         )
+    state(session).prepare_s = time.perf_counter() - t0
 
 
 def install_caches(session) -> None:
