@@ -133,20 +133,25 @@ def _private_vieval_cache(tmp_path_factory):
         os.environ["VIEVAL_CACHE_DIR"] = before
 
 
+def load_at_200(run, device: str = "cpu", dtype: str = "auto"):
+    """A fresh LoadedModel of ``run``'s base with checkpoint-200's weights swapped in."""
+    from vieval_runner.models import load_base, swap_weights
+
+    loaded = load_base(run.base_model_dir, device=device, dtype=dtype)
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def loaded_at_200(tiny_run):
     """``loaded_at_200(family)`` -> (LoadedModel at checkpoint-200 on the CPU, run); built
     lazily, once per test module (tests that change its generation config restore it)."""
-    from vieval_runner.models import load_base, swap_weights
-
     cache = {}
 
     def get(family):
         if family not in cache:
             run = tiny_run(family)
-            loaded = load_base(run.base_model_dir, device="cpu")
-            swap_weights(loaded, run.run_dir / "checkpoint-200")
-            cache[family] = (loaded, run)
+            cache[family] = (load_at_200(run), run)
         return cache[family]
 
     return get

@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
+from conftest import load_at_200
 
 from vieval_runner import decoding
 from vieval_runner.decoding import GenerateOptions, hf_generate, lean_blocker, lean_greedy
 from vieval_runner.families import FAMILIES
 from vieval_runner.generation import collate, generate, prepare
-from vieval_runner.models import load_base, swap_weights
 from vieval_runner.tiny_models import FAMILIES_BUILDABLE, ForcedTextLogitsProcessor
 
 DECODER_ONLY = [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]]
@@ -122,9 +122,7 @@ def test_generate_is_identical_with_and_without_the_lean_loop(loaded_at, specime
 
 def _fresh(tiny_run, family, specimens):
     """A model of its own (its lean verdict starts unknown), its inputs and HF's texts."""
-    run = tiny_run(family)
-    loaded = load_base(run.base_model_dir, device="cpu", dtype="fp32")
-    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    loaded = load_at_200(tiny_run(family), dtype="fp32")
     prepared = prepare(loaded, specimens)
     expected = generate(loaded, prepared, 4, 8, options=GenerateOptions(lean=False))
     return loaded, prepared, [g.text for g in expected]
@@ -177,9 +175,7 @@ def test_a_lean_loop_that_fails_is_switched_off(tiny_run, specimens, monkeypatch
 @pytest.mark.parametrize("family", DECODER_ONLY)
 def test_lean_loop_gives_hf_generate_tokens_on_gpu(tiny_run, specimens, family):
     """bf16 on CUDA: the same forward calls, so the same tokens (and the 4-step stop check)."""
-    run = tiny_run(family)
-    loaded = load_base(run.base_model_dir, device="cuda", dtype="bf16")
-    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    loaded = load_at_200(tiny_run(family), device="cuda", dtype="bf16")
     inputs = _batch(loaded, specimens)
     ref, ref_lp, new, new_lp = _both(loaded, inputs, 12)
     assert torch.equal(new[:, : ref.shape[1]].cpu(), ref.cpu())

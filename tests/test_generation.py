@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_at_200
 
 from vieval_runner.families import FAMILIES
 from vieval_runner.generation import GenerateOptions, build_prompt, collate, generate, prepare
-from vieval_runner.models import load_base, swap_weights
+from vieval_runner.models import swap_weights
 from vieval_runner.records import Specimen
 from vieval_runner.tiny_models import FAMILIES_BUILDABLE
 
@@ -274,9 +275,7 @@ def test_generate_rejects_bad_arguments(loaded_at_200, specimens):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
 def test_batch_invariance_on_gpu_bf16(tiny_run, family, specimens):
-    run = tiny_run(family)
-    loaded = load_base(run.base_model_dir, device="cuda", dtype="bf16")
-    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    loaded = load_at_200(tiny_run(family), device="cuda", dtype="bf16")
     prepared = prepare(loaded, specimens)
     forced = [_FORCED[family]] * len(specimens)
     one = generate(loaded, prepared, batch_size=1, max_new_tokens=80, forced_texts=forced)
@@ -288,9 +287,7 @@ def test_batch_invariance_on_gpu_bf16(tiny_run, family, specimens):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
 def test_batch_invariance_on_gpu_fp32_free_running(tiny_run, family, specimens):
-    run = tiny_run(family)
-    loaded = load_base(run.base_model_dir, device="cuda", dtype="fp32")
-    swap_weights(loaded, run.run_dir / "checkpoint-200")
+    loaded = load_at_200(tiny_run(family), device="cuda", dtype="fp32")
     prepared = prepare(loaded, specimens)
     one = generate(loaded, prepared, batch_size=1, max_new_tokens=10)
     if FAMILIES[family].get("batches_on_cuda", True):
