@@ -352,3 +352,20 @@ def test_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path, tiny_run):
     )
     assert len(prepared) == 2
     assert not killed.exists() and live.exists() and other.exists()
+
+
+def test_an_unusable_cache_folder_is_a_warning_not_a_failed_run(tmp_path, tiny_run, caplog):
+    """A cache root that cannot be created (here: under a file; a read-only home alike)."""
+    import logging
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    run = tiny_run(FAMILY)
+    loaded = models.load_base(run.base_model_dir, device="cpu")
+    config = _tiny_config(tmp_path).model_copy(
+        update={"prepared_cache_dir": str(blocker / "prepared")}
+    )
+    with caplog.at_level(logging.WARNING, logger="vieval"):
+        prepared, line = prepared_reuse.prepare_reusing(loaded, make_specimens()[:3], config)
+    assert len(prepared) == 3 and "not saved for reuse" in line and "unusable" in line
+    assert "prepared-inputs cache unusable" in caplog.text and str(blocker) in caplog.text
