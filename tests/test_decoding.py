@@ -69,18 +69,22 @@ def test_lean_loop_stops_like_hf_on_end_tokens(loaded_at, specimens, family):
     assert new.shape[1] == ref.shape[1]  # on the CPU the loop checks every step
 
 
-def test_generation_config_suppression_is_applied(loaded_at, specimens):
-    loaded = loaded_at("qwen2_vl")
+@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma"])
+def test_score_settings_of_the_generation_config_are_applied(loaded_at, specimens, family):
+    """repetition_penalty (whose prompt handling changed between transformers releases),
+    no_repeat_ngram_size and suppress_tokens go through HF's own processors: same tokens."""
+    loaded = loaded_at(family)
     inputs = _batch(loaded, specimens)
     gen = loaded.model.generation_config
     plain = _both(loaded, inputs, 10)[0]
     try:
+        gen.repetition_penalty, gen.no_repeat_ngram_size = 1.8, 2
         gen.suppress_tokens = [int(t) for t in plain[:, 0].unique()]  # ban the first choices
         assert lean_blocker(loaded, GenerateOptions()) is None
         ref, ref_lp, new, new_lp = _both(loaded, inputs, 10)
     finally:
-        gen.suppress_tokens = None
-    assert not torch.equal(ref, plain)  # the setting changed the output: the test can fail
+        gen.repetition_penalty, gen.no_repeat_ngram_size, gen.suppress_tokens = 1.0, 0, None
+    assert not torch.equal(ref, plain)  # the settings changed the output: the test can fail
     assert torch.equal(new[:, : ref.shape[1]], ref)
     assert torch.allclose(new_lp[:, : ref.shape[1]], ref_lp, atol=1e-5)
 
@@ -91,13 +95,15 @@ def test_blockers_name_why_hf_generate_is_used(loaded_at):
     assert lean_blocker(loaded, GenerateOptions(static_cache=True)) == "static cache / compile"
     assert lean_blocker(loaded, GenerateOptions(lean=False)) == "lean: false"
     gen = loaded.model.generation_config
-    try:
-        gen.no_repeat_ngram_size, gen.repetition_penalty = 3, 1.05
+    try:  # contrastive search and stop strings are other algorithms, not other scores
+        gen.penalty_alpha, gen.stop_strings = 0.6, ["}"]
         assert lean_blocker(loaded, GenerateOptions()) == (
-            "generation config sets no_repeat_ngram_size, repetition_penalty"
+            "generation config sets penalty_alpha, stop_strings"
         )
+        gen.penalty_alpha, gen.stop_strings, gen.num_beams = None, None, 4  # generate passes 1
+        assert lean_blocker(loaded, GenerateOptions()) is None
     finally:
-        gen.no_repeat_ngram_size, gen.repetition_penalty = 0, 1.0
+        gen.penalty_alpha, gen.stop_strings, gen.num_beams = None, None, 1
 
 
 def test_generate_is_identical_with_and_without_the_lean_loop(loaded_at, specimens):

@@ -6,9 +6,10 @@ bookkeeping). The lean loop does what ``_sample`` does for plain greedy decoding
 model's own generation hooks (``_prepare_position_ids_for_generation``,
 ``prepare_inputs_for_generation``, ``_update_model_kwargs_for_generation``), so per-family
 details (Qwen's 3-D rope positions, PaliGemma's token types, pixels only at prefill) stay the
-model's. It applies only where it can be exact: decoder-only families, no static cache or
-compile, and a generation config with nothing beyond ``suppress_tokens`` that changes
-greedy choices (``lean_blocker`` names what stops it). The first batch of each loaded model
+model's, and the scores go through the logits processors HF's own builder makes for the
+config (``repetition_penalty``, ``suppress_tokens``, ...). It applies where it can be exact:
+decoder-only families, no static cache or compile, and no generation-config setting that
+changes the decoding algorithm itself (``lean_blocker`` names what stops it). The first batch of each loaded model
 (and generation config) is also decoded both ways on two of its rows (the longest and the
 shortest prompt), up to 8 new tokens; any difference (another transformers version, say)
 switches the lean loop off for that model with a warning.
@@ -33,17 +34,15 @@ log = logging.getLogger("vieval")
 # fast tokenizers raise "Already borrowed" when used from two threads at once
 TOKENIZER_LOCK = threading.Lock()
 
-# generation-config fields that do not change greedy choices (sampling knobs are unused when
-# do_sample=False), or that the lean loop applies itself (suppress_tokens). Not
-# repetition_penalty: transformers changed which prompt tokens it penalizes (5.24 skips the
-# left padding, 5.17 does not), so HF generate applies it.
-_NEUTRAL_FIELDS = {
-    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length",
-    "max_new_tokens", "do_sample", "num_beams", "num_return_sequences", "temperature", "top_k",
-    "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "use_cache",
-    "transformers_version", "_from_model_config", "forced_eos_token_id", "suppress_tokens",
-    "return_dict_in_generate", "output_scores", "output_logits",
-    "output_attentions", "output_hidden_states", "min_length",
+# generation-config fields the lean loop cannot honour: they change the decoding algorithm
+# (candidates, classifier-free guidance, stop strings, time limits), not one step's scores.
+# Score-level settings (repetition_penalty, suppress_tokens, no_repeat_ngram_size, min
+# lengths, bad words, ...) come from HF's own processor list for the installed version.
+_ALGORITHM_FIELDS = {
+    "num_beam_groups", "penalty_alpha", "guidance_scale", "stop_strings",
+    "max_time", "prompt_lookup_num_tokens", "assistant_early_exit", "num_assistant_tokens",
+    "assistant_confidence_threshold", "prefill_chunk_size", "dola_layers", "token_healing",
+    "cache_implementation", "compile_config", "watermarking_config",
 }  # fmt: skip
 _VERIFY_TOKENS = 8  # the first-batch check's budget: a drift shows in the first tokens
 
@@ -101,26 +100,40 @@ def lean_blocker(loaded: LoadedModel, options: GenerateOptions) -> str | None:
     for hook in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation"):
         if not hasattr(model, hook):
             return f"this transformers version has no {hook}"
-    gen = model.generation_config
-    if gen.cache_implementation is not None:
-        return f"generation config sets cache_implementation={gen.cache_implementation!r}"
-    changed = set(gen.to_diff_dict()) - _NEUTRAL_FIELDS
-    if changed:
-        return "generation config sets " + ", ".join(sorted(changed))
-    if gen.min_length:
-        return "generation config sets min_length"
+    for hook in ("_get_logits_processor", "_prepare_special_tokens"):
+        if not hasattr(model, hook):
+            return f"this transformers version has no {hook}"
+    diff = model.generation_config.to_diff_dict()
+    blocking = sorted(k for k in set(diff) & _ALGORITHM_FIELDS if diff[k] not in (None, 1, False))
+    if blocking:
+        return "generation config sets " + ", ".join(blocking)
     return None
 
 
-def _greedy_scores(
-    scores: torch.Tensor,
-    input_ids: torch.Tensor,
-    suppress: torch.Tensor | None,
-    processors: list,
-) -> torch.Tensor:
-    """Next-token scores after what HF's greedy processors would do with this config."""
-    if suppress is not None:
-        scores[:, suppress] = float("-inf")
+def _hf_processors(model, input_ids, kwargs, max_new_tokens: int, pad: int, ends: list[int]):
+    """The logits processors HF ``generate`` builds for this config and batch (greedy: no
+    warpers), from the installed version's own builder: its semantics, whatever they are."""
+    import copy
+
+    from transformers import LogitsProcessorList
+
+    gen = copy.deepcopy(model.generation_config)
+    gen.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+               eos_token_id=ends, forced_eos_token_id=None)  # fmt: skip
+    gen.max_length = max_new_tokens + input_ids.shape[1]  # as _prepare_generated_length
+    model._prepare_special_tokens(gen, True, device=input_ids.device, batch_size=len(input_ids))
+    return model._get_logits_processor(
+        generation_config=gen,
+        input_ids_seq_length=input_ids.shape[1],
+        encoder_input_ids=input_ids,
+        logits_processor=LogitsProcessorList(),
+        device=input_ids.device,
+        model_kwargs=kwargs,  # the attention mask as generate has it (None: no padding)
+    )
+
+
+def _greedy_scores(scores: torch.Tensor, input_ids: torch.Tensor, processors: list) -> torch.Tensor:
+    """Next-token scores after HF's processors for the config, then the caller's."""
     for processor in processors:
         scores = processor(input_ids, scores)
     return scores
@@ -136,7 +149,6 @@ def lean_greedy(
     """Greedy decoding of one batch: new tokens (rows that ended are padded, as HF pads them)
     and, with ``scores``, each token's log-probability under the processed scores."""
     model = loaded.model
-    gen = model.generation_config
     kwargs = dict(inputs)
     input_ids = kwargs.pop("input_ids")
     rows = input_ids.shape[0]
@@ -148,9 +160,10 @@ def lean_greedy(
         kwargs["attention_mask"] = None  # as generate(): no padding, so no mask to build
     if _takes(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
-    suppress = None
-    if gen.suppress_tokens:
-        suppress = torch.tensor(list(gen.suppress_tokens), device=device)
+    processors = [
+        *_hf_processors(model, input_ids, kwargs, max_new_tokens, pad_id(loaded), end_ids(loaded)),
+        *processors,
+    ]
     ends = torch.tensor(end_ids(loaded), device=device)
     pad = torch.tensor(pad_id(loaded), device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
@@ -171,7 +184,7 @@ def lean_greedy(
         first = False
         step_scores = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         del outputs
-        step_scores = _greedy_scores(step_scores, input_ids, suppress, processors)
+        step_scores = _greedy_scores(step_scores, input_ids, processors)
         chosen = step_scores.argmax(-1)
         chosen = torch.where(unfinished, chosen, pad)
         if scores:
