@@ -7,6 +7,7 @@ repeatedly as checkpoints land.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -58,6 +59,7 @@ class Session:
     coords: str | None = None  # plain_xyxy convention: config, else the family's default
     processor_notice_given: bool = False
     specimens_written: Future | None = None  # the background specimens-table write
+    specimens_pending: object = None  # that write, until it starts (``start_specimens``)
     throughput: object = None  # throughput.State: vision cache, prefetch, committer
     step_timings: list[dict] = field(default_factory=list)  # each step's (commit_s filled late)
 
@@ -94,8 +96,8 @@ def open_session(
     if write:
         store.create_store(config.store)
         args = (config.store, loaded.specimens, loaded.dataset_version)
-        if background:  # thumbnails are encoded while the model loads; commits wait for it
-            session.specimens_written = _WRITER.submit(
+        if background:  # on a helper thread once the split is prepared; commits wait for it
+            session.specimens_pending = functools.partial(
                 store.write_specimens, *args, thumb_px=config.thumb_px
             )
         else:
@@ -103,8 +105,19 @@ def open_session(
     return session
 
 
+def start_specimens(session: Session) -> None:
+    """Start the deferred specimens-table write (thumbnails, one commit) on its thread.
+
+    Deferred until the split is prepared: preparing and loading the weights already take
+    both cores of a small machine, while generation leaves one free (``cpu_threads``)."""
+    if session.specimens_pending is not None:
+        session.specimens_written = _WRITER.submit(session.specimens_pending)
+        session.specimens_pending = None
+
+
 def wait_for_specimens(session: Session) -> None:
     """Block until the specimens table is written (raises what writing it raised)."""
+    start_specimens(session)  # nothing evaluated (every step skipped): write them now
     if session.specimens_written is not None:
         session.specimens_written.result()
 
@@ -158,6 +171,7 @@ def _ensure_model(
     throughput.start_prefetch(session, first)  # read while the split is prepared
     if preparing is not None:
         preparing.result()  # its errors (e.g. an unreadable image) surface here
+    start_specimens(session)
     throughput.install_caches(session)  # the vision-embedding cache
 
 
