@@ -144,6 +144,13 @@ def test_opened_entry_holds_the_same_tensors(tmp_path, tiny_run):
         assert torch.equal(a.input_ids, b.input_ids)
         assert a.tensors.keys() == b.tensors.keys()
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    # with room in RAM, a hit reads the entry once into memory (not once per batch)
+    roomy = config.model_copy(update={"prepare_cache_ram_mb": 64})
+    held, line = prepared_reuse.prepare_reusing(loaded, specimens, roomy)
+    assert line.startswith(REUSED) and "5 in memory" in line and held.on_disk == 0
+    for a, b in zip(made, held, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 def test_template_image_and_processor_changes_are_misses(tmp_path, tiny_run, calls, caplog):

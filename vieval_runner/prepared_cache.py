@@ -250,6 +250,36 @@ class PreparedSet(Sequence):
             return self._pending[index]
         return self._load(index)
 
+    def hold_in_memory(self, budget_bytes: int) -> int:
+        """Read specimens from the chunks into memory, in order, while they fit ``budget_bytes``
+        (a reused entry: read once instead of once per batch and checkpoint); how many."""
+        from safetensors import safe_open
+
+        from .preparation import PreparedSpecimen
+
+        by_chunk: dict[int, list[int]] = {}
+        for index, meta in enumerate(self._meta):
+            if index not in self._memory and meta.chunk >= 0:
+                by_chunk.setdefault(meta.chunk, []).append(index)
+        held = 0
+        for chunk, indices in sorted(by_chunk.items()):
+            with safe_open(str(self._chunks[chunk]), framework="pt") as f:
+                for index in indices:
+                    meta = self._meta[index]
+                    prepared = PreparedSpecimen(
+                        meta.specimen_id,
+                        f.get_tensor(f"{index}.input_ids"),
+                        {k: f.get_tensor(f"{index}.{k}") for k in meta.keys},
+                        meta.input_size,
+                    )
+                    size = nbytes(prepared)
+                    if self.ram_bytes + size > budget_bytes:
+                        return held
+                    self._memory[index] = prepared
+                    self.ram_bytes += size
+                    held += 1
+        return held
+
     def _load(self, index: int) -> PreparedSpecimen:
         from safetensors import safe_open
 

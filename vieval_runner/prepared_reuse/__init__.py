@@ -183,10 +183,13 @@ def prepare_reusing(
             if prepared.specimen_ids != [s.specimen_id for s in specimens]:
                 prepared.close()
                 raise CorruptEntry("its specimen ids are not this split's")
+            # read once into RAM (up to the budget), not once per batch and checkpoint
+            held = prepared.hold_in_memory(int(config.prepare_cache_ram_mb * 2**20))
             took = time.perf_counter() - t0
             return (
                 prepared,
-                f"prepared inputs reused from {entry} ({len(prepared)} specimens, {took:.2f}s)",
+                f"prepared inputs reused from {entry} ({len(prepared)} specimens, {held} in "
+                f"memory, {took:.2f}s)",
             )
         except CorruptEntry as exc:
             log.warning(
