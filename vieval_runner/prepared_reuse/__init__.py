@@ -155,27 +155,16 @@ def prepare_reusing(
     root = cache_root(config.prepared_cache_dir)
     max_bytes = int(config.prepared_cache_max_gb * 2**30)
     run_root = Path(config.cache_dir) if config.cache_dir else root  # the run's own chunks
+    unusable = None
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # e.g. a read-only home: the run goes on without the cache
         log.warning("%s: prepared-inputs cache unusable (%s); preparing without it", root, exc)
-        prepared = prepare(
-            loaded,
-            specimens,
-            config.prompt_template,
-            config.system_prompt,
-            workers=config.preprocess_workers,
-            ram_budget_mb=config.prepare_cache_ram_mb,
-            cache_dir=config.cache_dir,
-            cancel=cancel,
-        )
-        took = time.perf_counter() - t0
-        return prepared, (
-            f"prepared {len(prepared)} specimens in {took:.2f}s "
-            f"(not saved for reuse: {root} is unusable: {exc})"
-        )
-    reap_dead_runs(run_root)  # what killed runs left behind on this host
-    key = split_key(loaded, specimens, config.prompt_template, config.system_prompt)
+        unusable = f"{root} is unusable: {exc}"
+    key = None
+    if unusable is None:
+        reap_dead_runs(run_root)  # what killed runs left behind on this host
+        key = split_key(loaded, specimens, config.prompt_template, config.system_prompt)
     if key is not None and (root / key).is_dir():
         entry = root / key
         try:
@@ -217,7 +206,9 @@ def prepare_reusing(
     )
     took = time.perf_counter() - t0
     head = f"prepared {len(prepared)} specimens in {took:.2f}s"
-    if key is None:
+    if unusable is not None:
+        reason = unusable
+    elif key is None:
         reason = "no stable identity for the processor folder or an image"
     elif prepared.persist_error is not None:
         reason = f"writing failed: {prepared.persist_error}"
