@@ -187,3 +187,56 @@ def test_lean_loop_gives_hf_generate_tokens_on_gpu(tiny_run, specimens, family):
     assert torch.equal(new[:, : ref.shape[1]].cpu(), ref.cpu())
     assert torch.isin(new[:, ref.shape[1] :].cpu(), torch.tensor(decoding.end_ids(loaded))).all()
     assert torch.allclose(new_lp[:, : ref.shape[1]].float(), ref_lp.float(), atol=1e-3)
+
+
+def _decode_step_masks(monkeypatch, run) -> list:
+    """The attention masks SDPA receives on one-token steps while ``run()`` decodes."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen, real = [], ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        if query.shape[2] == 1:
+            seen.append(None if attention_mask is None else attention_mask.clone())
+        return real(module, query, key, value, attention_mask, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+        run()
+    return seen
+
+
+@pytest.mark.parametrize("family", DECODER_ONLY)
+def test_decoding_steps_get_the_masks_hf_builds(loaded_at, specimens, family, monkeypatch):
+    """The lean loop passes each one-token step the mask HF's ``create_causal_mask`` builds
+    (same values, shape and layout), from its own buffer instead of rebuilding it."""
+    loaded = loaded_at(family)
+    inputs = _batch(loaded, specimens)
+    assert decoding.step_mask_buffer(loaded.model, inputs["attention_mask"], 6) is not None
+    with torch.inference_mode():
+        ref = _decode_step_masks(
+            monkeypatch, lambda: hf_generate(loaded, inputs, 6, [], GenerateOptions())
+        )
+        new = _decode_step_masks(monkeypatch, lambda: lean_greedy(loaded, inputs, 6, [], False))
+    assert len(ref) == len(new) > 0
+    for ours, theirs in zip(new, ref, strict=True):
+        assert theirs is not None and ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        assert ours.is_contiguous() and torch.equal(ours, theirs)
+    assert not bool(ref[-1].all())  # padding present: masks that differ would show
+
+
+def test_step_masks_stay_hf_where_the_mask_could_differ(loaded_at, specimens):
+    loaded = loaded_at("qwen2_vl")
+    mask = _batch(loaded, specimens)["attention_mask"]
+    model = loaded.model
+    assert decoding.step_mask_buffer(model, mask, 4).shape[-1] == mask.shape[1] + 4
+    assert decoding.step_mask_buffer(model, torch.ones_like(mask), 4) is None  # HF may skip it
+    assert decoding.step_mask_buffer(model, None, 4) is None
+    text = model.config.get_text_config()
+    for name, value in [("_attn_implementation", "eager"), ("layer_types", ["sliding_attention"])]:
+        old = getattr(text, name)
+        try:
+            setattr(text, name, value)
+            assert decoding.step_mask_buffer(model, mask, 4) is None, name
+        finally:
+            setattr(text, name, old)

@@ -170,6 +170,7 @@ def lean_greedy(
     # a host sync per step would stall a GPU that runs ahead of Python; check every few steps
     check_every = 1 if device.type == "cpu" else 4
     prompt_len = input_ids.shape[1]
+    decode_mask = step_mask_buffer(model, kwargs.get("attention_mask"), max_new_tokens)
     logprobs: list[torch.Tensor] = []
     first = True
     while True:
@@ -179,6 +180,9 @@ def lean_greedy(
             is_first_iteration=first,
             **kwargs,
         )
+        if decode_mask is not None and not first:
+            # the 4-D mask HF would build from the 2-D one this step (passed through as-is)
+            model_inputs["attention_mask"] = decode_mask[..., : input_ids.shape[1]].contiguous()
         outputs = model(**model_inputs, return_dict=True)
         kwargs = model._update_model_kwargs_for_generation(outputs, kwargs)
         first = False
@@ -198,6 +202,43 @@ def lean_greedy(
             break
     new = input_ids[:, prompt_len:]
     return new, (torch.cat(logprobs, dim=1) if scores else None)
+
+
+def step_mask_buffer(
+    model, attention_mask: torch.Tensor | None, max_new_tokens: int
+) -> torch.Tensor | None:
+    """The SDPA masks of every decoding step, as one ``(batch, 1, 1, prompt + new)`` bool
+    buffer, or None where HF's own mask building must stay.
+
+    A one-token step under SDPA attends to every earlier position that is not padding, so
+    HF's ``create_causal_mask`` returns the 2-D mask as a 4-D bool tensor whenever the batch
+    has padding (it rebuilds it every step, and on a GPU reads it back to the host to check
+    for padding). A 4-D mask is passed through as-is (``_preprocess_mask_arguments``), so a
+    slice of this buffer gives the model the same mask without that work. Applies only where
+    the mask cannot be anything else: padding present (without it HF may skip the mask),
+    SDPA, causal, and full attention in every layer (sliding or chunked layers cut positions).
+    """
+    if attention_mask is None or attention_mask.ndim != 2 or bool(attention_mask.all()):
+        return None
+    text = model.config.get_text_config()
+    if getattr(text, "_attn_implementation", None) != "sdpa" or not getattr(
+        text, "is_causal", True
+    ):
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types and any(kind != "full_attention" for kind in layer_types):
+        return None
+    if getattr(text, "attention_chunk_size", None):
+        return None
+    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    if sliding and not layer_types:  # a sliding window without per-layer types: every layer
+        return None
+    rows, prompt_len = attention_mask.shape
+    mask = torch.ones(
+        rows, 1, 1, prompt_len + max_new_tokens, dtype=torch.bool, device=attention_mask.device
+    )
+    mask[:, 0, 0, :prompt_len] = attention_mask.bool()
+    return mask
 
 
 _FORWARD_PARAMS: dict[type, set[str]] = {}
