@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import results, resume, runner, store
 from vieval_runner.config import Config
+from vieval_runner.data import DataError
 from vieval_runner.ranks import (  # re-exported: the process group is part of this API
     LAUNCH_VARIABLES,
     Ranks,
@@ -121,6 +122,7 @@ def _open(
                     f"{config.run_dir}: no checkpoints found (and include_base is false)"
                 )
             session = runner.open_session(config, console)
+            runner.note_checkpoints(session, checkpoints)
             steps = [c.step for c in checkpoints]
             console.print(f"[bold]run[/]   {config.effective_run_id}: steps {steps}")
             todo = resume.plan_checkpoints(
@@ -137,7 +139,7 @@ def _open(
     if main_error is not None:
         raise main_error  # every rank fails the same way (same exit status)
     if error is None and not ranks.is_main and session.dataset_version != plan.dataset_version:
-        error = runner.data_mod.DataError(
+        error = DataError(
             f"{config.data.path}: reads as dataset version {session.dataset_version[:12]} "
             f"on this rank but {plan.dataset_version[:12]} on rank 0 "
             "(a different file on this node?)"

@@ -7,7 +7,6 @@ repeatedly as checkpoints land.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
@@ -20,10 +19,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vieval_runner import checkpoints as ckpts
-from vieval_runner import data as data_mod
 from vieval_runner import results, resume, store, throughput
 from vieval_runner.config import Config
-from vieval_runner.records import Prediction, Specimen
+from vieval_runner.records import Prediction
+from vieval_runner.session import (
+    Session,
+    attach_model,
+    note_checkpoints,
+    open_session,
+    start_specimens,
+    store_training_log,
+    wait_for_specimens,
+)
 
 log = logging.getLogger("vieval")
 
@@ -44,92 +51,6 @@ class RunOutcome:
     @property
     def exit_status(self) -> int:
         return 3 if self.failed else 0
-
-
-@dataclass
-class Session:
-    """Everything loaded once per run and reused for every checkpoint."""
-
-    config: Config
-    specimens: list[Specimen]
-    dataset_version: str
-    loaded: object = None  # models.LoadedModel, loaded lazily (nothing to do -> no model load)
-    prepared: list | None = None
-    output_format: str | None = None
-    coords: str | None = None  # plain_xyxy convention: config, else the family's default
-    processor_notice_given: bool = False
-    specimens_written: Future | None = None  # the background specimens-table write
-    specimens_pending: object = None  # that write, until it starts (``start_specimens``)
-    throughput: object = None  # throughput.State: vision cache, prefetch, committer
-    step_timings: list[dict] = field(default_factory=list)  # each step's (commit_s filled late)
-
-
-def open_session(
-    config: Config, console: Console, *, write: bool = True, background: bool = False
-) -> Session:
-    """Load and validate the split, create the store and write the specimens table
-    (``write=False``: load only, as ranks other than 0 of a distributed run do;
-    ``background``: write the specimens on a thread, see ``wait_for_specimens``)."""
-    data_cfg = config.data
-    console.print(f"[bold]data[/]  {data_cfg.path} ({data_cfg.format})")
-    loaded = data_mod.load_specimens(
-        data_cfg.path,
-        data_cfg.format,
-        config.task,
-        strict=data_cfg.strict,
-        images_root=data_cfg.images_root,
-        columns=data_cfg.columns,
-        limit=data_cfg.limit,
-    )
-    if loaded.skipped:
-        console.print(f"[yellow]skipped {len(loaded.skipped)} bad rows[/] (data.strict=false):")
-        for bad in loaded.skipped[:20]:
-            console.print(f"  {bad.file} row {bad.row}: {bad.problem}")
-        if len(loaded.skipped) > 20:
-            console.print(f"  ... and {len(loaded.skipped) - 20} more (see the log file)")
-        for bad in loaded.skipped:
-            log.warning("skipped %s row %s: %s", bad.file, bad.row, bad.problem)
-    console.print(
-        f"      {len(loaded.specimens)} specimens, dataset version {loaded.dataset_version[:12]}"
-    )
-    session = Session(config, loaded.specimens, loaded.dataset_version)
-    if write:
-        store.create_store(config.store)
-        args = (config.store, loaded.specimens, loaded.dataset_version)
-        if background:  # on a helper thread once the split is prepared; commits wait for it
-            session.specimens_pending = functools.partial(
-                store.write_specimens, *args, thumb_px=config.thumb_px
-            )
-        else:
-            store.write_specimens(*args, thumb_px=config.thumb_px)
-    return session
-
-
-def start_specimens(session: Session) -> None:
-    """Start the deferred specimens-table write (thumbnails, one commit) on its thread.
-
-    Deferred until the split is prepared: preparing and loading the weights already take
-    both cores of a small machine, while generation leaves one free (``cpu_threads``)."""
-    if session.specimens_pending is not None:
-        session.specimens_written = _WRITER.submit(session.specimens_pending)
-        session.specimens_pending = None
-
-
-def wait_for_specimens(session: Session) -> None:
-    """Block until the specimens table is written (raises what writing it raised)."""
-    start_specimens(session)  # nothing evaluated (every step skipped): write them now
-    if session.specimens_written is not None:
-        session.specimens_written.result()
-
-
-def attach_model(session: Session, loaded) -> None:
-    """Make ``loaded`` the session's model; output format and coords default from its family."""
-    from vieval_runner.families import FAMILIES, default_coords
-
-    facts = FAMILIES[loaded.family]
-    session.loaded = loaded
-    session.output_format = session.config.output_format or facts["output_format"]
-    session.coords = default_coords(loaded.family, session.config.coords)
 
 
 def _ensure_model(
@@ -197,6 +118,7 @@ def evaluate_checkpoints(
 ) -> None:
     """Evaluate each complete checkpoint not already stored; failures are recorded, not raised."""
     config = session.config
+    note_checkpoints(session, checkpoints)
     todo = resume.plan_checkpoints(
         config, checkpoints, console, outcome, explicit=explicit, lazy=True
     )
@@ -252,9 +174,6 @@ def evaluate_checkpoints(
             if st.committer is not None:
                 st.committer.close()
                 st.committer = None
-
-
-_WRITER = ThreadPoolExecutor(1, thread_name_prefix="vieval-specimens")
 
 
 def evaluate_one(
@@ -360,12 +279,10 @@ def finish_step(
         store.commit_step(config.store, row, rows)
         timings["commit_s"] = time.perf_counter() - t0
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
-        if ckpt.kind != "base" and ckpt.path.is_dir():
-            state = ckpts.read_trainer_state(ckpt.path)
-            if state and state.get("log_history"):
-                store.write_training_log(
-                    config.store, config.effective_run_id, state["log_history"]
-                )
+        try:
+            store_training_log(session, ckpt)
+        except Exception as exc:  # the step is committed: a bad trainer state must not undo it
+            log.warning("training log not stored after step %s: %s", ckpt.step, exc)
 
     committer = getattr(session.throughput, "committer", None)
     if committer is not None:

@@ -22,6 +22,7 @@ from vieval_runner.store.writer import (
     prediction_row,
     record_failed_evaluation,
     stored_evaluations,
+    training_log_last_step,
     write_specimens,
     write_training_log,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "record_failed_evaluation",
     "stored_evaluations",
     "table_uri",
+    "training_log_last_step",
     "write_specimens",
     "write_training_log",
 ]

@@ -254,6 +254,16 @@ def _num(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def training_log_last_step(root: str, run_id: str, storage_options: Options = None) -> int:
+    """The highest step in ``run_id``'s stored training log (-1 when it has none)."""
+    from deltalake import QueryBuilder
+
+    dt = open_table(str(root), TRAINING_LOG, storage_options)
+    sql = f"SELECT MAX(step) AS last FROM t WHERE run_id = {sql_str(run_id)}"
+    last = pa.table(QueryBuilder().register("t", dt).execute(sql)).column("last")[0].as_py()
+    return -1 if last is None else int(last)
+
+
 def write_training_log(
     root: str, run_id: str, log_history: Sequence[Mapping], storage_options: Options = None
 ) -> None:
