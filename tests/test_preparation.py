@@ -1,15 +1,73 @@
-"""Preparation: stopping it (the runner prepares the split while the weights load)."""
+"""Preparation: batched processor calls split back per specimen, and stopping it (the runner
+prepares the split while the weights load)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import pytest
 from test_runner import _config, _quiet
 
-from vieval_runner import models, runner
-from vieval_runner.preparation import PreparationCancelled, prepare
+from vieval_runner import models, preparation, runner
+from vieval_runner.families import FAMILIES
+from vieval_runner.preparation import PreparationCancelled, prepare, prepare_one, same_preparation
+from vieval_runner.tiny_models import FAMILIES_BUILDABLE
+
+
+@pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
+def test_batched_processor_calls_give_each_specimens_own_outputs(tiny_run, specimens, family):
+    """Every family: the split prepared in chunks (one processor call each where the family
+    has a ``prepare_split`` rule) equals one processor call per specimen, tensor for tensor."""
+    loaded = models.load_base_processor(tiny_run(family).base_model_dir)
+    split = specimens * 3  # 27 mixed-size specimens: two chunks, the second a partial one
+    assert len({(s.width, s.height) for s in split}) > 3
+    batched = prepare(loaded, split, workers=2)
+    singles = [prepare_one(loaded, s) for s in split]
+    assert len(batched) == len(singles)
+    assert all(same_preparation(a, b) for a, b in zip(batched, singles, strict=True))
+    assert len({p.prompt_len for p in singles}) > 1  # padding in the batched call was removed
+
+
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES_BUILDABLE if FAMILIES[f].get("prepare_split")]
+)
+def test_families_with_a_split_rule_use_one_processor_call_per_chunk(
+    tiny_run, specimens, family, monkeypatch
+):
+    loaded = models.load_base_processor(tiny_run(family).base_model_dir)
+    calls, real_call = [], type(loaded.processor).__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(kwargs["text"]))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(loaded.processor), "__call__", counted)
+    prepare(loaded, specimens * 3)
+    # the first chunk's check: its first and last specimen alone, then the chunk; then a chunk
+    assert calls == [1, 1, 16, 11]
+
+
+def test_batched_outputs_that_differ_fall_back_to_one_specimen_at_a_time(
+    tiny_run, specimens, monkeypatch, caplog
+):
+    loaded = models.load_base_processor(tiny_run("qwen2_vl").base_model_dir)
+    real_split = preparation._split
+
+    def off_by_one(*args):  # a split rule that no longer matches the processor's layout
+        items = real_split(*args)
+        items[-1].input_ids = items[-1].input_ids[1:]
+        return items
+
+    monkeypatch.setattr(preparation, "_split", off_by_one)
+    with caplog.at_level(logging.WARNING, logger="vieval"):
+        prepared = prepare(loaded, specimens * 3)
+    assert "preparing one specimen at a time" in caplog.text
+    assert all(
+        same_preparation(a, prepare_one(loaded, s))
+        for a, s in zip(prepared, specimens * 3, strict=True)
+    )
 
 
 def test_a_cancelled_preparation_stops_at_the_next_specimen(tiny_run, specimens):

@@ -23,6 +23,9 @@ from vieval_runner.prepared_cache import PreparedSet
 from vieval_runner.prepared_reuse import entries
 
 FAMILY = "qwen2_vl"
+# processor calls that prepare the 5-specimen split: one chunk, checked against its first and
+# last specimen alone, then one call for the chunk
+PREPARING_CALLS = 3
 REUSED = "prepared inputs reused from "
 
 
@@ -106,7 +109,7 @@ def test_second_run_reuses_without_the_processor_and_stores_the_same(
     run = tiny_run(FAMILY)
     first = _config(tmp_path, run)
     lines = _run(first, caplog)
-    assert calls[0] == 5
+    assert calls[0] == PREPARING_CALLS
     root = tmp_path / "prepared"
     [entry] = _entries(root)
     assert len(lines) == 1 and lines[0].endswith(f"(saved for reuse: {entry})"), lines
@@ -177,21 +180,21 @@ def test_template_image_and_processor_changes_are_misses(tmp_path, tiny_run, cal
 
     # end to end: run, change an image's bytes, run again: prepared again
     _run(config, caplog)
-    assert calls[0] == 5
+    assert calls[0] == PREPARING_CALLS
     image = Path(specimens[2].image_path)
     image.write_bytes(make_specimens()[7].image_bytes)
     changed = data_mod.load_specimens(config.data.path, "jsonl", "vqa").specimens
     assert prepared_reuse.split_key(loaded, changed) != key
     calls[0] = 0
     lines = _run(config.model_copy(update={"store": str(tmp_path / "s2")}), caplog)
-    assert calls[0] == 5 and "saved for reuse" in lines[0]
+    assert calls[0] == PREPARING_CALLS and "saved for reuse" in lines[0]
     # and a template change through the config
     calls[0] = 0
     templated = config.model_copy(
         update={"store": str(tmp_path / "s3"), "prompt_template": "Answer: {prompt}"}
     )
     lines = _run(templated, caplog)
-    assert calls[0] == 5 and "saved for reuse" in lines[0]
+    assert calls[0] == PREPARING_CALLS and "saved for reuse" in lines[0]
     assert len(_entries(tmp_path / "prepared")) == 3
 
 
@@ -235,7 +238,7 @@ def test_a_corrupt_entry_is_a_warning_and_is_prepared_again(
     lines = _run(again, caplog)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(entry) in w and "unusable prepared-inputs entry" in w for w in warnings)
-    assert calls[0] == 5 and lines[0].endswith(f"(saved for reuse: {entry})")
+    assert calls[0] == PREPARING_CALLS and lines[0].endswith(f"(saved for reuse: {entry})")
     assert _texts(again) == _texts(config)
     calls[0] = 0
     third = _run(config.model_copy(update={"store": str(tmp_path / "store3")}), caplog)
@@ -313,7 +316,7 @@ def test_reuse_off_or_no_room_writes_nothing(tmp_path, tiny_run, calls, caplog):
         config = _config(tmp_path, run, f"store{i}", steps=[0], **extra)
         calls[0] = 0
         lines = _run(config, caplog)
-        assert calls[0] == 5
+        assert calls[0] == PREPARING_CALLS
         assert lines and "saved for reuse" not in lines[0] and REUSED not in lines[0]
         assert not (tmp_path / "prepared").exists()
 

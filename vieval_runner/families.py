@@ -5,8 +5,11 @@ Keys: ``model_types`` (config ``model_type`` values), ``model_class`` (transform
 ``output_format`` (parser default), ``padding_side``, ``encoder_decoder``, ``chat_template``
 (prompt through the processor's chat template), ``templates`` (``{prompt}`` per task), and
 optional ``image_token_in_prompt`` (default True), ``nested_images`` (default False),
-``coords`` (the ``plain_xyxy`` coordinate convention the family writes) and
-``batches_on_cuda`` (default True; False: one specimen at a time on CUDA, with a warning).
+``coords`` (the ``plain_xyxy`` coordinate convention the family writes),
+``batches_on_cuda`` (default True; False: one specimen at a time on CUDA, with a warning) and
+``prepare_split`` (how one processor call's outputs for several specimens split back per
+specimen: ``"grid"``, pixel rows by ``image_grid_thw``; ``"image"``, one pixel row per image;
+absent: the processor runs once per specimen).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ _QWEN_CHAT = {"chat_template": True, "encoder_decoder": False, "padding_side": "
 # family -> facts
 FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2_vl": {
+        "prepare_split": "grid",
         **_QWEN_CHAT,
         "model_types": ("qwen2_vl",),
         "model_class": "AutoModelForImageTextToText",
@@ -28,6 +32,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
     "qwen25_vl": {
+        "prepare_split": "grid",
         **_QWEN_CHAT,
         "model_types": ("qwen2_5_vl",),
         "model_class": "AutoModelForImageTextToText",
@@ -38,6 +43,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
     "qwen3_vl": {
+        "prepare_split": "grid",
         **_QWEN_CHAT,
         "model_types": ("qwen3_vl", "qwen3_vl_moe"),
         "model_class": "AutoModelForImageTextToText",
@@ -49,6 +55,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
     "paligemma": {
+        "prepare_split": "image",
         "model_types": ("paligemma",),
         "model_class": "AutoModelForImageTextToText",
         "output_format": "paligemma_loc",
@@ -58,6 +65,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "templates": {"grounding": "detect {prompt}", "vqa": "answer en {prompt}"},
     },
     "florence2": {
+        "prepare_split": "image",
         "model_types": ("florence2",),
         "model_class": "AutoModelForImageTextToText",
         "output_format": "florence2_loc",
@@ -81,6 +89,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
     "llava": {
+        "prepare_split": "image",
         **_QWEN_CHAT,
         "model_types": ("llava",),
         "model_class": "AutoModelForImageTextToText",

@@ -1,15 +1,17 @@
 """Prompt building and per-specimen processor outputs, computed once per run.
 
-``prepare`` decodes each image and runs the processor once per specimen (optionally on a
-thread pool), keeping the results in RAM or, past a budget, on disk (``prepared_cache``);
-``generation`` batches them for every checkpoint.
+``prepare`` decodes each image and runs the processor on chunks of specimens, one call per
+chunk split back per specimen where the family has a ``prepare_split`` rule (else one call per
+specimen), optionally on a thread pool; it keeps the results in RAM or, past a budget, on disk
+(``prepared_cache``); ``generation`` batches them for every checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from .records import Specimen
 
 if TYPE_CHECKING:
     from .prepared_cache import PreparedSet
+
+log = logging.getLogger("vieval")
 
 # processor outputs aligned with the token sequence: padded per batch; the rest are concatenated
 SEQ_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -93,6 +97,90 @@ def prepare_one(
     return PreparedSpecimen(specimen.specimen_id, input_ids, tensors, size)
 
 
+_CHUNK = 16  # specimens per processor call where the family's outputs split back
+
+
+def prepare_chunk(
+    loaded: LoadedModel,
+    specimens: Sequence[Specimen],
+    template: str | None = None,
+    system_prompt: str | None = None,
+    batched: bool = True,
+) -> list[PreparedSpecimen]:
+    """Several specimens through ONE processor call, split back per specimen.
+
+    The processor's per-call overhead (argument merging and validation) is most of a small
+    image's cost, so one call per chunk prepares 2-3x faster. The outputs are exactly what
+    ``prepare_one`` gives (padding removed); families without a ``prepare_split`` rule, and
+    outputs the rule does not cover, go one specimen at a time (as all do with ``batched=False``).
+    """
+    try:
+        prepared = _prepare_batched(loaded, specimens, template, system_prompt) if batched else None
+    except _NotSplittable:
+        prepared = None
+    if prepared is None:
+        prepared = [prepare_one(loaded, s, template, system_prompt) for s in specimens]
+    return prepared
+
+
+def _prepare_batched(loaded, specimens, template, system_prompt) -> list[PreparedSpecimen] | None:
+    """One processor call split per specimen; None without a rule (``_NotSplittable``: an
+    output the rule does not cover)."""
+    rule = FAMILIES[loaded.family].get("prepare_split")
+    if rule is None or len(specimens) < 2:
+        return None
+    prompts = [build_prompt(loaded, s, template, system_prompt) for s in specimens]
+    images = [s.load_image() for s in specimens]
+    outputs = loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    return _split(loaded, specimens, outputs, rule)
+
+
+class _NotSplittable(Exception):
+    """An output of a batched processor call has no per-specimen layout the rule knows."""
+
+
+def _split(loaded, specimens: Sequence[Specimen], outputs, rule: str) -> list[PreparedSpecimen]:
+    n = len(specimens)
+    kept = outputs["attention_mask"].bool()  # padding is wherever the mask is 0
+    rows: list[int] | None = None
+    if rule == "grid":  # Qwen: pixel patch rows of all images, t*h*w rows per image
+        grid = outputs.get("image_grid_thw")
+        if grid is None or grid.shape[0] != n:
+            raise _NotSplittable("image_grid_thw")
+        rows = [0, *torch.cumsum(grid.prod(-1), 0).tolist()]
+    prepared = []
+    for i, specimen in enumerate(specimens):
+        tensors = {}
+        for key, value in outputs.items():
+            if key in _DROP_KEYS or not isinstance(value, torch.Tensor):
+                continue
+            if key in SEQ_KEYS:
+                tensors[key] = value[i][kept[i]]
+            elif rows is not None and key == "pixel_values":
+                tensors[key] = value[rows[i] : rows[i + 1]].clone()
+            elif value.shape[0] == n:  # one row per image (own memory: no view of the batch)
+                tensors[key] = value[i : i + 1].clone()
+            else:
+                raise _NotSplittable(key)
+        input_ids = tensors.pop("input_ids")
+        size = input_size_for(loaded, outputs, i)
+        prepared.append(PreparedSpecimen(specimen.specimen_id, input_ids, tensors, size))
+    return prepared
+
+
+def same_preparation(a: PreparedSpecimen, b: PreparedSpecimen) -> bool:
+    """Whether two preparations of a specimen are identical (ids, every tensor, input size)."""
+    if a.specimen_id != b.specimen_id or a.input_size != b.input_size:
+        return False
+    if not _same_tensor(a.input_ids, b.input_ids) or a.tensors.keys() != b.tensors.keys():
+        return False
+    return all(_same_tensor(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 def prepare(
     loaded: LoadedModel,
     specimens: Sequence[Specimen],
@@ -122,33 +210,72 @@ def prepare(
         out = into
     else:
         out = [] if ram_budget_mb is None else PreparedSet(int(ram_budget_mb * 2**20), cache_dir)
-    items = _until(cancel, specimens)
+    chunks = _chunks(specimens, cancel)
+    first, batched = next(chunks, None), True
+    if first is not None:
+        items, batched = _first_chunk(loaded, first, template, system_prompt)
+        for item in items:
+            out.append(item)
     if workers <= 1:
-        for specimen in items:
-            out.append(prepare_one(loaded, specimen, template, system_prompt))
+        for chunk in chunks:
+            for item in prepare_chunk(loaded, chunk, template, system_prompt, batched):
+                out.append(item)
     else:
-        # the first call on this thread settles the tokenizer's padding/truncation state,
-        # which later calls only read (concurrent writes would raise "Already borrowed")
-        first = next(items, None)
-        if first is not None:
-            out.append(prepare_one(loaded, first, template, system_prompt))
         with ThreadPoolExecutor(workers, thread_name_prefix="vieval-prepare") as pool:
             window: deque[Future] = deque()
-            for specimen in items:
-                window.append(pool.submit(prepare_one, loaded, specimen, template, system_prompt))
+            for chunk in chunks:
+                job = (loaded, chunk, template, system_prompt, batched)
+                window.append(pool.submit(prepare_chunk, *job))
                 if len(window) >= 2 * workers:  # bounded: memory stays under the budget
-                    out.append(window.popleft().result())
+                    for item in window.popleft().result():
+                        out.append(item)
             while window:
-                out.append(window.popleft().result())
+                for item in window.popleft().result():
+                    out.append(item)
     return out if isinstance(out, list) else out.finish()
+
+
+def _first_chunk(loaded, chunk, template, system_prompt) -> tuple[list[PreparedSpecimen], bool]:
+    """The first chunk, and whether batched processor calls serve the rest: they must give
+    exactly the one-specimen outputs of its first and last specimen, else one at a time.
+
+    It runs on the caller's thread, its last processor call in the mode the rest will use:
+    the tokenizer's padding state is settled before worker threads only read it
+    (concurrent changes raise "Already borrowed").
+    """
+    if FAMILIES[loaded.family].get("prepare_split") is None or len(chunk) < 2:
+        return [prepare_one(loaded, s, template, system_prompt) for s in chunk], False
+    ends = sorted({0, len(chunk) - 1})
+    singles = {i: prepare_one(loaded, chunk[i], template, system_prompt) for i in ends}
+    try:
+        items = _prepare_batched(loaded, chunk, template, system_prompt)
+    except _NotSplittable as exc:
+        items, why = None, f"no per-specimen layout for {exc}"
+    else:
+        why = "they differ from one specimen's"
+    if items is not None and all(same_preparation(items[i], singles[i]) for i in ends):
+        return items, True
+    log.warning(
+        "%s: batched processor outputs unusable (%s); preparing one specimen at a time",
+        loaded.family,
+        why,
+    )
+    return [prepare_one(loaded, s, template, system_prompt) for s in chunk], False
 
 
 class PreparationCancelled(Exception):
     """``prepare`` was stopped through its ``cancel`` event."""
 
 
-def _until(cancel: threading.Event | None, specimens: Sequence[Specimen]):
+def _chunks(specimens: Iterable[Specimen], cancel: threading.Event | None):
+    """``specimens`` in chunks of ``_CHUNK``; checks ``cancel`` before taking each one."""
+    chunk: list[Specimen] = []
     for specimen in specimens:
         if cancel is not None and cancel.is_set():
             raise PreparationCancelled("preparation stopped")
-        yield specimen
+        chunk.append(specimen)
+        if len(chunk) == _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

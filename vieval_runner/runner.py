@@ -67,7 +67,9 @@ def _ensure_model(
     console.print(
         f"[bold]model[/] {config.base_model} (device={config.device}, dtype={config.dtype})"
     )
-    head = models.load_base_processor(config.base_model)  # family + processor: no weights
+    loading, session.processor_loading = session.processor_loading, None
+    # family + processor, no weights (``run`` starts loading it while the split is read)
+    head = loading.result() if loading else models.load_base_processor(config.base_model)
     preparing: Future | None = None
     if session.prepared is not None:
         loaded = models.load_base(config.base_model, config.device, config.dtype, head)
@@ -306,7 +308,16 @@ def run(config: Config, console: Console | None = None) -> RunOutcome:
         raise ckpts.CheckpointError(
             f"{config.run_dir}: no checkpoints found (and include_base is false)"
         )
-    session = open_session(config, console, background=True)
+    from vieval_runner import models
+
+    # the processor (no weights) loads while the split is read and the store created
+    processor = ThreadPoolExecutor(1, thread_name_prefix="vieval-processor")
+    try:
+        loading = processor.submit(models.load_base_processor, config.base_model)
+        session = open_session(config, console, background=True)
+    finally:
+        processor.shutdown(wait=False)
+    session.processor_loading = loading
     console.print(
         f"[bold]run[/]   {config.effective_run_id}: steps {[c.step for c in checkpoints]} from {config.run_dir}"
     )

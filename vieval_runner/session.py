@@ -38,6 +38,7 @@ class Session:
     coords: str | None = None  # plain_xyxy convention: config, else the family's default
     processor_notice_given: bool = False
     specimens_written: Future | None = None  # the background specimens-table write
+    processor_loading: Future | None = None  # models.load_base_processor, started by ``run``
     specimens_pending: object = None  # that write, until it starts (``start_specimens``)
     throughput: object = None  # throughput.State: vision cache, prefetch, committer
     step_timings: list[dict] = field(default_factory=list)  # each step's (commit_s filled late)
