@@ -176,3 +176,48 @@ def test_generation_threads_leave_a_core_to_the_helpers_and_come_back(
     finally:
         torch.set_num_threads(previous)
     assert seen == [2 if during is None else during]
+
+
+def test_the_lean_check_runs_while_the_split_is_prepared(tmp_path, tiny_run, monkeypatch):
+    """The lean loop's one-time check decodes two specimens of the first prepared chunk
+    while the rest of the split is still prepared; with reused inputs (nothing to overlap)
+    the first batch checks as before. Once per run either way, the same store contents."""
+    from vieval_runner import decoding, preparation, shapes, throughput
+
+    run = tiny_run("qwen2_vl")
+    split = shapes.write_split(tmp_path / "data", n=40, task="grounding")  # 3 chunks
+    preparing, checked, checks = threading.Event(), threading.Event(), []
+    real_prepare, real_matches = throughput.prepare_inputs, decoding._lean_matches
+    real_chunk = preparation.prepare_chunk
+
+    def later_chunk(*args, **kwargs):  # the chunks after the first wait for the check (or 20 s)
+        checked.wait(20)
+        return real_chunk(*args, **kwargs)
+
+    def watched_prepare(*args, **kwargs):
+        preparing.set()
+        try:
+            return real_prepare(*args, **kwargs)
+        finally:
+            preparing.clear()
+
+    def watched_matches(loaded, part, *args):
+        checks.append((preparing.is_set(), part["input_ids"].shape[0]))
+        checked.set()
+        return real_matches(loaded, part, *args)
+
+    monkeypatch.setattr(throughput, "prepare_inputs", watched_prepare)
+    monkeypatch.setattr(decoding, "_lean_matches", watched_matches)
+    monkeypatch.setattr(preparation, "prepare_chunk", later_chunk)
+    contents = []
+    for name in ("cold", "reused"):
+        config = config_from_dict({
+            "run_dir": str(run.run_dir), "base_model": str(run.base_model_dir),
+            "store": str(tmp_path / name), "task": "grounding", "steps": [100, 200],
+            "data": {"path": str(split)}, "batch_size": 8, "max_new_tokens": 6,
+            "device": "cpu", "prepared_cache_dir": str(tmp_path / "prepared"),
+        })  # fmt: skip
+        assert runner.run(config, _quiet()).evaluated == [100, 200]
+        contents.append(_contents(config))
+    assert checks == [(True, 2), (False, 2)]
+    assert contents[0] == contents[1]

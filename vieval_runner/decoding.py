@@ -366,23 +366,30 @@ def _enc_dec(loaded: LoadedModel) -> bool:
     return bool(FAMILIES[loaded.family]["encoder_decoder"])
 
 
-def _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows) -> bool:
-    """The lean loop where it is exact; verified once per model and generation config (a
-    checkpoint may bring its own ``generation_config.json``)."""
+def _verdict_key(loaded: LoadedModel) -> str:
+    return json.dumps(loaded.model.generation_config.to_diff_dict(), sort_keys=True, default=str)
+
+
+def check_lean(
+    loaded: LoadedModel,
+    part: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    forced: list[str | None] | None,
+    options: GenerateOptions,
+) -> bool:
+    """Whether the lean loop serves this model: decided once per model and generation config
+    (a checkpoint may bring its own ``generation_config.json``) by decoding ``part``, a small
+    batch on the model's device, both ways. The runner calls it early, on two specimens of
+    the first prepared chunk while the rest of the split is prepared; else the first batch
+    does (``_use_lean``)."""
     verdicts = loaded.model.__dict__.setdefault("_vieval_lean", {})
-    key = json.dumps(loaded.model.generation_config.to_diff_dict(), sort_keys=True, default=str)
+    key = _verdict_key(loaded)
     if key in verdicts:
         return verdicts[key]
     reason = lean_blocker(loaded, options)
     if reason is None:
-        part, few = inputs, forced
-        if collate_rows is not None:
-            # the longest and the shortest prompt: the check covers left padding
-            rows = sorted({0, inputs["input_ids"].shape[0] - 1})
-            part = to_device(loaded, collate_rows(rows))
-            few = None if forced is None else [forced[r] for r in rows]
         try:
-            if not _lean_matches(loaded, part, max_new_tokens, few, options.scores):
+            if not _lean_matches(loaded, part, max_new_tokens, forced, options.scores):
                 reason = "it differed from HF generate on the first batch"
         except torch.OutOfMemoryError:
             raise  # the caller halves the batch
@@ -396,3 +403,17 @@ def _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows) -> 
         # the verdict holds for this model whatever the batch; option-driven ones are not kept
         verdicts[key] = reason is None
     return reason is None
+
+
+def _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows) -> bool:
+    """The lean loop where it is exact (``check_lean`` on this batch unless decided)."""
+    verdict = loaded.model.__dict__.get("_vieval_lean", {}).get(_verdict_key(loaded))
+    if verdict is not None:
+        return verdict
+    part, few = inputs, forced
+    if collate_rows is not None and lean_blocker(loaded, options) is None:
+        # the longest and the shortest prompt: the check covers left padding
+        rows = sorted({0, inputs["input_ids"].shape[0] - 1})
+        part = to_device(loaded, collate_rows(rows))
+        few = None if forced is None else [forced[r] for r in rows]
+    return check_lean(loaded, part, max_new_tokens, few, options)

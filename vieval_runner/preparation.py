@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +192,7 @@ def prepare(
     cache_dir: str | Path | None = None,
     into: PreparedSet | None = None,
     cancel: threading.Event | None = None,
+    on_first: Callable[[list[PreparedSpecimen]], None] | None = None,
 ) -> list[PreparedSpecimen] | PreparedSet:
     """Processor outputs of each specimen, computed once and reusable across checkpoints.
 
@@ -202,6 +203,7 @@ def prepare(
     ``into``: fill this (empty) ``PreparedSet`` instead (``prepared_reuse`` passes a persisting
     one); the budget and folder arguments are then ignored. ``cancel``: once set, stop with
     ``PreparationCancelled`` (the runner prepares while the weights load; a failed load stops it).
+    ``on_first(items)``: called with the first chunk's results as soon as they exist.
     """
     from .prepared_cache import PreparedSet
 
@@ -216,6 +218,8 @@ def prepare(
         items, batched = _first_chunk(loaded, first, template, system_prompt)
         for item in items:
             out.append(item)
+        if on_first is not None:
+            on_first(items)
     if workers <= 1:
         for chunk in chunks:
             for item in prepare_chunk(loaded, chunk, template, system_prompt, batched):

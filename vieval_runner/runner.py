@@ -93,6 +93,7 @@ def _ensure_model(
     )
     throughput.start_prefetch(session, first)  # read while the split is prepared
     if preparing is not None:
+        throughput.check_decoding_early(session, preparing)
         preparing.result()  # its errors (e.g. an unreadable image) surface here
     start_specimens(session)
     throughput.install_caches(session)  # the vision-embedding cache

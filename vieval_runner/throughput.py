@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,8 @@ class State:
     committer: Committer | None = None
     memo: dict = field(default_factory=dict)  # batch size found by the auto probe
     noted: set = field(default_factory=set)
+    first_chunk: list | None = None  # the split's first prepared specimens (early check)
+    first_chunk_ready: threading.Event = field(default_factory=threading.Event)
 
 
 def state(session) -> State:
@@ -60,12 +63,20 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
     from vieval_runner import generation
 
     config = session.config
+    st = state(session)
+
+    def first_chunk(items: list) -> None:  # for check_decoding_early
+        st.first_chunk = items
+        st.first_chunk_ready.set()
+
     t0 = time.perf_counter()
     if config.reuse_prepared and config.prepared_cache_max_gb > 0:
         from vieval_runner.prepared_reuse import prepare_reusing
 
         # kept on local disk across runs: a later run on the same split reads them back
-        session.prepared, line = prepare_reusing(loaded, session.specimens, config, cancel)
+        session.prepared, line = prepare_reusing(
+            loaded, session.specimens, config, cancel, on_first=first_chunk
+        )
         log.info(line)
         state(session).prepare_reused = line.startswith("prepared inputs reused")
     else:
@@ -78,6 +89,7 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
             ram_budget_mb=config.prepare_cache_ram_mb,
             cache_dir=config.cache_dir,
             cancel=cancel,
+            on_first=first_chunk,
         )
         on_disk = getattr(session.prepared, "on_disk", 0)
         log.info(
@@ -147,14 +159,7 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
             predictions[i] = parse_one(session, specimens[i], out)
         parse_time[0] += time.perf_counter() - t0
 
-    options = generation.GenerateOptions(
-        static_cache=config.static_cache,
-        compile=config.compile,
-        vision_cache=cache,
-        overlap=config.overlap,
-        scores=config.box_scores,
-        lean=config.lean_decoding,
-    )
+    options = generate_options(config, cache)
     hits = cache.hits if cache is not None else 0
     t0 = time.perf_counter()
     batch_size = st.memo.get("batch_size", config.batch_size)
@@ -180,6 +185,48 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
     if cache is not None:  # a count, not a time: logged, kept out of the timings
         log.info("vision embeddings reused for %d specimens", cache.hits - hits)
     return generated, predictions
+
+
+def generate_options(config, vision_cache=None):
+    """The run's ``generation.GenerateOptions``."""
+    from vieval_runner import generation
+
+    return generation.GenerateOptions(
+        static_cache=config.static_cache,
+        compile=config.compile,
+        vision_cache=vision_cache,
+        overlap=config.overlap,
+        scores=config.box_scores,
+        lean=config.lean_decoding,
+    )
+
+
+def check_decoding_early(session, preparing: Future) -> None:
+    """The lean loop's one-time check (``decoding.check_lean``) while the split is still being
+    prepared, on the first prepared chunk's longest and shortest prompt, instead of holding up
+    the first batch (which needs the whole split). Nothing to do once preparing has ended."""
+    from vieval_runner import decoding, generation
+
+    st = state(session)
+    preparing.add_done_callback(lambda _: st.first_chunk_ready.set())
+    st.first_chunk_ready.wait()
+    chunk, config, loaded = st.first_chunk, session.config, session.loaded
+    options = generate_options(config)
+    if preparing.done() or not chunk or len(chunk) < 2:
+        return
+    if decoding.lean_blocker(loaded, options) is not None:
+        return  # HF generate anyway (the first batch says why)
+    by_length = sorted(chunk, key=lambda p: -p.prompt_len)
+    part = decoding.to_device(loaded, generation.collate(loaded, [by_length[0], by_length[-1]]))
+    threads, previous = generation_threads(config, loaded), torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # as generation runs
+    try:
+        with torch.inference_mode():
+            decoding.check_lean(loaded, part, config.max_new_tokens, None, options)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(previous)
 
 
 def generation_threads(config, loaded) -> int | None:

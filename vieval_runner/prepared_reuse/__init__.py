@@ -145,10 +145,11 @@ def split_key(
 
 
 def prepare_reusing(
-    loaded, specimens: Sequence[Specimen], config, cancel=None
+    loaded, specimens: Sequence[Specimen], config, cancel=None, on_first=None
 ) -> tuple[PreparedSet, str]:
     """The split's prepared inputs, reused from the cache or prepared (and saved), plus the
-    one log line saying which. ``config``: the run's ``Config``; ``cancel``: see ``prepare``."""
+    one log line saying which. ``config``: the run's ``Config``; ``cancel``, ``on_first``:
+    see ``prepare`` (``on_first`` is not called when the inputs are reused)."""
     from ..preparation import prepare
 
     t0 = time.perf_counter()
@@ -203,6 +204,7 @@ def prepare_reusing(
         workers=config.preprocess_workers,
         into=into,
         cancel=cancel,
+        on_first=on_first,
     )
     took = time.perf_counter() - t0
     head = f"prepared {len(prepared)} specimens in {took:.2f}s"
