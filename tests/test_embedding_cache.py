@@ -149,3 +149,43 @@ def test_lora_adapters_reuse_embeddings_only_when_the_tower_is_not_adapted(
             assert counts == [0, reused, reused, reused]
     assert stored[True] == stored[False]
     assert len({tuple(v) for v in stored[True].values()}) > 1  # adapters changed the text
+
+
+def test_embeddings_are_kept_only_for_a_next_checkpoint_with_the_same_tower(
+    tmp_path, shared_vision_run, monkeypatch
+):
+    """Steps 0, 100, 200, 300: only 100's embeddings can serve the next step (200 shares its
+    tower, read by the prefetch), so only they are copied to the host and kept."""
+    kept = []
+    real_store = VisionCache._store
+    monkeypatch.setattr(
+        VisionCache, "_store", lambda self, ids, out: kept.extend(ids) or real_store(self, ids, out)
+    )
+    config = _config(tmp_path, shared_vision_run)
+    assert runner.run(config, _quiet()).evaluated == [0, 100, 200, 300]
+    assert len(kept) == 6  # one step's specimens, not four
+
+
+def test_embeddings_wanted_follows_the_next_checkpoint(tmp_path):
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from vieval_runner import throughput
+    from vieval_runner.prefetch import CheckpointTensors
+
+    session = SimpleNamespace(throughput=None, open_ended=False)
+    st = throughput.state(session)
+    st.vision_cache = SimpleNamespace(digest="a")
+    assert throughput.embeddings_wanted(session)  # the runner has not said what comes next
+    st.following = None
+    assert not throughput.embeddings_wanted(session)  # the run's last checkpoint
+    session.open_ended = True
+    assert throughput.embeddings_wanted(session)  # watch: more may come
+    nxt = SimpleNamespace(path=tmp_path / "checkpoint-2")
+    st.following, read = nxt, Future()
+    st.prefetch = (nxt.path, read)
+    assert throughput.embeddings_wanted(session)  # still being read
+    read.set_result(CheckpointTensors(nxt.path, vision_hash="b"))
+    assert not throughput.embeddings_wanted(session)
+    st.vision_cache.digest = "b"
+    assert throughput.embeddings_wanted(session)

@@ -57,6 +57,7 @@ class VievalCallback(TrainerCallback):
 
         if self._session is None:
             self._session = runner.open_session(self.config, self.console)
+            self._session.open_ended = True  # more saves come while training runs
             unwrapped = getattr(model, "module", model)  # DDP/accelerate wrappers
             if processor is None or not hasattr(processor, "image_processor"):
                 from transformers import AutoProcessor

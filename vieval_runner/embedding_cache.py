@@ -7,7 +7,8 @@ knows the batch's specimen ids (``VisionCache.batch``). When every id has embedd
 for the current vision hash (``vision_hash.current_vision_hash``: content hash of the
 resident vision tensors), the stored per-specimen features are returned and the tower does
 not run; otherwise the tower runs and its output is split per image and stored (on the host,
-under a byte budget). A new hash empties the cache. Outputs this code cannot split per image
+under a byte budget) unless ``wanted()`` says no later checkpoint can use them (the next one's
+prefetched vision hash differs, or the run has no next one). A new hash empties the cache. Outputs this code cannot split per image
 (another transformers version, multi-tile images) switch the cache off with a one-time note.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -60,6 +61,8 @@ class VisionCache:
         self._ids: list[str] | None = None
         self._layout: tuple | None = None  # (output class, {field: tag})
         self._full_noted = False
+        # whether embeddings computed now can serve a later checkpoint (the runner knows)
+        self.wanted: Callable[[], bool] = lambda: True
         inner = getattr(loaded.model, "model", loaded.model)
         original = getattr(inner, "get_image_features", None)
         if original is None:
@@ -121,7 +124,8 @@ class VisionCache:
             device = getattr(pixels, "device", self.loaded.device)
             return self._rebuild([self.entries[i] for i in ids], device)
         out = self._original(*args, **kwargs)
-        self._store(ids, out)
+        if self.wanted():  # else the copy to the host would serve nothing
+            self._store(ids, out)
         return out
 
     def _store(self, ids: list[str], out) -> None:

@@ -39,6 +39,7 @@ class Session:
     processor_notice_given: bool = False
     specimens_written: Future | None = None  # the background specimens-table write
     processor_loading: Future | None = None  # models.load_base_processor, started by ``run``
+    open_ended: bool = False  # more checkpoints may come later (``watch``, the callback)
     specimens_pending: object = None  # that write, until it starts (``start_specimens``)
     throughput: object = None  # throughput.State: vision cache, prefetch, committer
     step_timings: list[dict] = field(default_factory=list)  # each step's (commit_s filled late)

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("vieval")
+
+
+_UNKNOWN = object()  # State.following before the runner says which checkpoint comes next
 
 
 @dataclass
@@ -39,6 +43,7 @@ class State:
     prepare_s: float | None = None  # preparing (or reusing) the split's processor outputs
     prepare_reused: bool = False  # they came from an earlier run (prepared_reuse)
     committer: Committer | None = None
+    following: object = _UNKNOWN  # the checkpoint evaluated next (None: there is none)
     memo: dict = field(default_factory=dict)  # batch size found by the auto probe
     noted: set = field(default_factory=set)
     first_chunk: list | None = None  # the split's first prepared specimens (early check)
@@ -116,6 +121,7 @@ def start_prefetch(session, ckpt) -> None:
     from vieval_runner import prefetch
 
     st = state(session)
+    st.following = ckpt
     if not session.config.prefetch or ckpt is None or ckpt.kind != "full":
         return
     if st.prefetch is not None and st.prefetch[0] == Path(ckpt.path):
@@ -146,6 +152,8 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
     cache = st.vision_cache
     if cache is not None:
         cache.refresh()  # a changed vision hash empties it
+        owner = weakref.ref(session)  # no cycle: the session's inputs go with the session
+        cache.wanted = lambda: (s := owner()) is not None and embeddings_wanted(s)
         if cache.note and "vision" not in st.noted:
             log.info(cache.note)
             st.noted.add("vision")
@@ -185,6 +193,25 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
     if cache is not None:  # a count, not a time: logged, kept out of the timings
         log.info("vision embeddings reused for %d specimens", cache.hits - hits)
     return generated, predictions
+
+
+def embeddings_wanted(session) -> bool:
+    """Whether image embeddings computed now can serve a later checkpoint: not when the run
+    has no next one (``watch`` and the training callback always may), nor when the next
+    one's prefetched vision part hashes differently. Unknown (not read yet) counts as yes."""
+    st = state(session)
+    following = st.following
+    if following is _UNKNOWN:
+        return True
+    if following is None:
+        return bool(getattr(session, "open_ended", False))
+    pending = st.prefetch
+    if pending is None or pending[0] != Path(following.path) or not pending[1].done():
+        return True
+    if pending[1].exception() is not None:
+        return True
+    digest = pending[1].result().vision_hash
+    return digest is None or digest == st.vision_cache.digest
 
 
 def generate_options(config, vision_cache=None):

@@ -35,6 +35,7 @@ def watch(
     console = console or Console()
     outcome = RunOutcome(store=config.store, run_id=config.effective_run_id)
     session = open_session(config, console)
+    session.open_ended = True  # image embeddings of the newest checkpoint may serve the next
     seen: set[tuple[int, str]] = set()
     last_new = clock()
     waiting_said = False
