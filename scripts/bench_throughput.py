@@ -15,6 +15,10 @@ In ONE process, on one fixture run (``--checkpoints`` checkpoints) and one split
   (c2) (not part of the ratios) `vieval run` again on a new store, as a user re-evaluating on
       demand: the prepared inputs (c) saved are reused.
 
+An untimed warm-up first runs HF generate and a 2-specimen `vieval run` of its own, so neither
+(a) nor (c) pays process-wide first-use costs (CUDA context, lazy imports, the Delta Lake
+runtime); it leaves nothing (c) reuses.
+
 End tokens are suppressed in the fixture's generation configs, so every generation runs exactly
 ``max_new_tokens`` steps and the three methods do the same work (random weights would otherwise
 stop at random steps, and a batch runs until its last row stops).
@@ -49,6 +53,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout too
 
 import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 from vieval_runner.models import FAMILIES  # noqa: E402
@@ -285,7 +290,6 @@ def method_vieval(fixture: dict, args, work: Path, cold: bool = True) -> dict:
     """(c) `vieval run` in process on a config naming the same run, split and settings.
     ``cold=False``: a second run on a new store that reuses the prepared inputs (c2)."""
     import yaml
-    from rich.console import Console
 
     from vieval_runner import checkpoints as ckpts
     from vieval_runner import runner, store
@@ -295,13 +299,7 @@ def method_vieval(fixture: dict, args, work: Path, cold: bool = True) -> dict:
     shutil.rmtree(store_dir, ignore_errors=True)
     if cold:
         shutil.rmtree(prepared_dir, ignore_errors=True)  # no inputs reused from a past run
-    config = {
-        "run_dir": fixture["run_dir"], "base_model": fixture["base"], "store": str(store_dir),
-        "run_id": "bench", "task": "grounding", "data": {"path": fixture["split"], "format": "jsonl"},
-        "steps": fixture["steps"], "include_base": False, "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens, "device": args.device, "dtype": args.dtype,
-        "prepared_cache_dir": str(prepared_dir),
-    }  # fmt: skip
+    config = vieval_config(fixture, args, store_dir, prepared_dir)
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     reset_peak(args.device)
@@ -356,15 +354,40 @@ def compare(reference: dict, other: dict) -> list[str]:
     return [f"step {k[0]} {k[1]}" for k, text in reference.items() if other.get(k) != text]
 
 
-def warm_up(fixture: dict, specimens, args) -> float:
-    """Untimed: first CUDA context / kernels / lazy imports, so (a) does not pay for them."""
+def warm_up(fixture: dict, specimens, args, work: Path) -> float:
+    """Untimed: first CUDA context / kernels / lazy imports, so (a) does not pay for them,
+    and the same for (c): one `vieval run` of the first checkpoint on a 2-specimen split of
+    its own, into its own store and prepared-input folder (nothing it leaves is reused: the
+    timed (c) has another split, store and folder; the model is loaded again)."""
+    from vieval_runner import runner, shapes
+    from vieval_runner.config import config_from_dict
+
     t0 = time.perf_counter()
     model, processor = load_hf(fixture["base"], args)
     generate_texts(model, processor, specimens[:1], args)
     generate_texts(model, processor, specimens[: args.batch_size], args)
     del model, processor
     free(args.device)
+    size = fixture["image_px"]
+    split = shapes.write_split(work / "warm-up-data", n=2, task="grounding", seed=1, size=size)
+    config = vieval_config(fixture, args, work / "warm-up-store", work / "warm-up-prepared")
+    config.update(data={"path": str(split), "format": "jsonl"}, steps=fixture["steps"][:1])
+    outcome = runner.run(config_from_dict(config), Console(quiet=True))
+    if outcome.failed:
+        raise SystemExit(f"warm-up vieval run failed: {outcome.failed}")
+    free(args.device)
     return time.perf_counter() - t0
+
+
+def vieval_config(fixture: dict, args, store_dir: Path, prepared_dir: Path) -> dict:
+    """The `vieval run` config (c) uses: the fixture's run and split, the bench's settings."""
+    return {
+        "run_dir": fixture["run_dir"], "base_model": fixture["base"], "store": str(store_dir),
+        "run_id": "bench", "task": "grounding", "data": {"path": fixture["split"], "format": "jsonl"},
+        "steps": fixture["steps"], "include_base": False, "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens, "device": args.device, "dtype": args.dtype,
+        "prepared_cache_dir": str(prepared_dir),
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
         say(f"fixture {args.preset}{' (shrunk)' if args.shrink else ''}: {c} checkpoints, "
             f"{n} specimens, built in {fixture['fixture_s']:.1f}s in {work}")  # fmt: skip
-        result["warmup_s"] = warm_up(fixture, specimens, args)
+        result["warmup_s"] = warm_up(fixture, specimens, args, work)
         say(f"warm-up (untimed) {result['warmup_s']:.1f}s")
         say(f"(a) per-sample loop ({limit} of {n} specimens per checkpoint)")
         a = result["a_per_sample"] = method_hf(fixture, specimens, args, 1, limit)
