@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import load_at_200
 
-from vieval_runner import decoding
+from vieval_runner import decoding, lean_loop
 from vieval_runner.decoding import GenerateOptions, hf_generate, lean_blocker, lean_greedy
 from vieval_runner.families import FAMILIES
 from vieval_runner.generation import collate, generate, prepare
@@ -137,13 +137,13 @@ def _fresh(tiny_run, family, specimens):
 def test_a_lean_loop_that_drifts_from_hf_is_switched_off(tiny_run, specimens, monkeypatch, caplog):
     """As if a transformers release changed a hook: the first-batch check catches it."""
     loaded, prepared, expected = _fresh(tiny_run, "llava", specimens)
-    real = decoding._greedy_scores
+    real = lean_loop._greedy_scores
 
     def drifted(scores, *args):
         scores = real(scores, *args)
         return scores.flip(-1)  # picks other tokens than HF would
 
-    monkeypatch.setattr(decoding, "_greedy_scores", drifted)
+    monkeypatch.setattr(lean_loop, "_greedy_scores", drifted)
     lean_calls = []
     real_lean = decoding.lean_greedy
     monkeypatch.setattr(

@@ -7,18 +7,20 @@ model's own generation hooks (``_prepare_position_ids_for_generation``,
 ``prepare_inputs_for_generation``, ``_update_model_kwargs_for_generation``), so per-family
 details (Qwen's 3-D rope positions, PaliGemma's token types, pixels only at prefill) stay the
 model's, and the scores go through the logits processors HF's own builder makes for the
-config (``repetition_penalty``, ``suppress_tokens``, ...). It applies where it can be exact:
-decoder-only families, no static cache or compile, and no generation-config setting that
-changes the decoding algorithm itself (``lean_blocker`` names what stops it). The first batch of each loaded model
-(and generation config) is also decoded both ways on two of its rows (the longest and the
-shortest prompt), up to 8 new tokens; any difference (another transformers version, say)
-switches the lean loop off for that model with a warning.
+config (``repetition_penalty``, ``suppress_tokens``, ...). One-token steps of a padded batch
+get their SDPA mask from one buffer (``step_mask_buffer``): the very mask HF's
+``create_causal_mask`` would rebuild each step (and, on a GPU, read back to the host).
+It applies where it can be exact: decoder-only families, no static cache or compile, and no
+generation-config setting that changes the decoding algorithm itself (``lean_blocker`` names
+what stops it). Each loaded model (and generation config) is also checked once
+(``check_lean``): two specimens (the longest and the shortest prompt) are decoded both ways,
+up to 8 new tokens; any difference (another transformers version, say) switches the lean loop
+off for that model with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import threading
@@ -27,24 +29,20 @@ from dataclasses import dataclass
 
 import torch
 
+from .lean_loop import end_ids, lean_blocker, lean_greedy, pad_id, step_mask_buffer
 from .models import FAMILIES, LoadedModel
+
+__all__ = [  # the lean loop's names stay importable from here
+    "GenerateOptions", "TOKENIZER_LOCK", "check_lean", "end_ids", "generate_tokens",
+    "hf_generate", "lean_blocker", "lean_greedy", "pad_id", "step_mask_buffer", "to_device",
+]  # fmt: skip
 
 log = logging.getLogger("vieval")
 
 # fast tokenizers raise "Already borrowed" when used from two threads at once
 TOKENIZER_LOCK = threading.Lock()
 
-# generation-config fields the lean loop cannot honour: they change the decoding algorithm
-# (candidates, classifier-free guidance, stop strings, time limits), not one step's scores.
-# Score-level settings (repetition_penalty, suppress_tokens, no_repeat_ngram_size, min
-# lengths, bad words, ...) come from HF's own processor list for the installed version.
-_ALGORITHM_FIELDS = {
-    "num_beam_groups", "penalty_alpha", "guidance_scale", "stop_strings",
-    "max_time", "prompt_lookup_num_tokens", "assistant_early_exit", "num_assistant_tokens",
-    "assistant_confidence_threshold", "prefill_chunk_size", "dola_layers", "token_healing",
-    "cache_implementation", "compile_config", "watermarking_config",
-}  # fmt: skip
-_VERIFY_TOKENS = 8  # the first-batch check's budget: a drift shows in the first tokens
+_VERIFY_TOKENS = 8  # the one-time check's budget: a drift shows in the first tokens
 
 
 @dataclass
@@ -59,25 +57,6 @@ class GenerateOptions:
     lean: bool = True  # the lean greedy loop where it is exact (else HF generate)
 
 
-def pad_id(loaded: LoadedModel) -> int:
-    tokenizer = loaded.processor.tokenizer
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return int(end_ids(loaded)[0])
-
-
-def end_ids(loaded: LoadedModel) -> list[int]:
-    """Token ids that end a generation: eos (all of them), pad and end-of-turn."""
-    gen = loaded.model.generation_config
-    eos = gen.eos_token_id
-    ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
-    tokenizer = loaded.processor.tokenizer
-    for token_id in (tokenizer.eos_token_id, tokenizer.pad_token_id, gen.pad_token_id):
-        if token_id is not None and token_id not in ids:
-            ids.append(int(token_id))
-    return ids
-
-
 def to_device(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     moved = {}
     for key, value in inputs.items():
@@ -86,170 +65,6 @@ def to_device(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[str,
             value = value.to(loaded.dtype)
         moved[key] = value
     return moved
-
-
-def lean_blocker(loaded: LoadedModel, options: GenerateOptions) -> str | None:
-    """Why the lean loop cannot be exact for this model and these options (None: it can)."""
-    model = loaded.model
-    if not options.lean:
-        return "lean: false"
-    if FAMILIES[loaded.family]["encoder_decoder"]:
-        return "encoder-decoder model"
-    if options.static_cache or options.compile:
-        return "static cache / compile"
-    for hook in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation"):
-        if not hasattr(model, hook):
-            return f"this transformers version has no {hook}"
-    for hook in ("_get_logits_processor", "_prepare_special_tokens"):
-        if not hasattr(model, hook):
-            return f"this transformers version has no {hook}"
-    diff = model.generation_config.to_diff_dict()
-    blocking = sorted(k for k in set(diff) & _ALGORITHM_FIELDS if diff[k] not in (None, 1, False))
-    if blocking:
-        return "generation config sets " + ", ".join(blocking)
-    return None
-
-
-def _hf_processors(model, input_ids, kwargs, max_new_tokens: int, pad: int, ends: list[int]):
-    """The logits processors HF ``generate`` builds for this config and batch (greedy: no
-    warpers), from the installed version's own builder: its semantics, whatever they are."""
-    import copy
-
-    from transformers import LogitsProcessorList
-
-    gen = copy.deepcopy(model.generation_config)
-    gen.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-               eos_token_id=ends, forced_eos_token_id=None)  # fmt: skip
-    gen.max_length = max_new_tokens + input_ids.shape[1]  # as _prepare_generated_length
-    model._prepare_special_tokens(gen, True, device=input_ids.device, batch_size=len(input_ids))
-    return model._get_logits_processor(
-        generation_config=gen,
-        input_ids_seq_length=input_ids.shape[1],
-        encoder_input_ids=input_ids,
-        logits_processor=LogitsProcessorList(),
-        device=input_ids.device,
-        model_kwargs=kwargs,  # the attention mask as generate has it (None: no padding)
-    )
-
-
-def _greedy_scores(scores: torch.Tensor, input_ids: torch.Tensor, processors: list) -> torch.Tensor:
-    """Next-token scores after HF's processors for the config, then the caller's."""
-    for processor in processors:
-        scores = processor(input_ids, scores)
-    return scores
-
-
-def lean_greedy(
-    loaded: LoadedModel,
-    inputs: dict[str, torch.Tensor],
-    max_new_tokens: int,
-    processors: list,
-    scores: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Greedy decoding of one batch: new tokens (rows that ended are padded, as HF pads them)
-    and, with ``scores``, each token's log-probability under the processed scores."""
-    model = loaded.model
-    kwargs = dict(inputs)
-    input_ids = kwargs.pop("input_ids")
-    rows = input_ids.shape[0]
-    device = input_ids.device
-    kwargs["use_cache"] = True
-    if hasattr(model, "_prepare_position_ids_for_generation") and _takes(model, "position_ids"):
-        kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, kwargs)
-    if (mask := kwargs.get("attention_mask")) is not None and bool((mask == 1).all()):
-        kwargs["attention_mask"] = None  # as generate(): no padding, so no mask to build
-    if _takes(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
-    processors = [
-        *_hf_processors(model, input_ids, kwargs, max_new_tokens, pad_id(loaded), end_ids(loaded)),
-        *processors,
-    ]
-    ends = torch.tensor(end_ids(loaded), device=device)
-    pad = torch.tensor(pad_id(loaded), device=device)
-    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-    # a host sync per step would stall a GPU that runs ahead of Python; check every few steps
-    check_every = 1 if device.type == "cpu" else 4
-    prompt_len = input_ids.shape[1]
-    decode_mask = step_mask_buffer(model, kwargs.get("attention_mask"), max_new_tokens)
-    logprobs: list[torch.Tensor] = []
-    first = True
-    while True:
-        model_inputs = model.prepare_inputs_for_generation(
-            input_ids,
-            next_sequence_length=None if first else 1,
-            is_first_iteration=first,
-            **kwargs,
-        )
-        if decode_mask is not None and not first:
-            # the 4-D mask HF would build from the 2-D one this step (passed through as-is)
-            model_inputs["attention_mask"] = decode_mask[..., : input_ids.shape[1]].contiguous()
-        outputs = model(**model_inputs, return_dict=True)
-        kwargs = model._update_model_kwargs_for_generation(outputs, kwargs)
-        first = False
-        step_scores = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
-        del outputs
-        step_scores = _greedy_scores(step_scores, input_ids, processors)
-        chosen = step_scores.argmax(-1)
-        chosen = torch.where(unfinished, chosen, pad)
-        if scores:
-            logprobs.append(step_scores.log_softmax(-1).gather(1, chosen[:, None]))
-        input_ids = torch.cat([input_ids, chosen[:, None]], dim=-1)
-        unfinished &= ~torch.isin(chosen, ends)
-        produced = input_ids.shape[1] - prompt_len
-        if produced >= max_new_tokens:
-            break
-        if produced % check_every == 0 and not bool(unfinished.any()):
-            break
-    new = input_ids[:, prompt_len:]
-    return new, (torch.cat(logprobs, dim=1) if scores else None)
-
-
-def step_mask_buffer(
-    model, attention_mask: torch.Tensor | None, max_new_tokens: int
-) -> torch.Tensor | None:
-    """The SDPA masks of every decoding step, as one ``(batch, 1, 1, prompt + new)`` bool
-    buffer, or None where HF's own mask building must stay.
-
-    A one-token step under SDPA attends to every earlier position that is not padding, so
-    HF's ``create_causal_mask`` returns the 2-D mask as a 4-D bool tensor whenever the batch
-    has padding (it rebuilds it every step, and on a GPU reads it back to the host to check
-    for padding). A 4-D mask is passed through as-is (``_preprocess_mask_arguments``), so a
-    slice of this buffer gives the model the same mask without that work. Applies only where
-    the mask cannot be anything else: padding present (without it HF may skip the mask),
-    SDPA, causal, and full attention in every layer (sliding or chunked layers cut positions).
-    """
-    if attention_mask is None or attention_mask.ndim != 2 or bool(attention_mask.all()):
-        return None
-    text = model.config.get_text_config()
-    if getattr(text, "_attn_implementation", None) != "sdpa" or not getattr(
-        text, "is_causal", True
-    ):
-        return None
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types and any(kind != "full_attention" for kind in layer_types):
-        return None
-    if getattr(text, "attention_chunk_size", None):
-        return None
-    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
-    if sliding and not layer_types:  # a sliding window without per-layer types: every layer
-        return None
-    rows, prompt_len = attention_mask.shape
-    mask = torch.ones(
-        rows, 1, 1, prompt_len + max_new_tokens, dtype=torch.bool, device=attention_mask.device
-    )
-    mask[:, 0, 0, :prompt_len] = attention_mask.bool()
-    return mask
-
-
-_FORWARD_PARAMS: dict[type, set[str]] = {}
-
-
-def _takes(model, name: str) -> bool:
-    """Whether the model's ``forward`` has this parameter (as generate() checks)."""
-    params = _FORWARD_PARAMS.get(type(model))
-    if params is None:
-        params = _FORWARD_PARAMS[type(model)] = set(inspect.signature(model.forward).parameters)
-    return name in params
 
 
 def hf_generate(
