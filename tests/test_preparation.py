@@ -47,6 +47,9 @@ def test_families_with_a_split_rule_use_one_processor_call_per_chunk(
     prepare(loaded, specimens * 3)
     # the first chunk's check: its first and last specimen alone, then the chunk; then a chunk
     assert calls == [1, 1, 16, 11]
+    calls.clear()
+    prepare(loaded, specimens * 3, workers=2)  # smaller chunks: every worker gets two
+    assert calls[:3] == [1, 1, 6] and sorted(calls[3:]) == [3, 6, 6, 6]
 
 
 def test_batched_outputs_that_differ_fall_back_to_one_specimen_at_a_time(

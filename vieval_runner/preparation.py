@@ -97,7 +97,7 @@ def prepare_one(
     return PreparedSpecimen(specimen.specimen_id, input_ids, tensors, size)
 
 
-_CHUNK = 16  # specimens per processor call where the family's outputs split back
+_CHUNK = 16  # at most this many specimens per processor call (where outputs split back)
 
 
 def prepare_chunk(
@@ -197,7 +197,7 @@ def prepare(
     """Processor outputs of each specimen, computed once and reusable across checkpoints.
 
     ``workers`` > 1 decodes images and runs the processor on a thread pool (order kept, at
-    most ``2 * workers`` results waiting). With ``ram_budget_mb`` the result is a
+    most ``workers + 1`` chunks of at most 8 specimens waiting). With ``ram_budget_mb`` the result is a
     ``PreparedSet`` holding tensors in RAM up to the budget and the rest in safetensors
     chunks under ``cache_dir`` (default: the system temp folder); without it, a plain list.
     ``into``: fill this (empty) ``PreparedSet`` instead (``prepared_reuse`` passes a persisting
@@ -212,7 +212,7 @@ def prepare(
         out = into
     else:
         out = [] if ram_budget_mb is None else PreparedSet(int(ram_budget_mb * 2**20), cache_dir)
-    chunks = _chunks(specimens, cancel)
+    chunks = _chunks(specimens, cancel, _chunk_size(specimens, workers))
     first, batched = next(chunks, None), True
     if first is not None:
         items, batched = _first_chunk(loaded, first, template, system_prompt)
@@ -230,7 +230,7 @@ def prepare(
             for chunk in chunks:
                 job = (loaded, chunk, template, system_prompt, batched)
                 window.append(pool.submit(prepare_chunk, *job))
-                if len(window) >= 2 * workers:  # bounded: memory stays under the budget
+                if len(window) > workers:  # bounded: memory stays under the budget
                     for item in window.popleft().result():
                         out.append(item)
             while window:
@@ -271,14 +271,27 @@ class PreparationCancelled(Exception):
     """``prepare`` was stopped through its ``cancel`` event."""
 
 
-def _chunks(specimens: Iterable[Specimen], cancel: threading.Event | None):
-    """``specimens`` in chunks of ``_CHUNK``; checks ``cancel`` before taking each one."""
+def _chunk_size(specimens: Iterable[Specimen], workers: int) -> int:
+    """Specimens per processor call: ``_CHUNK`` on one thread; with workers at most half that
+    (chunks in flight are held outside the RAM budget) and small enough that a known-size
+    split gives every worker two chunks (decoding large images, most of their cost, runs in
+    parallel across chunks only)."""
+    if workers <= 1:
+        return _CHUNK
+    largest = _CHUNK // 2
+    if not hasattr(specimens, "__len__"):
+        return largest
+    return max(2, min(largest, len(specimens) // (2 * workers)))
+
+
+def _chunks(specimens: Iterable[Specimen], cancel: threading.Event | None, size: int):
+    """``specimens`` in chunks of ``size``; checks ``cancel`` before taking each one."""
     chunk: list[Specimen] = []
     for specimen in specimens:
         if cancel is not None and cancel.is_set():
             raise PreparationCancelled("preparation stopped")
         chunk.append(specimen)
-        if len(chunk) == _CHUNK:
+        if len(chunk) == size:
             yield chunk
             chunk = []
     if chunk:
