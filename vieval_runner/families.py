@@ -9,7 +9,8 @@ optional ``image_token_in_prompt`` (default True), ``nested_images`` (default Fa
 ``batches_on_cuda`` (default True; False: one specimen at a time on CUDA, with a warning) and
 ``prepare_split`` (how one processor call's outputs for several specimens split back per
 specimen: ``"grid"``, pixel rows by ``image_grid_thw``; ``"image"``, one pixel row per image;
-absent: the processor runs once per specimen).
+``"image_tokens"``, tiles per image from its image-token count; ``"tiles"``, padded tiles cut
+by ``pixel_attention_mask``; absent: the processor runs once per specimen).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "templates": {"grounding": "<CAPTION_TO_PHRASE_GROUNDING>{prompt}", "vqa": "{prompt}"},
     },
     "internvl": {
+        "prepare_split": "image_tokens",
         **_QWEN_CHAT,
         "model_types": ("internvl",),
         "model_class": "AutoModelForImageTextToText",
@@ -103,6 +105,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
     "smolvlm": {
+        "prepare_split": "tiles",
         **_QWEN_CHAT,
         "model_types": ("smolvlm", "idefics3"),  # SmolVLM v1 checkpoints say idefics3
         "model_class": "AutoModelForImageTextToText",

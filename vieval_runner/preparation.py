@@ -131,6 +131,8 @@ def _prepare_batched(loaded, specimens, template, system_prompt) -> list[Prepare
         return None
     prompts = [build_prompt(loaded, s, template, system_prompt) for s in specimens]
     images = [s.load_image() for s in specimens]
+    if FAMILIES[loaded.family].get("nested_images", False):
+        images = [[image] for image in images]
     outputs = loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt")
     return _split(loaded, specimens, outputs, rule)
 
@@ -142,12 +144,13 @@ class _NotSplittable(Exception):
 def _split(loaded, specimens: Sequence[Specimen], outputs, rule: str) -> list[PreparedSpecimen]:
     n = len(specimens)
     kept = outputs["attention_mask"].bool()  # padding is wherever the mask is 0
-    rows: list[int] | None = None
-    if rule == "grid":  # Qwen: pixel patch rows of all images, t*h*w rows per image
-        grid = outputs.get("image_grid_thw")
-        if grid is None or grid.shape[0] != n:
-            raise _NotSplittable("image_grid_thw")
-        rows = [0, *torch.cumsum(grid.prod(-1), 0).tolist()]
+    rows = _pixel_rows(loaded, outputs, rule, kept, n)  # rules that concatenate pixel rows
+    tiles = None
+    if rule == "tiles":  # SmolVLM: (image, tile, ...) padded with empty tiles at the end
+        mask = outputs.get("pixel_attention_mask")
+        if mask is None or mask.shape[0] != n:
+            raise _NotSplittable("pixel_attention_mask")
+        tiles = mask.flatten(2).any(-1).sum(-1).tolist()
     prepared = []
     for i, specimen in enumerate(specimens):
         tensors = {}
@@ -158,6 +161,8 @@ def _split(loaded, specimens: Sequence[Specimen], outputs, rule: str) -> list[Pr
                 tensors[key] = value[i][kept[i]]
             elif rows is not None and key == "pixel_values":
                 tensors[key] = value[rows[i] : rows[i + 1]].clone()
+            elif tiles is not None and key in ("pixel_values", "pixel_attention_mask"):
+                tensors[key] = value[i : i + 1, : tiles[i]].clone()
             elif value.shape[0] == n:  # one row per image (own memory: no view of the batch)
                 tensors[key] = value[i : i + 1].clone()
             else:
@@ -166,6 +171,28 @@ def _split(loaded, specimens: Sequence[Specimen], outputs, rule: str) -> list[Pr
         size = input_size_for(loaded, outputs, i)
         prepared.append(PreparedSpecimen(specimen.specimen_id, input_ids, tensors, size))
     return prepared
+
+
+def _pixel_rows(loaded, outputs, rule: str, kept: torch.Tensor, n: int) -> list[int] | None:
+    """Where each specimen's rows start in a concatenated ``pixel_values`` (None: the rule
+    does not concatenate)."""
+    if rule == "grid":  # Qwen: pixel patch rows of all images, t*h*w rows per image
+        grid = outputs.get("image_grid_thw")
+        if grid is None or grid.shape[0] != n:
+            raise _NotSplittable("image_grid_thw")
+        counts = grid.prod(-1)
+    elif rule == "image_tokens":  # InternVL: tiles per image = its image tokens / per tile
+        per_tile = getattr(loaded.processor, "image_seq_length", None)
+        token = getattr(loaded.processor, "image_token_id", None)
+        if not per_tile or token is None:
+            raise _NotSplittable("image_seq_length")
+        counts = ((outputs["input_ids"] == token) & kept).sum(-1) // int(per_tile)
+    else:
+        return None
+    rows = [0, *torch.cumsum(counts, 0).tolist()]
+    if "pixel_values" not in outputs or rows[-1] != outputs["pixel_values"].shape[0]:
+        raise _NotSplittable("pixel_values")
+    return rows
 
 
 def same_preparation(a: PreparedSpecimen, b: PreparedSpecimen) -> bool:
