@@ -84,8 +84,11 @@ def prepare_one(
     nested = FAMILIES[loaded.family].get("nested_images", False)
     prompt = build_prompt(loaded, specimen, template, system_prompt)
     image = specimen.load_image()
+    # padding=True adds nothing to one prompt; every preparation call pads the same way, so
+    # the fast tokenizer's padding state is set once, then only read by worker threads
+    # (changing it while another thread encodes raises "Already borrowed")
     outputs = loaded.processor(
-        images=[[image]] if nested else [image], text=[prompt], return_tensors="pt"
+        images=[[image]] if nested else [image], text=[prompt], padding=True, return_tensors="pt"
     )
     tensors = {}
     for key, value in outputs.items():
@@ -270,9 +273,8 @@ def _first_chunk(loaded, chunk, template, system_prompt) -> tuple[list[PreparedS
     """The first chunk, and whether batched processor calls serve the rest: they must give
     exactly the one-specimen outputs of its first and last specimen, else one at a time.
 
-    It runs on the caller's thread, its last processor call in the mode the rest will use:
-    the tokenizer's padding state is settled before worker threads only read it
-    (concurrent changes raise "Already borrowed").
+    It runs on the caller's thread, so the tokenizer's padding state is set before any
+    worker thread encodes (see ``prepare_one``).
     """
     if FAMILIES[loaded.family].get("prepare_split") is None or len(chunk) < 2:
         return [prepare_one(loaded, s, template, system_prompt) for s in chunk], False
