@@ -239,6 +239,7 @@ def check_decoding_early(session, preparing: Future) -> None:
     st.first_chunk_ready.wait()
     chunk, config, loaded = st.first_chunk, session.config, session.loaded
     options = generate_options(config)
+    st.first_chunk = None  # held for this check only
     if preparing.done() or not chunk or len(chunk) < 2:
         return
     if decoding.lean_blocker(loaded, options) is not None:
