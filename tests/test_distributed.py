@@ -183,6 +183,7 @@ def _tree(tmp_path: Path, run, store_name: str) -> dict:
         "batch_size": 4,
         "max_new_tokens": 24,  # long enough that random PaliGemma emits boxes that score
         "device": "cpu",
+        "box_scores": True,  # the ranks' token log-probabilities reach rank 0's scoring
     }
 
 
@@ -224,8 +225,12 @@ def _contents(root: str) -> dict:
     reader = store.open_store(root)
     steps = reader.steps("run")
     preds = {s: reader.step("run", s).select(_COMPARED).to_pylist() for s in steps}
+    scores = []  # per-box scores: compared to a tolerance (shards batch rows differently)
     for rows in preds.values():
         rows.sort(key=lambda r: r["specimen_id"])
+        for row in rows:
+            for box in row["pred_boxes"] or []:
+                scores.append(box.pop("score"))
     evaluations = reader.evaluations("run").to_pylist()
     aggregates = {
         e["step"]: {k: e.get(k) for k in (*store.AGGREGATE_METRICS, "status", "n_specimens")}
@@ -234,6 +239,7 @@ def _contents(root: str) -> dict:
     specimens = reader.specimens().select(["specimen_id", "prompt", "width", "height"])
     return {
         "preds": preds,
+        "scores": scores,
         "aggregates": aggregates,
         "n_evaluations": len(evaluations),
         "versions": reader.version,
@@ -256,6 +262,8 @@ def test_two_process_run_stores_exactly_what_one_process_stores(tmp_path, tiny_r
 
     want, got = _contents(one["store"]), _contents(two["store"])
     assert got["preds"] == want["preds"]  # raw text, parse status, boxes, metrics, category
+    assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+    assert want["scores"] and all(s is not None for s in want["scores"])  # box scores stored
     assert got["aggregates"] == want["aggregates"]
     assert got["specimens"] == want["specimens"]
     assert got["n_evaluations"] == want["n_evaluations"] == 4

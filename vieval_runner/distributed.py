@@ -165,7 +165,7 @@ def _generate_shard(
     so the model is loaded and the shard prepared by the one-process code path."""
     if not worker.specimens:  # more ranks than specimens: nothing to load or generate
         return [], {}
-    from vieval_runner import generation, models
+    from vieval_runner import generation, models, throughput
 
     runner._ensure_model(worker, console)  # once: base model on this rank's device
     config = worker.config
@@ -180,6 +180,7 @@ def _generate_shard(
         batch_size=config.batch_size,
         max_new_tokens=config.max_new_tokens,
         progress=advance,
+        options=throughput.generate_options(config),  # box scores, lean loop, static cache
     )
     timings["generate_s"] = time.perf_counter() - t0
     log.info("rank %d step %s: %s", ranks.rank, ckpt.step, timings)
