@@ -15,6 +15,19 @@ import pytest  # noqa: E402
 
 from vieval_runner.records import Specimen  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``@pytest.mark.gpu`` tests skip cleanly where there is no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 _SIZES = [
     (64, 48),
     (96, 96),

@@ -177,7 +177,6 @@ def test_a_lean_loop_that_fails_is_switched_off(tiny_run, specimens, monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", DECODER_ONLY)
 def test_lean_loop_gives_hf_generate_tokens_on_gpu(tiny_run, specimens, family):
     """bf16 on CUDA: the same forward calls, so the same tokens (and the 4-step stop check)."""

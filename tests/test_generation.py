@@ -272,7 +272,6 @@ def test_generate_rejects_bad_arguments(loaded_at_200, specimens):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
 def test_batch_invariance_on_gpu_bf16(tiny_run, family, specimens):
     loaded = load_at_200(tiny_run(family), device="cuda", dtype="bf16")
@@ -284,7 +283,6 @@ def test_batch_invariance_on_gpu_bf16(tiny_run, family, specimens):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
 def test_batch_invariance_on_gpu_fp32_free_running(tiny_run, family, specimens):
     loaded = load_at_200(tiny_run(family), device="cuda", dtype="fp32")

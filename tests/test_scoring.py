@@ -208,7 +208,6 @@ def test_categories_and_actions_are_complete():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_score_grounding_on_cuda_equals_cpu():
     preds, refs = random_step(5, n=200)
     statuses = ["ok"] * len(preds)
