@@ -325,3 +325,19 @@ def test_box_scores_reach_the_store_and_survive_rescore(tmp_path, tiny_run):
     assert [r["confidence"] for r in again] == [r["confidence"] for r in rows]
     assert [r["token_logprobs"] for r in again] == [r["token_logprobs"] for r in rows]
     assert [r["pred_boxes"] for r in again] == [r["pred_boxes"] for r in rows]
+
+
+def test_an_image_that_does_not_decode_stops_the_run_naming_it(tmp_path, tiny_run):
+    """A truncated file passes the header check on load and fails to decode when the split is
+    prepared: one error naming the specimen and file, not a failed evaluation per step."""
+    from vieval_runner.data import DataError
+
+    config = _config(tmp_path, tiny_run("qwen2_vl"))
+    first = json.loads((tmp_path / "data" / "val.jsonl").read_text().splitlines()[0])
+    image = tmp_path / "data" / first["image"]
+    image.write_bytes(image.read_bytes()[:120])
+    with pytest.raises(DataError) as caught:
+        runner.run(config, _quiet())
+    message = str(caught.value)
+    assert f"specimen {first['id']!r}: cannot load image" in message and str(image) in message
+    assert store.open_store(config.store).evaluations().num_rows == 0  # no step marked failed

@@ -14,7 +14,7 @@ import pytest
 from deltalake import DeltaTable
 from PIL import Image
 
-from vieval_runner.records import Box, Specimen
+from vieval_runner.records import Box, DataError, Specimen
 from vieval_runner.store import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -429,7 +429,7 @@ def test_specimens_written_once_per_dataset_version_with_thumbnail(store, tmp_pa
     assert max(img.size) <= 256 and img.size == (256, 64)
     assert Image.open(io.BytesIO(r.specimen_image("a.png"))).size == (40, 30)  # never upscaled
     assert r.specimen_image("missing.png") is None
-    with pytest.raises(StoreError, match="specimen 'gone'.*gone.png"):
+    with pytest.raises(DataError, match="specimen 'gone'.*gone.png"):
         write_specimens(
             store, [Specimen("gone", "vqa", "q", 1, 1, image_path=str(tmp_path / "gone.png"))], "v3"
         )

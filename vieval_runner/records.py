@@ -52,6 +52,10 @@ class Box:
         )
 
 
+class DataError(Exception):
+    """Bad validation data; the message names the file, the row and the problem."""
+
+
 @dataclass
 class Specimen:
     """One evaluation specimen: an image, a prompt and its reference."""
@@ -67,20 +71,25 @@ class Specimen:
     ref_answers: list[str] = field(default_factory=list)
 
     def load_image(self):
-        """The image as an RGB ``PIL.Image`` (decoded on demand, never cached here)."""
+        """The image as an RGB ``PIL.Image`` (decoded on demand, never cached here).
+
+        ``DataError`` naming the specimen and the file when it cannot be decoded (a truncated
+        file passes the header check on load and fails only here)."""
         import io
 
         from PIL import Image
 
-        if self.image_bytes is not None:
-            img = Image.open(io.BytesIO(self.image_bytes))
-        elif self.image_path is not None:
-            img = Image.open(self.image_path)
-        else:
-            raise ValueError(
-                f"specimen {self.specimen_id!r} has neither image_path nor image_bytes"
-            )
-        return img.convert("RGB")
+        if self.image_bytes is None and self.image_path is None:
+            raise DataError(f"specimen {self.specimen_id!r} has neither image_path nor image_bytes")
+        try:
+            source = self.image_path if self.image_bytes is None else io.BytesIO(self.image_bytes)
+            with Image.open(source) as img:
+                return img.convert("RGB")
+        except Exception as exc:  # any decode or IO failure of this one image
+            raise DataError(
+                f"specimen {self.specimen_id!r}: cannot load image "
+                f"{self.image_path or '<bytes>'}: {exc}"
+            ) from exc
 
 
 @dataclass

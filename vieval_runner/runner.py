@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import results, resume, store, throughput
 from vieval_runner.config import Config
-from vieval_runner.records import Prediction
+from vieval_runner.records import DataError, Prediction
 from vieval_runner.session import (
     Session,
     attach_model,
@@ -169,6 +169,8 @@ def evaluate_checkpoints(
                         following=following,
                     )
                     outcome.evaluated.append(ckpt.step)
+                except DataError:
+                    raise  # the split itself is bad (an image that does not decode): no step can run
                 except Exception as exc:  # one bad checkpoint must not stop the run
                     failed(ckpt.step, exc)
                 progress.remove_task(batches)

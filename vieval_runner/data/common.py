@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vieval_runner.records import Box, Specimen
+from vieval_runner.records import Box, DataError, Specimen
+
+__all__ = ["DataError"]  # defined with the records: loading a specimen's image raises it too
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image (annotation tools round up)
-
-
-class DataError(Exception):
-    """Bad validation data; the message names the file, the row and the problem."""
 
 
 class RowProblem(Exception):

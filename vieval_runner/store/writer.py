@@ -185,13 +185,7 @@ def record_failed_evaluation(root: str, eval_row: Mapping, storage_options: Opti
 def _thumbnail(specimen: Specimen, thumb_px: int) -> tuple[bytes, int, int]:
     from PIL import Image
 
-    try:
-        img = specimen.load_image()
-    except Exception as exc:  # any decode/IO failure: name the specimen and its file
-        raise StoreError(
-            f"specimen {specimen.specimen_id!r}: cannot load image "
-            f"{specimen.image_path or '<bytes>'}: {exc}"
-        ) from exc
+    img = specimen.load_image()  # a DataError names the specimen and its file
     img.thumbnail((thumb_px, thumb_px), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
