@@ -204,7 +204,7 @@ def embeddings_wanted(session) -> bool:
     if following is _UNKNOWN:
         return True
     if following is None:
-        return bool(getattr(session, "open_ended", False))
+        return session.open_ended
     pending = st.prefetch
     if pending is None or pending[0] != Path(following.path) or not pending[1].done():
         return True
