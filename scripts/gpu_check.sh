@@ -6,7 +6,8 @@
 #   1b. SmolVLM batching diagnosis, stage by stage (issue 3)         (60 s)
 #   1c. lean greedy loop vs HF generate, tiny models (issue 7)       (60 s)
 #   2. smoke: the qwen2vl-2b benchmark path with tiny dims on CUDA   (120 s; gates stage 3)
-#   3. the throughput benchmark on a Qwen2-VL-2B-shaped model, bf16  (what time is left)
+#   3. the throughput benchmark on a Qwen2-VL-2B-shaped model, bf16  (what time is left - 90 s)
+#   4. packed vision attention vs HF's per-image loop, the tower alone (45 s each, if time left)
 # Full log: $OUT/gpu_check.log; figures: $OUT/throughput.json. Summary table printed LAST.
 #
 #     OUT=/some/dir PYTHONPATH=/tmp/site bash scripts/gpu_check.sh
@@ -21,11 +22,14 @@ export HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-470}"  # stay under 8 minutes end to end
 DEVICE=cuda DTYPE=bfloat16
 BENCH=(--specimens 512 --checkpoints 3 --batch-size 256 --max-new-tokens 32 --per-sample-limit 16)
+VISION=(--images 256 --repeats 3)
 if [ "${DRY_RUN:-0}" = 1 ]; then
     DEVICE=cpu DTYPE=float32
     BENCH=(--shrink --specimens 12 --checkpoints 3 --batch-size 8 --max-new-tokens 8
         --per-sample-limit 3)
+    VISION=(--shrink --images 8 --repeats 1)
 fi
+VISION_RESERVE=90  # seconds kept from the bench for stage 4
 declare -A STATUS DURATION
 
 stage() {  # stage NAME TIMEOUT_S CMD...: run time-boxed, record exit status and duration
@@ -66,7 +70,7 @@ stage smoke 120 python3 scripts/bench_throughput.py --preset qwen2vl-2b --shrink
     --specimens 8 --checkpoints 2 --batch-size 4 --max-new-tokens 4 --per-sample-limit 2 \
     --device "$DEVICE" --dtype "$DTYPE" --json "$SMOKE_JSON"
 
-LEFT=$((TOTAL_BUDGET_S - SECONDS))
+LEFT=$((TOTAL_BUDGET_S - SECONDS - VISION_RESERVE))
 if [ "${STATUS[smoke]}" != 0 ]; then
     echo "=== [bench] skipped: the smoke stage failed (see above)"
     STATUS[bench]=skipped
@@ -79,10 +83,21 @@ else
     stage bench "$LEFT" python3 scripts/bench_throughput.py --preset qwen2vl-2b "${BENCH[@]}" \
         --device "$DEVICE" --dtype "$DTYPE" --json "$OUT/throughput.json"
 fi
+# issue 7: the vision tower alone, HF's per-image attention loop vs one call per image size
+for kind in plain windowed; do
+    flag=$([ "$kind" = windowed ] && echo --windowed)
+    if [ $((TOTAL_BUDGET_S - SECONDS)) -lt 50 ]; then
+        echo "=== [vision_$kind] skipped: out of time"
+        continue
+    fi
+    # shellcheck disable=SC2086
+    stage "vision_$kind" 45 python3 scripts/bench_vision.py $flag "${VISION[@]}" \
+        --device "$DEVICE" --dtype "$DTYPE"
+done
 
 echo
 echo "================================ summary ================================"
-for name in env gpu_tests smolvlm_diag decoding smoke bench; do
+for name in env gpu_tests smolvlm_diag decoding smoke bench vision_plain vision_windowed; do
     printf '%-10s exit %-8s %5ss\n' "$name" "${STATUS[$name]:-not run}" "${DURATION[$name]:-0}"
 done
 python3 - "$OUT/throughput.json" <<'PY'

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .families import FAMILIES  # the registry lives there; models.FAMILIES stays importable
+from .vision_attention import pack_vision_attention
 from .vision_hash import vision_modules
 
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -155,6 +156,7 @@ def load_base(
     except (ValueError, ImportError):  # a family without SDPA support: use its default
         model = cls.from_pretrained(base, dtype=torch_dtype)
     model.to(dev).eval()
+    pack_vision_attention(model)  # Qwen-VL towers: one SDPA call per image size, not per image
     weights_dir = head.base_weights_dir
     loaded = LoadedModel(model, head.processor, family, dev, torch_dtype, base, weights_dir)
     if weights_dir is None:  # no files to re-read: keep a host copy for restore_base
