@@ -6,8 +6,12 @@ For each decoder-only family's tiny model (or the ones named), one batch of the 
 and must give the same tokens. Prints per family the median ms of each and HF/lean; the LAST
 line is the geometric mean speedup over the families.
 
+With ``--static-cache`` both use a static KV cache: HF ``generate(cache_implementation="static")``
+against the lean loop with a static cache, whose decoding steps replay a CUDA graph on CUDA.
+
     .venv/bin/python scripts/bench_decoding.py                   # CPU, all decoder-only families
     python3 scripts/bench_decoding.py --device cuda qwen2_vl     # a lent GPU
+    python3 scripts/bench_decoding.py --device cuda --static-cache   # CUDA graphs vs HF static
 """
 
 from __future__ import annotations
@@ -43,14 +47,18 @@ def bench_family(family: str, specimens, args, work: Path) -> tuple[float, float
     gen.suppress_tokens = sorted(set(decoding.end_ids(loaded)))  # fixed-length work
     prepared = sorted(prepare(loaded, specimens), key=lambda s: -s.prompt_len)
     inputs = decoding.to_device(loaded, collate(loaded, prepared))
-    options = decoding.GenerateOptions()
+    options = decoding.GenerateOptions(static_cache=args.static_cache)
+    graphs = decoding.graph_mode(loaded, options)
 
     def hf():
+        loaded.model.__dict__.pop("_previous_max_cache_length", None)  # same cache length
         out, _ = decoding.hf_generate(loaded, inputs, args.max_new_tokens, [], options)
         return out[:, inputs["input_ids"].shape[1] :]
 
     def lean():
-        return decoding.lean_greedy(loaded, inputs, args.max_new_tokens, [], False)[0]
+        return decoding.lean_greedy(
+            loaded, inputs, args.max_new_tokens, [], False, args.static_cache, graphs
+        )[0]
 
     times: dict = {hf: [], lean: []}
     cuda = args.device.startswith("cuda")
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--static-cache", action="store_true", help="both with a static KV cache")
     args = p.parse_args(argv)
     families = args.families or [
         f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     split = shapes.write_split(work / "data", n=args.batch_size, task="grounding", size=64)
     specimens = load_specimens(split, "jsonl", "grounding").specimens
     print(f"device {args.device}, torch {torch.__version__}, batch {args.batch_size}, "
-          f"{args.max_new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
+          f"{args.max_new_tokens} new tokens, median of {args.repeats}"
+          + (", static KV cache (lean: CUDA graphs on CUDA)" if args.static_cache else ""))  # fmt: skip
     speedups = []
     for family in families:
         t_hf, t_lean, same = bench_family(family, specimens, args, work)

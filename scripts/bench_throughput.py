@@ -14,6 +14,8 @@ In ONE process, on one fixture run (``--checkpoints`` checkpoints) and one split
       by an earlier run is reused (saving the inputs for reuse, the default, is counted).
   (c2) (not part of the ratios) `vieval run` again on a new store, as a user re-evaluating on
       demand: the prepared inputs (c) saved are reused.
+  (c3) (``--static-cache``; not part of the ratios) (c) again, cold, with ``static_cache: true``:
+      a static KV cache, and on CUDA decoding steps replayed from CUDA graphs.
 
 An untimed warm-up first runs HF generate and a 2-specimen `vieval run` of its own, so neither
 (a) nor (c) pays process-wide first-use costs (CUDA context, lazy imports, the Delta Lake
@@ -75,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", *_DTYPES))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="work folder (default: a temp folder, removed)")
+    p.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="also time (c3): (c) with static_cache: true (CUDA graphs on CUDA)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
     args = p.parse_args(argv)
     if args.shrink and args.preset != "qwen2vl-2b":
@@ -286,20 +293,26 @@ class _StepLog(logging.Handler):
             self.prepare_s = float(found.group(1))
 
 
-def method_vieval(fixture: dict, args, work: Path, cold: bool = True) -> dict:
+def method_vieval(
+    fixture: dict, args, work: Path, cold: bool = True, settings: dict | None = None
+) -> dict:
     """(c) `vieval run` in process on a config naming the same run, split and settings.
-    ``cold=False``: a second run on a new store that reuses the prepared inputs (c2)."""
+    ``cold=False``: a second run on a new store that reuses the prepared inputs (c2).
+    ``settings``: config keys to set on top (c3)."""
     import yaml
 
     from vieval_runner import checkpoints as ckpts
     from vieval_runner import runner, store
     from vieval_runner.config import load_config
 
-    store_dir, prepared_dir = work / ("store" if cold else "store-again"), work / "prepared-cache"
+    name = "store" if cold else "store-again"
+    if settings:
+        name += "-" + "-".join(sorted(settings))
+    store_dir, prepared_dir = work / name, work / "prepared-cache"
     shutil.rmtree(store_dir, ignore_errors=True)
     if cold:
         shutil.rmtree(prepared_dir, ignore_errors=True)  # no inputs reused from a past run
-    config = vieval_config(fixture, args, store_dir, prepared_dir)
+    config = {**vieval_config(fixture, args, store_dir, prepared_dir), **(settings or {})}
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     reset_peak(args.device)
@@ -449,6 +462,15 @@ def main(argv: list[str] | None = None) -> int:
         save()
         if compare(cc["_texts"], c2["_texts"]):
             say("WARNING: (c2) differs from (c)")
+        c3 = None
+        if args.static_cache:
+            say("(c3) vieval run, cold, static_cache: true")
+            c3 = result["c3_vieval_static"] = method_vieval(
+                fixture, args, work, settings={"static_cache": True}
+            )
+            result["c3_over_b"] = c3["samples_per_s"] / b["samples_per_s"]
+            result["c3_mismatches"] = len(compare(cc["_texts"], c3["_texts"]))
+            save()
         if not (a["all_full_length"] and b["all_full_length"]):
             say(f"WARNING: some generations stopped before {args.max_new_tokens} tokens")
         for name, bad in (("b", bad_b), ("c", bad_c)):
@@ -462,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v:.2f}" for k, v in cc["breakdown_s"].items()))  # fmt: skip
         say(f"(c2) vieval re-run  : {c2['samples_per_s']:8.2f} samples/s  "
             f"(prepare_s {c2['breakdown_s'].get('prepare_s', 0):.3f}) c2/b={result['c2_over_b']:.2f}")  # fmt: skip
+        if c3 is not None:
+            say(f"(c3) static cache   : {c3['samples_per_s']:8.2f} samples/s  breakdown: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in c3["breakdown_s"].items())
+                + f"; c3/b={result['c3_over_b']:.2f}, texts differing from (c): "
+                f"{result['c3_mismatches']}")  # fmt: skip
         say(f"c/a={result['c_over_a']:.1f} c/b={result['c_over_b']:.2f}")
     finally:
         if not args.out:

@@ -2,12 +2,14 @@
 # One prepared command for a lent H100/H200 (its python3 has torch + transformers; deltalake,
 # datasets, pydantic ... are installed by the caller into a folder on PYTHONPATH beforehand).
 # Stages, each time-boxed so one hang cannot eat the budget (the whole script < 8 min):
-#   1. pytest over the GPU-marked tests                              (90 s)
+#   1. pytest over the GPU-marked tests                              (120 s)
 #   1b. SmolVLM batching diagnosis, stage by stage (issue 3)         (60 s)
 #   1c. lean greedy loop vs HF generate, tiny models (issue 7)       (60 s)
+#   1d. the same with a static cache: CUDA-graph steps vs HF static  (60 s)
 #   2. smoke: the qwen2vl-2b benchmark path with tiny dims on CUDA   (120 s; gates stage 3)
-#   3. the throughput benchmark on a Qwen2-VL-2B-shaped model, bf16  (what time is left - 90 s)
-#   4. packed vision attention vs HF's per-image loop, the tower alone (45 s each, if time left)
+#   3. the throughput benchmark on a Qwen2-VL-2B-shaped model, bf16  (what time is left - 140 s)
+#   4. one batch of 256 on that model, stage by stage (where the time goes) (50 s, if time left)
+#   5. packed vision attention vs HF's per-image loop, the tower alone (45 s each, if time left)
 # Full log: $OUT/gpu_check.log; figures: $OUT/throughput.json. Summary table printed LAST.
 #
 #     OUT=/some/dir PYTHONPATH=/tmp/site bash scripts/gpu_check.sh
@@ -21,15 +23,18 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-470}"  # stay under 8 minutes end to end
 DEVICE=cuda DTYPE=bfloat16
-BENCH=(--specimens 512 --checkpoints 3 --batch-size 256 --max-new-tokens 32 --per-sample-limit 16)
+BENCH=(--specimens 512 --checkpoints 3 --batch-size 256 --max-new-tokens 32 --per-sample-limit 8
+    --static-cache)
 VISION=(--images 256 --repeats 3)
+PROFILE=(--batch 256)
 if [ "${DRY_RUN:-0}" = 1 ]; then
     DEVICE=cpu DTYPE=float32
     BENCH=(--shrink --specimens 12 --checkpoints 3 --batch-size 8 --max-new-tokens 8
-        --per-sample-limit 3)
+        --per-sample-limit 3 --static-cache)
     VISION=(--shrink --images 8 --repeats 1)
+    PROFILE=(--shrink --batch 8)
 fi
-VISION_RESERVE=90  # seconds kept from the bench for stage 4
+DIAG_RESERVE=140  # seconds kept from the bench for stages 4 and 5
 declare -A STATUS DURATION
 
 stage() {  # stage NAME TIMEOUT_S CMD...: run time-boxed, record exit status and duration
@@ -58,19 +63,22 @@ df -h /tmp | tail -1
 
 GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086
-stage gpu_tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider $GPU_TESTS
+stage gpu_tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider $GPU_TESTS
 
 # issue 3: which stage of SmolVLM's batched forward leaves the single one on CUDA
 stage smolvlm_diag 60 env DEV="$DEVICE" python3 scripts/gpu_diag_smolvlm.py
 # issue 7: the lean greedy loop vs HF generate per family (tiny models: per-step overhead)
 stage decoding 60 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5
+# issue 7: static cache, decoding steps from CUDA graphs vs HF generate's static cache
+stage decoding_static 60 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5 \
+    --static-cache qwen2_vl paligemma llava
 
 SMOKE_JSON="$OUT/throughput_smoke.json"
 stage smoke 120 python3 scripts/bench_throughput.py --preset qwen2vl-2b --shrink \
     --specimens 8 --checkpoints 2 --batch-size 4 --max-new-tokens 4 --per-sample-limit 2 \
     --device "$DEVICE" --dtype "$DTYPE" --json "$SMOKE_JSON"
 
-LEFT=$((TOTAL_BUDGET_S - SECONDS - VISION_RESERVE))
+LEFT=$((TOTAL_BUDGET_S - SECONDS - DIAG_RESERVE))
 if [ "${STATUS[smoke]}" != 0 ]; then
     echo "=== [bench] skipped: the smoke stage failed (see above)"
     STATUS[bench]=skipped
@@ -82,6 +90,13 @@ elif [ "$LEFT" -lt 120 ]; then
 else
     stage bench "$LEFT" python3 scripts/bench_throughput.py --preset qwen2vl-2b "${BENCH[@]}" \
         --device "$DEVICE" --dtype "$DTYPE" --json "$OUT/throughput.json"
+fi
+# issue 7: where one batch's time goes (vision, rope positions, prefill, decoding 3 ways)
+if [ $((TOTAL_BUDGET_S - SECONDS)) -ge 55 ]; then
+    stage profile 50 python3 scripts/gpu_profile_batch.py "${PROFILE[@]}" \
+        --device "$DEVICE" --dtype "$DTYPE"
+else
+    echo "=== [profile] skipped: out of time"
 fi
 # issue 7: the vision tower alone, HF's per-image attention loop vs one call per image size
 for kind in plain windowed; do
@@ -97,7 +112,7 @@ done
 
 echo
 echo "================================ summary ================================"
-for name in env gpu_tests smolvlm_diag decoding smoke bench vision_plain vision_windowed; do
+for name in env gpu_tests smolvlm_diag decoding decoding_static smoke bench profile vision_plain vision_windowed; do
     printf '%-10s exit %-8s %5ss\n' "$name" "${STATUS[$name]:-not run}" "${DURATION[$name]:-0}"
 done
 python3 - "$OUT/throughput.json" <<'PY'
@@ -118,14 +133,15 @@ print(f"model {fx.get('n_parameters', 0) / 1e9:.2f} B params, checkpoint "
       f"{r.get('max_new_tokens')} new tokens")
 print(f"{'method':<24}{'samples/s':>10}{'seconds':>9}{'peak GiB':>10}  note")
 for key, label in (("a_per_sample", "(a) per-sample loop"), ("b_batched_hf", "(b) batched HF"),
-                   ("c_vieval_run", "(c) vieval run")):
+                   ("c_vieval_run", "(c) vieval run"), ("c2_vieval_rerun", "(c2) re-run"),
+                   ("c3_vieval_static", "(c3) static cache")):
     m = r.get(key)
     if not m:
         print(f"{label:<24}{'-':>10}")
         continue
     peak = m.get("peak_gpu_gib")
     note = f"{m['samples_timed']} timed, extrapolated" if m.get("extrapolated") else ""
-    if key == "c_vieval_run":
+    if key.startswith("c"):
         note = "in process; " + ", ".join(f"{k.split(' ')[0]} {v:.1f}"
                                           for k, v in m.get("breakdown_s", {}).items())
     print(f"{label:<24}{m['samples_per_s']:>10.2f}{m['seconds']:>9.1f}"
@@ -133,6 +149,8 @@ for key, label in (("a_per_sample", "(a) per-sample loop"), ("b_batched_hf", "(b
 if r.get("complete"):
     print(f"texts checked {r['texts_checked']}: (b) differs on {r['b_mismatches']}, "
           f"(c) on {r['c_mismatches']}")
+    if "c3_mismatches" in r:
+        print(f"(c3) texts differing from (c): {r['c3_mismatches']}; c3/b={r['c3_over_b']:.2f}")
     print(f"c/a={r['c_over_a']:.1f} c/b={r['c_over_b']:.2f}")
 PY
 }

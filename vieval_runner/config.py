@@ -179,7 +179,12 @@ class Config(_Strict):
         1536, ge=0, description="Host RAM for cached image embeddings (beyond it: recomputed)."
     )
     static_cache: bool = Field(
-        False, description="Generate with a static KV cache (cache_implementation='static')."
+        False,
+        description="Generate with a static KV cache; on CUDA the decoding steps then replay "
+        "a CUDA graph (checked once against HF generate with a static cache).",
+    )
+    cuda_graphs: bool = Field(
+        True, description="With static_cache on CUDA: replay decoding steps from CUDA graphs."
     )
     compile: bool = Field(
         False, description="Static KV cache + torch.compile of the decoding step."

@@ -10,12 +10,15 @@ model's, and the scores go through the logits processors HF's own builder makes 
 config (``repetition_penalty``, ``suppress_tokens``, ...). One-token steps of a padded batch
 get their SDPA mask from one buffer (``step_mask_buffer``): the very mask HF's
 ``create_causal_mask`` would rebuild each step (and, on a GPU, read back to the host).
-It applies where it can be exact: decoder-only families, no static cache or compile, and no
-generation-config setting that changes the decoding algorithm itself (``lean_blocker`` names
-what stops it). Each loaded model (and generation config) is also checked once
+With ``static_cache`` the lean loop uses a static KV cache sized as HF sizes it, and on CUDA
+replays its decoding steps from a CUDA graph (``step_graph``): the steps cost one launch each
+instead of hundreds. It applies where it can be exact: decoder-only families, no compile, and
+no generation-config setting that changes the decoding algorithm itself (``lean_blocker``
+names what stops it). Each loaded model (generation config, cache kind) is also checked once
 (``check_lean``): two specimens (the longest and the shortest prompt) are decoded both ways,
-up to 8 new tokens; any difference (another transformers version, say) switches the lean loop
-off for that model with a warning.
+up to 8 new tokens, against HF ``generate`` with the same kind of cache; any difference
+(another transformers version, say) switches the CUDA graphs, then the lean loop, off for
+that model with a warning.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .lean_loop import end_ids, lean_blocker, lean_greedy, pad_id, step_mask_buffer
+from .lean_loop import (
+    end_ids,
+    full_attention_only,
+    lean_blocker,
+    lean_greedy,
+    pad_id,
+    step_mask_buffer,
+)
 from .models import FAMILIES, LoadedModel
 
 __all__ = [  # the lean loop's names stay importable from here
@@ -49,7 +59,8 @@ _VERIFY_TOKENS = 8  # the one-time check's budget: a drift shows in the first to
 class GenerateOptions:
     """How ``generate`` runs (everything but the inputs); defaults = plain greedy decoding."""
 
-    static_cache: bool = False  # cache_implementation="static" (no torch.compile)
+    static_cache: bool = False  # a static KV cache (no torch.compile)
+    cuda_graphs: bool = True  # with static_cache on CUDA: decoding steps replay a CUDA graph
     compile: bool = False  # static cache + torch.compile of the decoding forward
     vision_cache: object = None  # embedding_cache.VisionCache: image embeddings by specimen
     overlap: bool = True  # collate ahead and decode behind on helper threads
@@ -119,20 +130,34 @@ def _forced_processors(loaded: LoadedModel, forced: list[str | None] | None) -> 
         return [ForcedTextLogitsProcessor(loaded.processor.tokenizer, forced, end_ids(loaded)[0])]
 
 
-def _lean_matches(loaded, part, max_new_tokens, forced, scores: bool) -> bool:
+def _lean_matches(loaded, part, max_new_tokens, forced, options, graphs) -> bool:
     """Decode ``part`` (a small collated batch) both ways; True when the lean loop gives HF's
-    tokens."""
+    tokens (with a static cache, HF's static cache of the same length)."""
     max_new_tokens = min(max_new_tokens, _VERIFY_TOKENS)
+    # HF sizes a static cache by the longest call so far (a model attribute): start afresh
+    loaded.model.__dict__.pop("_previous_max_cache_length", None)
     reference, _ = hf_generate(
-        loaded, part, max_new_tokens, _forced_processors(loaded, forced), GenerateOptions()
-    )
+        loaded, part, max_new_tokens, _forced_processors(loaded, forced),
+        GenerateOptions(static_cache=options.static_cache),
+    )  # fmt: skip
     reference = reference[:, part["input_ids"].shape[1] :]
-    lean, _ = lean_greedy(loaded, part, max_new_tokens, _forced_processors(loaded, forced), scores)
+    lean, _ = lean_greedy(
+        loaded, part, max_new_tokens, _forced_processors(loaded, forced), options.scores,
+        static_cache=options.static_cache, graphs=graphs,
+    )  # fmt: skip
     n = reference.shape[1]  # HF stops when every row ended; the lean loop may pad a little more
     pads = lean[:, n:]
     return torch.equal(lean[:, :n], reference) and bool(
         torch.isin(pads, lean.new_tensor(end_ids(loaded))).all()
     )
+
+
+def graph_mode(loaded: LoadedModel, options: GenerateOptions) -> str | None:
+    """``"cuda"`` where the lean loop may replay decoding steps from CUDA graphs: a static
+    cache on a CUDA device, full attention in every layer (``lean_loop.full_attention_only``)."""
+    if not (options.static_cache and options.cuda_graphs and loaded.device.type == "cuda"):
+        return None
+    return "cuda" if full_attention_only(loaded.model) else None
 
 
 def generate_tokens(
@@ -157,13 +182,15 @@ def generate_tokens(
     try:
         with torch.inference_mode():
             lean = _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows)
+            graphs = _verdict(loaded, options)[1] if lean else None
             scope = cache.batch(specimen_ids) if cache is not None else contextlib.nullcontext()
             processors = _forced_processors(loaded, forced)
             with scope:
                 if lean:
                     tokens, logprobs = lean_greedy(
-                        loaded, inputs, max_new_tokens, processors, options.scores
-                    )
+                        loaded, inputs, max_new_tokens, processors, options.scores,
+                        static_cache=options.static_cache, graphs=graphs,
+                    )  # fmt: skip
                 else:
                     out, logprobs = hf_generate(loaded, inputs, max_new_tokens, processors, options)
                     tokens = out[:, inputs["input_ids"].shape[1] :] if not _enc_dec(loaded) else out
@@ -181,8 +208,14 @@ def _enc_dec(loaded: LoadedModel) -> bool:
     return bool(FAMILIES[loaded.family]["encoder_decoder"])
 
 
-def _verdict_key(loaded: LoadedModel) -> str:
-    return json.dumps(loaded.model.generation_config.to_diff_dict(), sort_keys=True, default=str)
+def _verdict_key(loaded: LoadedModel, options: GenerateOptions) -> str:
+    config = loaded.model.generation_config.to_diff_dict()
+    return json.dumps([config, options.static_cache, options.compile], sort_keys=True, default=str)
+
+
+def _verdict(loaded: LoadedModel, options: GenerateOptions) -> tuple[bool, str | None] | None:
+    """``(lean loop on, graph mode)`` once decided for this model and options, else None."""
+    return loaded.model.__dict__.get("_vieval_lean", {}).get(_verdict_key(loaded, options))
 
 
 def check_lean(
@@ -192,39 +225,46 @@ def check_lean(
     forced: list[str | None] | None,
     options: GenerateOptions,
 ) -> bool:
-    """Whether the lean loop serves this model: decided once per model and generation config
-    (a checkpoint may bring its own ``generation_config.json``) by decoding ``part``, a small
-    batch on the model's device, both ways. The runner calls it early, on two specimens of
-    the first prepared chunk while the rest of the split is prepared; else the first batch
-    does (``_use_lean``)."""
+    """Whether the lean loop serves this model: decided once per model, generation config (a
+    checkpoint may bring its own ``generation_config.json``) and cache kind by decoding
+    ``part``, a small batch on the model's device, both ways. With a static cache on CUDA the
+    lean loop is checked with CUDA-graph steps first, then without them. The runner calls it
+    early, on two specimens of the first prepared chunk while the rest of the split is
+    prepared; else the first batch does (``_use_lean``)."""
     verdicts = loaded.model.__dict__.setdefault("_vieval_lean", {})
-    key = _verdict_key(loaded)
+    key = _verdict_key(loaded, options)
     if key in verdicts:
-        return verdicts[key]
+        return verdicts[key][0]
     reason = lean_blocker(loaded, options)
-    if reason is None:
+    graphs = graph_mode(loaded, options) if reason is None else None
+    while reason is None:
         try:
-            if not _lean_matches(loaded, part, max_new_tokens, forced, options.scores):
-                reason = "it differed from HF generate on the first batch"
+            if _lean_matches(loaded, part, max_new_tokens, forced, options, graphs):
+                break
+            reason = "it differed from HF generate on the first batch"
         except torch.OutOfMemoryError:
             raise  # the caller halves the batch
         except Exception as exc:  # e.g. a generation hook another transformers version lacks
             reason = f"it failed on the first batch ({type(exc).__name__}: {exc})"
-        if reason is not None:
+        if graphs is None:
+            break
+        log.warning("CUDA-graph decoding steps are off for %s: %s", loaded.family, reason)
+        graphs, reason = None, None  # try again without graphs
+    if reason is not None:
+        if lean_blocker(loaded, options) is None:
             log.warning("lean greedy decoding is off for %s: %s", loaded.family, reason)
-    else:
-        log.info("HF generate (lean greedy loop off: %s)", reason)
-    if options.lean and not (options.static_cache or options.compile):
-        # the verdict holds for this model whatever the batch; option-driven ones are not kept
-        verdicts[key] = reason is None
+        else:
+            log.info("HF generate (lean greedy loop off: %s)", reason)
+    if options.lean:  # the verdict holds for this model whatever the batch
+        verdicts[key] = (reason is None, graphs)
     return reason is None
 
 
 def _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows) -> bool:
     """The lean loop where it is exact (``check_lean`` on this batch unless decided)."""
-    verdict = loaded.model.__dict__.get("_vieval_lean", {}).get(_verdict_key(loaded))
+    verdict = _verdict(loaded, options)
     if verdict is not None:
-        return verdict
+        return verdict[0]
     part, few = inputs, forced
     if collate_rows is not None and lean_blocker(loaded, options) is None:
         # the longest and the shortest prompt: the check covers left padding

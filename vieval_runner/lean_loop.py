@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .models import FAMILIES, LoadedModel
+from .step_graph import StepGraph, eager_warmup
 
 if TYPE_CHECKING:
     from .decoding import GenerateOptions
@@ -53,8 +54,8 @@ def lean_blocker(loaded: LoadedModel, options: GenerateOptions) -> str | None:
         return "lean: false"
     if FAMILIES[loaded.family]["encoder_decoder"]:
         return "encoder-decoder model"
-    if options.static_cache or options.compile:
-        return "static cache / compile"
+    if options.compile:
+        return "compile (HF generate compiles the step)"
     for hook in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation"):
         if not hasattr(model, hook):
             return f"this transformers version has no {hook}"
@@ -102,9 +103,15 @@ def lean_greedy(
     max_new_tokens: int,
     processors: list,
     scores: bool,
+    static_cache: bool = False,
+    graphs: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Greedy decoding of one batch: new tokens (rows that ended are padded, as HF pads them)
-    and, with ``scores``, each token's log-probability under the processed scores."""
+    and, with ``scores``, each token's log-probability under the processed scores.
+
+    ``static_cache``: a static KV cache sized as HF ``generate`` sizes it. ``graphs`` (static
+    cache only): ``"cuda"`` replays the decoding steps from a CUDA graph captured after the
+    first one (``step_graph``), ``"call"`` runs the same buffer logic without a graph (tests)."""
     model = loaded.model
     kwargs = dict(inputs)
     input_ids = kwargs.pop("input_ids")
@@ -128,6 +135,10 @@ def lean_greedy(
     check_every = 1 if device.type == "cpu" else 4
     prompt_len = input_ids.shape[1]
     decode_mask = step_mask_buffer(model, kwargs.get("attention_mask"), max_new_tokens)
+    if static_cache:  # prepare_inputs_for_generation then builds the static-length masks
+        kwargs[cache_argument()] = static_kv_cache(model, prompt_len + max_new_tokens - 1)
+        decode_mask = None
+    step_graph = None
     logprobs: list[torch.Tensor] = []
     first = True
     while True:
@@ -140,7 +151,17 @@ def lean_greedy(
         if decode_mask is not None and not first:
             # the 4-D mask HF would build from the 2-D one this step (passed through as-is)
             model_inputs["attention_mask"] = decode_mask[..., : input_ids.shape[1]].contiguous()
-        outputs = model(**model_inputs, return_dict=True)
+        if graphs is not None and not first:
+            _slice_per_token_inputs(model_inputs)
+        if first or graphs is None:
+            outputs = model(**model_inputs, return_dict=True)
+        elif step_graph is None:  # the first decoding step runs eagerly, then is captured
+            outputs = eager_warmup(model, model_inputs)
+            step_graph = StepGraph(model, model_inputs, replay_by_call=graphs == "call")
+        elif step_graph.accepts(model_inputs):
+            outputs = step_graph.run(model_inputs)
+        else:  # not expected: a step whose inputs changed shape or kind
+            outputs = model(**model_inputs, return_dict=True)
         kwargs = model._update_model_kwargs_for_generation(outputs, kwargs)
         first = False
         step_scores = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
@@ -161,6 +182,58 @@ def lean_greedy(
     return new, (torch.cat(logprobs, dim=1) if scores else None)
 
 
+# inputs with one value per token, which a decoding step takes for its one token only
+_PER_TOKEN = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+
+
+def _slice_per_token_inputs(model_inputs: dict) -> None:
+    """Per-token inputs cut to the step's token, as ``prepare_inputs_for_generation`` means to
+    (transformers 5.17 lists ``mm_token_type_ids`` for slicing but passes it whole, so it grows
+    every step: a captured graph needs fixed shapes; the forward reads it only for prefill)."""
+    ids = model_inputs.get("input_ids")
+    if not torch.is_tensor(ids):
+        return
+    for name in _PER_TOKEN:
+        value = model_inputs.get(name)
+        if torch.is_tensor(value) and value.shape[-1] != ids.shape[-1]:
+            model_inputs[name] = value[..., -ids.shape[-1] :].contiguous()
+
+
+def cache_argument() -> str:
+    """The name generate's model hooks give the KV cache in this transformers version."""
+    from transformers.generation.utils import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def static_kv_cache(model, max_cache_len: int):
+    """An empty static KV cache for the model's decoder (filled lazily by the prefill)."""
+    from transformers import StaticCache
+
+    return StaticCache(
+        config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len
+    )
+
+
+def full_attention_only(model) -> bool:
+    """SDPA, causal and full attention in every layer: no sliding or chunked layers (their
+    masks cut positions, and static sliding layers keep a Python-side counter a graph would
+    not advance)."""
+    text = model.config.get_text_config()
+    if getattr(text, "_attn_implementation", None) != "sdpa" or not getattr(
+        text, "is_causal", True
+    ):
+        return False
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types and any(kind != "full_attention" for kind in layer_types):
+        return False
+    if getattr(text, "attention_chunk_size", None):
+        return False
+    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    return not (sliding and not layer_types)  # a sliding window without per-layer types
+
+
 def step_mask_buffer(
     model, attention_mask: torch.Tensor | None, max_new_tokens: int
 ) -> torch.Tensor | None:
@@ -177,18 +250,7 @@ def step_mask_buffer(
     """
     if attention_mask is None or attention_mask.ndim != 2 or bool(attention_mask.all()):
         return None
-    text = model.config.get_text_config()
-    if getattr(text, "_attn_implementation", None) != "sdpa" or not getattr(
-        text, "is_causal", True
-    ):
-        return None
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types and any(kind != "full_attention" for kind in layer_types):
-        return None
-    if getattr(text, "attention_chunk_size", None):
-        return None
-    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
-    if sliding and not layer_types:  # a sliding window without per-layer types: every layer
+    if not full_attention_only(model):
         return None
     rows, prompt_len = attention_mask.shape
     mask = torch.ones(

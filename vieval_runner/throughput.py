@@ -220,6 +220,7 @@ def generate_options(config, vision_cache=None):
 
     return generation.GenerateOptions(
         static_cache=config.static_cache,
+        cuda_graphs=config.cuda_graphs,
         compile=config.compile,
         vision_cache=vision_cache,
         overlap=config.overlap,
