@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,23 @@ def test_the_lean_check_runs_while_the_split_is_prepared(tmp_path, tiny_run, mon
         contents.append(_contents(config))
     assert checks == [(True, 2), (False, 2)]
     assert contents[0] == contents[1]
+
+
+def test_the_first_checkpoint_is_read_unpinned_and_later_ones_as_default(
+    tmp_path, tiny_run, monkeypatch
+):
+    """The first read is on the critical path (page-locking it would not pay); the reads
+    behind generation keep the default (pinned on CUDA)."""
+    from vieval_runner import prefetch
+
+    calls = []
+    real = prefetch.prefetch_checkpoint
+
+    def recording(loaded, checkpoint_dir, pin=None):
+        calls.append((Path(checkpoint_dir).name, pin))
+        return real(loaded, checkpoint_dir, pin)
+
+    monkeypatch.setattr(prefetch, "prefetch_checkpoint", recording)
+    config = _config(tmp_path, tiny_run("qwen2_vl"), include_base=False)
+    assert runner.run(config, _quiet()).evaluated == [100, 200, 300]
+    assert calls == [("checkpoint-100", False), ("checkpoint-200", None), ("checkpoint-300", None)]

@@ -81,12 +81,15 @@ def read_checkpoint(
     return out
 
 
-def prefetch_checkpoint(loaded, checkpoint_dir: str | Path) -> Future[CheckpointTensors]:
+def prefetch_checkpoint(
+    loaded, checkpoint_dir: str | Path, pin: bool | None = None
+) -> Future[CheckpointTensors]:
     """Start reading a full checkpoint on the background thread; ``.result()`` gives it.
 
-    Errors (missing or corrupt files) surface from ``.result()`` as ``CheckpointError``.
+    ``pin``: as ``read_checkpoint`` (None: pinned on CUDA). Errors (missing or corrupt files)
+    surface from ``.result()`` as ``CheckpointError``.
     """
     from .models import model_keys
 
     model_keys(loaded)  # computed here, on the caller's thread, before the model changes
-    return _EXECUTOR.submit(read_checkpoint, loaded, Path(checkpoint_dir))
+    return _EXECUTOR.submit(read_checkpoint, loaded, Path(checkpoint_dir), pin)

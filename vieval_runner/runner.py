@@ -91,7 +91,7 @@ def _ensure_model(
         f"      family {loaded.family}, output format {session.output_format}, "
         f"device {loaded.device}, dtype {str(loaded.dtype).removeprefix('torch.')}"
     )
-    throughput.start_prefetch(session, first)  # read while the split is prepared
+    throughput.start_prefetch(session, first, first=True)  # read while the split is prepared
     if preparing is not None:
         throughput.check_decoding_early(session, preparing)
         preparing.result()  # its errors (e.g. an unreadable image) surface here

@@ -116,8 +116,13 @@ def install_caches(session) -> None:
         state(session).vision_cache = VisionCache(session.loaded, config.vision_cache_ram_mb)
 
 
-def start_prefetch(session, ckpt) -> None:
-    """Read ``ckpt``'s tensors in the background (full checkpoints only, ``prefetch: true``)."""
+def start_prefetch(session, ckpt, first: bool = False) -> None:
+    """Read ``ckpt``'s tensors in the background (full checkpoints only, ``prefetch: true``).
+
+    ``first``: the run's first checkpoint, whose read the first step waits for: its tensors
+    are not pinned (page-locking a fresh ~4 GB costs about what the faster copy saves, and
+    here nothing hides it; later reads run behind generation, reuse the pinned blocks of
+    PyTorch's host allocator, and are pinned)."""
     from vieval_runner import prefetch
 
     st = state(session)
@@ -126,7 +131,8 @@ def start_prefetch(session, ckpt) -> None:
         return
     if st.prefetch is not None and st.prefetch[0] == Path(ckpt.path):
         return
-    st.prefetch = (Path(ckpt.path), prefetch.prefetch_checkpoint(session.loaded, ckpt.path))
+    pin = False if first else None
+    st.prefetch = (Path(ckpt.path), prefetch.prefetch_checkpoint(session.loaded, ckpt.path, pin))
 
 
 def take_prefetched(session, ckpt):
