@@ -151,10 +151,12 @@ def load_base(
     head = processor_of or load_base_processor(base)
     family = head.family
     cls = getattr(transformers, FAMILIES[family]["model_class"])
+    # straight onto a GPU, not through a host copy of the whole model
+    kwargs = {"dtype": torch_dtype, **({"device_map": str(dev)} if dev.type == "cuda" else {})}
     try:
-        model = cls.from_pretrained(base, dtype=torch_dtype, attn_implementation="sdpa")
+        model = cls.from_pretrained(base, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError):  # a family without SDPA support: use its default
-        model = cls.from_pretrained(base, dtype=torch_dtype)
+        model = cls.from_pretrained(base, **kwargs)
     model.to(dev).eval()
     pack_vision_attention(model)  # Qwen-VL towers: one SDPA call per image size, not per image
     weights_dir = head.base_weights_dir
