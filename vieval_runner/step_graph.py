@@ -65,9 +65,13 @@ class StepGraph:
         self.outputs = None
         if not replay_by_call:
             self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the runner's helper threads keep using the device (collating
-            # the next batch, copying inputs) while this thread captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            device = next(t.device for t in self.buffers.values() if t.is_cuda)
+            # thread_local: only this thread's calls belong to the capture; other threads of
+            # the process may use the device meanwhile
+            with (
+                torch.cuda.device(device),
+                torch.cuda.graph(self.graph, capture_error_mode="thread_local"),
+            ):
                 self.outputs = model(**self.inputs, return_dict=True)
 
     def accepts(self, model_inputs: dict) -> bool:
@@ -94,13 +98,13 @@ class StepGraph:
 def eager_warmup(model, model_inputs: dict):
     """The first decoding step, run eagerly on a side stream before a capture (CUDA's
     lazy initialisation, cuBLAS workspaces, must not happen inside the capture)."""
-    if not torch.cuda.is_available() or not any(
-        torch.is_tensor(v) and v.is_cuda for v in model_inputs.values()
-    ):
+    on_cuda = [t for t in _tensors(model_inputs).values() if t.is_cuda]
+    if not on_cuda:
         return model(**model_inputs, return_dict=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    device = on_cuda[0].device
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         outputs = model(**model_inputs, return_dict=True)
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream(device).wait_stream(side)
     return outputs
