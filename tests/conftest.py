@@ -168,3 +168,32 @@ def loaded_at_200(tiny_run):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def shared_vision_run(tiny_run, tmp_path_factory):
+    """Steps 100 and 200 share the vision tower: 200 is 100's files with only language-model
+    tensors perturbed; 300 differs everywhere (as the tiny run writes it)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vieval_runner import models
+    from vieval_runner.models import load_base
+    from vieval_runner.tiny_models import TinyRun
+
+    source = tiny_run("qwen2_vl")
+    run_dir = tmp_path_factory.mktemp("shared_vision") / "run"
+    shutil.copytree(source.run_dir, run_dir)
+    keys = models.model_keys(load_base(source.base_model_dir, device="cpu"))
+    state = load_file(run_dir / "checkpoint-100" / "model.safetensors")
+    generator = torch.Generator().manual_seed(7)
+    changed = 0
+    for key, value in state.items():
+        if keys.rename(key) not in keys.vision and value.is_floating_point():
+            state[key] = value + 0.05 * torch.randn(value.shape, generator=generator)
+            changed += 1
+    assert changed and len(keys.vision) > 10
+    save_file(state, run_dir / "checkpoint-200" / "model.safetensors", metadata={"format": "pt"})
+    return TinyRun(source.base_model_dir, run_dir, source.steps, "qwen2_vl")

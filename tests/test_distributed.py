@@ -305,6 +305,29 @@ def test_two_process_run_stores_exactly_what_one_process_stores(tmp_path, tiny_r
 
 
 @pytest.mark.slow
+def test_ranks_reuse_image_embeddings_of_a_frozen_vision_tower(tmp_path, shared_vision_run):
+    """Each rank reads the next checkpoint ahead and serves checkpoint 200 (checkpoint 100's
+    vision tower) from the embeddings it kept; the store is the one-process store."""
+    run = shared_vision_run
+    one = {**_tree(tmp_path, run, "store_one"), "include_base": False, "box_scores": False}
+    assert runner.run(config_from_dict(one), Console(quiet=True)).evaluated == [100, 200, 300]
+    two = {**one, "store": str(tmp_path / "store_two")}
+    done = _launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"], two, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    want, got = _contents(one["store"]), _contents(two["store"])
+    assert got["preds"] == want["preds"] and got["aggregates"] == want["aggregates"]
+    logs = {f.name: f.read_text() for f in (tmp_path / "store_two" / "logs").glob("*.log")}
+    reused = [
+        int(line.rsplit("reused for ", 1)[1].split()[0])
+        for text in logs.values()
+        for line in text.splitlines()
+        if "vision embeddings reused for" in line
+    ]
+    # per rank and step: none at 100 (first), its whole shard at 200, none at 300 (changed)
+    assert sorted(reused) == [0, 0, 0, 0, 4, 5], logs
+
+
+@pytest.mark.slow
 def test_failing_checkpoint_in_two_process_run_is_one_failed_evaluation_exit_3(tmp_path, tiny_run):
     source = tiny_run("qwen25_vl")
     run_dir = tmp_path / "run"

@@ -155,6 +155,7 @@ def _open(
 def _generate_shard(
     worker: runner.Session,
     ckpt: ckpts.Checkpoint,
+    following: ckpts.Checkpoint | None,
     ranks: Ranks,
     console: Console,
     advance: Callable[[int], None],
@@ -162,17 +163,24 @@ def _generate_shard(
     """This rank's generated texts (shard order) and its timings for one checkpoint.
 
     ``worker`` is this rank's session: its shard as specimens and its device in the config,
-    so the model is loaded and the shard prepared by the one-process code path."""
+    so the model is loaded, the shard prepared, the ``following`` checkpoint read ahead and
+    image embeddings reused by the one-process code path."""
     if not worker.specimens:  # more ranks than specimens: nothing to load or generate
         return [], {}
     from vieval_runner import generation, models, throughput
 
-    runner._ensure_model(worker, console)  # once: base model on this rank's device
+    runner._ensure_model(worker, console, first=ckpt)  # once: base model on this device
     config = worker.config
     t0 = time.perf_counter()
-    models.apply_checkpoint(worker.loaded, ckpt)
+    try:
+        prefetched = throughput.take_prefetched(worker, ckpt)  # waits for the read
+    finally:  # even when this checkpoint is bad, the next one is read meanwhile
+        throughput.start_prefetch(worker, following)
+    models.apply_checkpoint(worker.loaded, ckpt, prefetched)
     timings = {"load_s": time.perf_counter() - t0}
     runner._say_processor_once(worker, ckpt, console)
+    cache = throughput.vision_cache_for_step(worker)
+    hits = cache.hits if cache is not None else 0
     t0 = time.perf_counter()
     generated = generation.generate(
         worker.loaded,
@@ -180,9 +188,12 @@ def _generate_shard(
         batch_size=config.batch_size,
         max_new_tokens=config.max_new_tokens,
         progress=advance,
-        options=throughput.generate_options(config),  # box scores, lean loop, static cache
+        # box scores, lean loop, static cache, image embeddings of frozen vision towers
+        options=throughput.generate_options(config, cache),
     )
     timings["generate_s"] = time.perf_counter() - t0
+    if cache is not None:
+        log.info("vision embeddings reused for %d specimens", cache.hits - hits)
     log.info("rank %d step %s: %s", ranks.rank, ckpt.step, timings)
     return generated, timings
 
@@ -224,13 +235,15 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
         transient=False,
     ) as progress:
         overall = progress.add_task("checkpoints", total=len(plan.todo))
-        for ckpt, digest in plan.todo:
+        todo = [ckpt for ckpt, _ in plan.todo]
+        for index, (ckpt, digest) in enumerate(plan.todo):
             started = datetime.now(UTC)
             bar = progress.add_task(f"  step {ckpt.step} (rank 0's shard)", total=len(mine))
+            following = todo[index + 1] if index + 1 < len(todo) else None
 
-            def work(ckpt=ckpt, bar=bar):
+            def work(ckpt=ckpt, following=following, bar=bar):
                 return _generate_shard(
-                    worker, ckpt, ranks, console, lambda n: progress.advance(bar, n)
+                    worker, ckpt, following, ranks, console, lambda n: progress.advance(bar, n)
                 )
 
             def finish_main(parts, ckpt=ckpt, digest=digest, started=started):

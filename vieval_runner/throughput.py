@@ -145,6 +145,22 @@ def take_prefetched(session, ckpt):
     return future.result()
 
 
+def vision_cache_for_step(session):
+    """The session's vision-embedding cache (None: off), refreshed for the weights now
+    resident: a changed vision hash empties it; it keeps embeddings only where
+    ``embeddings_wanted`` says a later checkpoint can use them."""
+    st = state(session)
+    cache = st.vision_cache
+    if cache is not None:
+        cache.refresh()
+        owner = weakref.ref(session)  # no cycle: the session's inputs go with the session
+        cache.wanted = lambda: (s := owner()) is not None and embeddings_wanted(s)
+        if cache.note and "vision" not in st.noted:
+            log.info(cache.note)
+            st.noted.add("vision")
+    return cache
+
+
 def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[list, list]:
     """``(generated, predictions)`` aligned with ``session.specimens``.
 
@@ -155,14 +171,7 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
 
     config = session.config
     st = state(session)
-    cache = st.vision_cache
-    if cache is not None:
-        cache.refresh()  # a changed vision hash empties it
-        owner = weakref.ref(session)  # no cycle: the session's inputs go with the session
-        cache.wanted = lambda: (s := owner()) is not None and embeddings_wanted(s)
-        if cache.note and "vision" not in st.noted:
-            log.info(cache.note)
-            st.noted.add("vision")
+    cache = vision_cache_for_step(session)
     specimens = session.specimens
     predictions: list = [None] * len(specimens)
     parse_time = [0.0]
