@@ -112,7 +112,9 @@ def test_second_run_reuses_without_the_processor_and_stores_the_same(
     assert calls[0] == PREPARING_CALLS
     root = tmp_path / "prepared"
     [entry] = _entries(root)
-    assert len(lines) == 1 and lines[0].endswith(f"(saved for reuse: {entry})"), lines
+    # the run prepares, starts the first batch, and saves for reuse in the background
+    assert lines == [lines[0], f"prepared inputs saved for reuse: {entry}"], lines
+    assert lines[0].endswith(f"(saving for reuse in the background: {entry})"), lines
 
     calls[0] = 0
     again = first.model_copy(update={"store": str(tmp_path / "store2")})
@@ -187,14 +189,14 @@ def test_template_image_and_processor_changes_are_misses(tmp_path, tiny_run, cal
     assert prepared_reuse.split_key(loaded, changed) != key
     calls[0] = 0
     lines = _run(config.model_copy(update={"store": str(tmp_path / "s2")}), caplog)
-    assert calls[0] == PREPARING_CALLS and "saved for reuse" in lines[0]
+    assert calls[0] == PREPARING_CALLS and "saved for reuse" in lines[-1]
     # and a template change through the config
     calls[0] = 0
     templated = config.model_copy(
         update={"store": str(tmp_path / "s3"), "prompt_template": "Answer: {prompt}"}
     )
     lines = _run(templated, caplog)
-    assert calls[0] == PREPARING_CALLS and "saved for reuse" in lines[0]
+    assert calls[0] == PREPARING_CALLS and "saved for reuse" in lines[-1]
     assert len(_entries(tmp_path / "prepared")) == 3
 
 
@@ -238,7 +240,7 @@ def test_a_corrupt_entry_is_a_warning_and_is_prepared_again(
     lines = _run(again, caplog)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(entry) in w and "unusable prepared-inputs entry" in w for w in warnings)
-    assert calls[0] == PREPARING_CALLS and lines[0].endswith(f"(saved for reuse: {entry})")
+    assert calls[0] == PREPARING_CALLS and lines[-1] == f"prepared inputs saved for reuse: {entry}"
     assert _texts(again) == _texts(config)
     calls[0] = 0
     third = _run(config.model_copy(update={"store": str(tmp_path / "store3")}), caplog)
@@ -249,6 +251,37 @@ def _tiny_config(tmp_path: Path, **extra):
     tree = {"run_dir": "r", "base_model": "b", "store": "s", "data": {"path": "d"}}
     tree.update(prepared_cache_dir=str(tmp_path / "prepared"), **extra)
     return config_from_dict(tree)
+
+
+def test_background_save_returns_before_the_writes_and_saves_after(tmp_path, tiny_run, monkeypatch):
+    """A run's first batch need not wait for the chunk writes (pixel values for later runs);
+    the entry appears once they are done, and ``close()`` waits for it."""
+    import threading
+
+    import safetensors.torch
+
+    run = tiny_run(FAMILY)
+    loaded = models.load_base(run.base_model_dir, device="cpu")
+    config = _tiny_config(tmp_path, prepare_cache_ram_mb=64)  # in RAM: writes only for reuse
+    release, real = threading.Event(), safetensors.torch.save_file
+
+    def slow_disk(*args, **kwargs):
+        assert release.wait(30), "the test never released the writes"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", slow_disk)
+    prepared, line = prepared_reuse.prepare_reusing(
+        loaded, make_specimens()[:4], config, background_save=True
+    )
+    key_dir = Path(line.rsplit("in the background: ", 1)[1].rstrip(")"))
+    assert len(prepared) == 4 and not prepared.saving.done() and not key_dir.exists()
+    assert prepared[3].specimen_id == "img3.png"  # usable while its chunks are being written
+    release.set()
+    assert prepared.saving.result(timeout=30) == f"saved for reuse: {key_dir}"
+    assert (key_dir / entries.MANIFEST).is_file()
+    prepared.close()
+    again, line = prepared_reuse.prepare_reusing(loaded, make_specimens()[:4], config)
+    assert line.startswith(REUSED) and len(again) == 4
 
 
 def test_least_recently_used_entries_are_evicted(tmp_path, tiny_run):

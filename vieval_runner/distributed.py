@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vieval_runner import checkpoints as ckpts
-from vieval_runner import results, resume, runner, store
+from vieval_runner import results, resume, runner, store, throughput
 from vieval_runner.config import Config
 from vieval_runner.data import DataError
 from vieval_runner.ranks import (  # re-exported: the process group is part of this API
@@ -167,7 +167,7 @@ def _generate_shard(
     image embeddings reused by the one-process code path."""
     if not worker.specimens:  # more ranks than specimens: nothing to load or generate
         return [], {}
-    from vieval_runner import generation, models, throughput
+    from vieval_runner import generation, models
 
     runner._ensure_model(worker, console, first=ckpt)  # once: base model on this device
     config = worker.config
@@ -270,6 +270,7 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
                     _record_failure(session, worker, ckpt, digest, error, ranks)
             progress.remove_task(bar)
             progress.advance(overall)
+    throughput.wait_for_saving(worker)  # this rank's prepared inputs, kept for later runs
     return outcome
 
 

@@ -223,6 +223,7 @@ def prepare(
     into: PreparedSet | None = None,
     cancel: threading.Event | None = None,
     on_first: Callable[[list[PreparedSpecimen]], None] | None = None,
+    wait_writes: bool = True,
 ) -> list[PreparedSpecimen] | PreparedSet:
     """Processor outputs of each specimen, computed once and reusable across checkpoints.
 
@@ -234,6 +235,7 @@ def prepare(
     one); the budget and folder arguments are then ignored. ``cancel``: once set, stop with
     ``PreparationCancelled`` (the runner prepares while the weights load; a failed load stops it).
     ``on_first(items)``: called with the first chunk's results as soon as they exist.
+    ``wait_writes``: False returns before a persisting set's background writes are done.
     """
     from .prepared_cache import PreparedSet
 
@@ -266,7 +268,7 @@ def prepare(
             while window:
                 for item in window.popleft().result():
                     out.append(item)
-    return out if isinstance(out, list) else out.finish()
+    return out if isinstance(out, list) else out.finish(wait_writes)
 
 
 def _first_chunk(loaded, chunk, template, system_prompt) -> tuple[list[PreparedSpecimen], bool]:

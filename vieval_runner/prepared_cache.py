@@ -88,6 +88,7 @@ class PreparedSet(Sequence):
         self.persist_error: BaseException | None = None
         self._writer = ThreadPoolExecutor(1, "vieval-persist") if self._persist else None
         self._writes: list[Future] = []
+        self.saving: Future | None = None  # keeping the chunks for later runs (prepared_reuse)
         self._spilling = False  # once one specimen went to disk, every later one does
         self._chunks: list[Path] = []
         self.folder: Path | None = None
@@ -131,11 +132,18 @@ class PreparedSet(Sequence):
         if self._pending_bytes >= self._chunk_bytes:
             self._flush()
 
-    def finish(self) -> PreparedSet:
-        """Write the last partial chunk and wait for background writes; complete after this."""
+    def finish(self, wait_writes: bool = True) -> PreparedSet:
+        """Write the last partial chunk; complete after this. ``wait_writes``: also wait for
+        the background writes (they hold specimens this run reads from RAM, kept only for
+        later runs; ``wait_for_writes`` waits for them later)."""
         self._flush()
-        self._wait_writes()
+        if wait_writes:
+            self._wait_writes()
         return self
+
+    def wait_for_writes(self) -> None:
+        """Wait for the background chunk writes (``persisted`` is final after this)."""
+        self._wait_writes()
 
     def _wait_writes(self) -> None:
         for future in self._writes:
@@ -211,7 +219,10 @@ class PreparedSet(Sequence):
         return [(m.specimen_id, m.prompt_len, m.input_size, m.keys, m.chunk) for m in self._meta]
 
     def close(self) -> None:
-        """Remove the on-disk chunks (also done when the set is garbage-collected)."""
+        """Remove the on-disk chunks (also done when the set is garbage-collected), once a
+        save for later runs has linked them."""
+        if self.saving is not None:
+            self.saving.result()
         self._wait_writes()
         if self._finalizer is not None:
             self._finalizer()

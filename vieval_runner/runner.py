@@ -326,6 +326,7 @@ def run(config: Config, console: Console | None = None) -> RunOutcome:
     )
     evaluate_checkpoints(session, checkpoints, console, outcome, explicit=config.steps is not None)
     wait_for_specimens(session)  # even when every step was skipped or failed
+    throughput.wait_for_saving(session)  # the prepared inputs, kept for later runs
     outcome.timings = _time_spent(session, outcome, time.perf_counter() - started)
     return outcome
 

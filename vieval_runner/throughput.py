@@ -80,7 +80,7 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
 
         # kept on local disk across runs: a later run on the same split reads them back
         session.prepared, line = prepare_reusing(
-            loaded, session.specimens, config, cancel, on_first=first_chunk
+            loaded, session.specimens, config, cancel, on_first=first_chunk, background_save=True
         )
         log.info(line)
         state(session).prepare_reused = line.startswith("prepared inputs reused")
@@ -143,6 +143,14 @@ def take_prefetched(session, ckpt):
     _, future = st.prefetch
     st.prefetch = None
     return future.result()
+
+
+def wait_for_saving(session) -> None:
+    """Wait until the prepared inputs are saved for later runs (``prepare_reusing``'s
+    background save), so a run returns with its cache entry in place."""
+    saving = getattr(session.prepared, "saving", None)
+    if saving is not None:
+        saving.result()
 
 
 def vision_cache_for_step(session):

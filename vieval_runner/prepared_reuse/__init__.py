@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
@@ -145,11 +146,21 @@ def split_key(
 
 
 def prepare_reusing(
-    loaded, specimens: Sequence[Specimen], config, cancel=None, on_first=None
+    loaded,
+    specimens: Sequence[Specimen],
+    config,
+    cancel=None,
+    on_first=None,
+    background_save: bool = False,
 ) -> tuple[PreparedSet, str]:
     """The split's prepared inputs, reused from the cache or prepared (and saved), plus the
     one log line saying which. ``config``: the run's ``Config``; ``cancel``, ``on_first``:
-    see ``prepare`` (``on_first`` is not called when the inputs are reused)."""
+    see ``prepare`` (``on_first`` is not called when the inputs are reused).
+
+    ``background_save``: return as soon as the split is prepared; the chunk writes finish and
+    the entry is saved on a background thread (``PreparedSet.saving``; a second log line says
+    how it went), so a run's first batch does not wait for gigabytes of pixel values to reach
+    the disk. The set's ``close()`` waits for it."""
     from ..preparation import prepare
 
     t0 = time.perf_counter()
@@ -205,14 +216,28 @@ def prepare_reusing(
         into=into,
         cancel=cancel,
         on_first=on_first,
+        wait_writes=not background_save,
     )
     took = time.perf_counter() - t0
     head = f"prepared {len(prepared)} specimens in {took:.2f}s"
-    if unusable is not None:
-        reason = unusable
-    elif key is None:
-        reason = "no stable identity for the processor folder or an image"
-    elif prepared.persist_error is not None:
+    if unusable is not None or key is None:
+        reason = unusable or "no stable identity for the processor folder or an image"
+        return prepared, f"{head} ({prepared.on_disk} on disk; not saved for reuse: {reason})"
+    if background_save and not prepared.persist_dropped:
+        prepared.saving = _SAVER.submit(_save_later, prepared, root, key, max_bytes)
+        return prepared, f"{head} (saving for reuse in the background: {root / key})"
+    return prepared, f"{head} ({_keep(prepared, root, key, max_bytes)})"
+
+
+# one thread for the whole process: saves are rare, and one at a time keeps eviction simple
+_SAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vieval-prepared-save")
+
+
+def _keep(prepared: PreparedSet, root: Path, key: str, max_bytes: int) -> str:
+    """Save a prepared persisting set as entry ``root/key`` once its chunk writes are done;
+    what happened, for the log."""
+    prepared.wait_for_writes()
+    if prepared.persist_error is not None:
         reason = f"writing failed: {prepared.persist_error}"
     elif not prepared.persisted:
         reason = "larger than prepared_cache_max_gb"
@@ -220,8 +245,14 @@ def prepare_reusing(
         try:
             entry = save(prepared, root, key)
             evict(root, max_bytes, keep=frozenset({key}))
-            return prepared, f"{head} (saved for reuse: {entry})"
+            return f"saved for reuse: {entry}"
         except OSError as exc:  # e.g. a full disk: this run goes on with its own copy
             log.warning("%s: could not save prepared inputs for reuse (%s)", root / key, exc)
             reason = f"saving failed: {exc}"
-    return prepared, f"{head} ({prepared.on_disk} on disk; not saved for reuse: {reason})"
+    return f"{prepared.on_disk} on disk; not saved for reuse: {reason}"
+
+
+def _save_later(prepared: PreparedSet, root: Path, key: str, max_bytes: int) -> str:
+    outcome = _keep(prepared, root, key, max_bytes)
+    log.info("prepared inputs %s", outcome)
+    return outcome
