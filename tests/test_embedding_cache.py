@@ -6,12 +6,15 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from test_runner import _config, _quiet
 
 from vieval_runner import runner, store
 from vieval_runner.embedding_cache import VisionCache
+from vieval_runner.families import FAMILIES
 from vieval_runner.generation import GenerateOptions, generate, prepare
 from vieval_runner.models import load_base, swap_weights
+from vieval_runner.tiny_models import FAMILIES_BUILDABLE
 
 
 def _tower_calls(loaded) -> list:
@@ -165,3 +168,33 @@ def test_embeddings_wanted_follows_the_next_checkpoint(tmp_path):
     assert not throughput.embeddings_wanted(session)
     st.vision_cache.digest = "b"
     assert throughput.embeddings_wanted(session)
+
+
+DECODER_ONLY = [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]]
+
+
+@pytest.mark.parametrize("family", DECODER_ONLY)
+def test_served_batches_leave_their_pixels_on_the_host(tiny_run, specimens, family):
+    """A batch whose features all come from the cache never moves (or casts) its pixel
+    values: the model gets them as prepared, and the texts stay the same. In bf16 a use of
+    the fp32 host pixels outside the tower would fail or change the outputs."""
+    loaded = load_base(tiny_run(family).base_model_dir, device="cpu", dtype="bf16")
+    cache = VisionCache(loaded)
+    if cache.note is not None:
+        pytest.skip(cache.note)
+    seen: list = []
+    loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("pixel_values")), with_kwargs=True
+    )
+    prepared = prepare(loaded, specimens)
+    options = GenerateOptions(vision_cache=cache)
+    cache.refresh()
+    first = [g.text for g in generate(loaded, prepared, 4, 8, options=options)]
+    if cache.note is not None:
+        pytest.skip(cache.note)
+    assert len(cache.entries) == len(specimens)
+    seen.clear()
+    second = [g.text for g in generate(loaded, prepared, 4, 8, options=options)]
+    assert second == first and cache.hits == len(specimens)
+    pixels = [p for p in seen if p is not None]  # prefill steps: one per batch
+    assert len(pixels) == 3 and all(p.dtype == torch.float32 for p in pixels)

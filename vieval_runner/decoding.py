@@ -68,9 +68,16 @@ class GenerateOptions:
     lean: bool = True  # the lean greedy loop where it is exact (else HF generate)
 
 
-def to_device(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_device(
+    loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_on_host: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """The inputs on the model's device, floating-point ones in its dtype; ``keep_on_host``:
+    keys left where they are (pixel values of a batch the embedding cache serves)."""
     moved = {}
     for key, value in inputs.items():
+        if key in keep_on_host:
+            moved[key] = value
+            continue
         value = value.to(loaded.device)
         if value.is_floating_point():  # pixel values follow the model's dtype
             value = value.to(loaded.dtype)
@@ -172,13 +179,15 @@ def generate_tokens(
     """One batch: the new tokens (on CPU), a forced lead token to drop, and the tokens'
     log-probabilities (``options.scores``; else None). ``collate_rows(rows)``: a batch of
     just those rows, for the lean loop's first-batch check (None: it checks the whole batch)."""
-    inputs = to_device(loaded, inputs)
+    cache = options.vision_cache
+    # image features from the cache: the tower does not run, so its pixels need not move
+    served = cache is not None and cache.serves(specimen_ids)
+    inputs = to_device(loaded, inputs, ("pixel_values",) if served else ())
     gen_config = loaded.model.generation_config
     # A forced end token at max length (BART, Florence-2) would replace the last token and
     # hide truncation. generate() refills None arguments from the model's generation config,
     # so it is switched off there for the call.
     forced_eos, gen_config.forced_eos_token_id = gen_config.forced_eos_token_id, None
-    cache = options.vision_cache
     try:
         with torch.inference_mode():
             lean = _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows)

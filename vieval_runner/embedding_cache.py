@@ -104,6 +104,16 @@ class VisionCache:
         self.digest = digest
         return digest
 
+    def serves(self, specimen_ids: list[str]) -> bool:
+        """Whether a batch of these specimens gets its image features from the cache (its
+        pixel values are then not needed on the device)."""
+        return (
+            self.note is None
+            and self.digest is not None
+            and self._layout is not None
+            and all(i in self.entries for i in specimen_ids)
+        )
+
     @contextlib.contextmanager
     def batch(self, specimen_ids: list[str]) -> Iterator[None]:
         """The specimen ids of the batch ``generate`` is about to run, in batch order."""
@@ -116,17 +126,32 @@ class VisionCache:
     # -- the wrapper ------------------------------------------------------------------------
     def _features(self, *args, **kwargs):
         ids, self._ids = self._ids, None  # one image pass per generate call
+        if ids is not None and self.serves(ids):
+            self.hits += len(ids)
+            return self._rebuild([self.entries[i] for i in ids], self.loaded.device)
+        args, kwargs = self._pixels_on_device(args, kwargs)
         if ids is None or self.digest is None or self.note is not None:
             return self._original(*args, **kwargs)
-        if self._layout is not None and all(i in self.entries for i in ids):
-            self.hits += len(ids)
-            pixels = kwargs.get("pixel_values", args[0] if args else None)
-            device = getattr(pixels, "device", self.loaded.device)
-            return self._rebuild([self.entries[i] for i in ids], device)
         out = self._original(*args, **kwargs)
         if self.wanted():  # else the copy to the host would serve nothing
             self._store(ids, out)
         return out
+
+    def _pixels_on_device(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Pixel values left on the host for a batch the cache was to serve go to the model's
+        device (and dtype) after all, should the tower run."""
+
+        def moved(value):
+            if not isinstance(value, torch.Tensor) or value.device == self.loaded.device:
+                return value
+            dtype = self.loaded.dtype if value.is_floating_point() else value.dtype
+            return value.to(self.loaded.device, dtype)
+
+        if "pixel_values" in kwargs:
+            kwargs = {**kwargs, "pixel_values": moved(kwargs["pixel_values"])}
+        elif args:
+            args = (moved(args[0]), *args[1:])
+        return args, kwargs
 
     def _store(self, ids: list[str], out) -> None:
         n = len(ids)
@@ -168,16 +193,24 @@ class VisionCache:
         for name, tag in tags.items():
             per = [e[name] for e in entries]
             if tag == "rows":
-                values[name] = torch.cat([p.to(device) for p in per], dim=0)
+                values[name] = torch.cat(per, dim=0).to(device)
             elif tag == "tuple":
-                values[name] = tuple(p.to(device) for p in per)
+                values[name] = _moved_together(per, device)
             else:  # layers: per image a list over layers -> per layer a tuple over images
                 values[name] = [
-                    tuple(p[layer].to(device) for p in per) for layer in range(len(per[0]))
+                    _moved_together([p[layer] for p in per], device) for layer in range(len(per[0]))
                 ]
         if cls is None:
             return values["__self__"]
         return cls(**values)
+
+
+def _moved_together(parts: list[torch.Tensor], device: torch.device) -> tuple:
+    """Per-image tensors (same trailing shape) on ``device`` with one copy, not one each."""
+    if len({(p.shape[1:], p.dtype) for p in parts}) != 1:
+        return tuple(p.to(device) for p in parts)
+    joined = torch.cat(parts, dim=0).to(device)
+    return tuple(joined.split([p.shape[0] for p in parts], dim=0))
 
 
 def _to_host(value):
