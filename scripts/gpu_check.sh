@@ -13,6 +13,7 @@
 # Full log: $OUT/gpu_check.log; figures: $OUT/throughput.json. Summary table printed LAST.
 #
 #     OUT=/some/dir PYTHONPATH=/tmp/site bash scripts/gpu_check.sh
+#     (the wheels for /tmp/site: scripts/gpu_wheels.sh, which also shows the device call)
 #     DRY_RUN=1 bash scripts/gpu_check.sh   # every line on the CPU: tiny dims, tiny sizes
 set -uo pipefail
 cd "$(dirname "$0")/.."
