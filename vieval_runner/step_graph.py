@@ -66,13 +66,19 @@ class StepGraph:
         if not replay_by_call:
             self.graph = torch.cuda.CUDAGraph()
             device = next(t.device for t in self.buffers.values() if t.is_cuda)
-            # thread_local: only this thread's calls belong to the capture; other threads of
-            # the process may use the device meanwhile
-            with (
-                torch.cuda.device(device),
-                torch.cuda.graph(self.graph, capture_error_mode="thread_local"),
-            ):
-                self.outputs = model(**self.inputs, return_dict=True)
+            # capture_begin/end, not ``torch.cuda.graph``: that empties the device and pinned
+            # host caches before every capture, and a capture per batch would pay for it
+            # (the prefetch's pinned blocks are meant to be reused). A capture cannot run on
+            # the default stream; thread_local: only this thread's calls belong to it.
+            stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                self.graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self.outputs = model(**self.inputs, return_dict=True)
+                finally:
+                    self.graph.capture_end()
+            torch.cuda.current_stream(device).wait_stream(stream)
 
     def accepts(self, model_inputs: dict) -> bool:
         """Whether these step inputs fit the captured buffers (same keys, shapes, constants)."""
