@@ -259,6 +259,8 @@ def check_lean(
             break
         log.warning("CUDA-graph decoding steps are off for %s: %s", loaded.family, reason)
         graphs, reason = None, None  # try again without graphs
+    if reason is None and graphs is not None:
+        log.info("decoding steps replay CUDA graphs (static KV cache, checked against HF)")
     if reason is not None:
         if lean_blocker(loaded, options) is None:
             log.warning("lean greedy decoding is off for %s: %s", loaded.family, reason)
