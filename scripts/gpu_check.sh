@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One prepared command for a lent H100/H200 (its python3 has torch + transformers; deltalake,
 # datasets, pydantic ... are installed by the caller into a folder on PYTHONPATH beforehand).
-# Stages, each time-boxed so one hang cannot eat the budget (the whole script < 8 min):
-#   1. pytest over the GPU-marked tests                              (120 s)
-#   1b. SmolVLM batching diagnosis, stage by stage (issue 3)         (60 s)
-#   1c. lean greedy loop vs HF generate, tiny models (issue 7)       (60 s)
-#   1d. the same with a static cache: CUDA-graph steps vs HF static  (60 s)
-#   2. smoke: the qwen2vl-2b benchmark path with tiny dims on CUDA   (120 s; gates stage 3)
-#   3. the throughput benchmark on a Qwen2-VL-2B-shaped model, bf16  (what time is left - 140 s)
-#   4. one batch of 256 on that model, stage by stage (where the time goes) (50 s, if time left)
-#   5. packed vision attention vs HF's per-image loop, the tower alone (45 s each, if time left)
+# Stages, each time-boxed so one hang cannot eat the budget (the whole script < 8 min); the
+# headline figure first, diagnoses after it with what time is left (each skipped if short):
+#   1. smoke: the qwen2vl-2b benchmark path with tiny dims on CUDA   (120 s; gates stage 2)
+#   2. the throughput benchmark on a Qwen2-VL-2B-shaped model, bf16,
+#      (a) (b) (c) (c2) and (c3) = static cache + CUDA graphs         (at most 240 s)
+#   3. one batch of 256 on that model, stage by stage (where the time goes)       (50 s)
+#   4. pytest over the GPU-marked tests                              (150 s)
+#   5. static-cache decoding, CUDA-graph steps vs HF static, tiny models           (45 s)
+#   6. the vision tower alone: packed attention vs HF's per-image loop (Qwen2-VL)  (45 s)
+#   7. lean greedy loop vs HF generate, tiny models                                (45 s)
+#   8. SmolVLM batching diagnosis, stage by stage (issue 3)                        (45 s)
+#   9. the vision tower alone, Qwen2.5-VL's windowed layers                        (45 s)
 # Full log: $OUT/gpu_check.log; figures: $OUT/throughput.json. Summary table printed LAST.
 #
 #     OUT=/some/dir PYTHONPATH=/tmp/site bash scripts/gpu_check.sh
@@ -35,7 +38,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     VISION=(--shrink --images 8 --repeats 1)
     PROFILE=(--shrink --batch 8)
 fi
-DIAG_RESERVE=140  # seconds kept from the bench for stages 4 and 5
+BENCH_MAX_S=240
 declare -A STATUS DURATION
 
 stage() {  # stage NAME TIMEOUT_S CMD...: run time-boxed, record exit status and duration
@@ -51,6 +54,16 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run time-boxed, record exit status and
     return "$rc"
 }
 
+optional() {  # optional NAME TIMEOUT_S CMD...: a stage, skipped when less time is left
+    local name=$1 limit=$2
+    if [ $((TOTAL_BUDGET_S - SECONDS)) -lt $((limit + 5)) ]; then
+        echo "=== [$name] skipped: $((TOTAL_BUDGET_S - SECONDS))s left of ${TOTAL_BUDGET_S}s"
+        STATUS[$name]=skipped
+        return 0
+    fi
+    stage "$@"
+}
+
 main() {
 rm -f "$OUT/throughput.json" "$OUT/throughput_smoke.json"  # never summarise a stale run
 stage env 60 python3 -c '
@@ -62,58 +75,43 @@ print("card:", torch.cuda.get_device_name() if torch.cuda.is_available() else "N
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>/dev/null
 df -h /tmp | tail -1
 
-GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
-# shellcheck disable=SC2086
-stage gpu_tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider $GPU_TESTS
-
-# issue 3: which stage of SmolVLM's batched forward leaves the single one on CUDA
-stage smolvlm_diag 60 env DEV="$DEVICE" python3 scripts/gpu_diag_smolvlm.py
-# issue 7: the lean greedy loop vs HF generate per family (tiny models: per-step overhead)
-stage decoding 60 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5
-# issue 7: static cache, decoding steps from CUDA graphs vs HF generate's static cache
-stage decoding_static 60 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5 \
-    --static-cache qwen2_vl paligemma llava
-
 SMOKE_JSON="$OUT/throughput_smoke.json"
 stage smoke 120 python3 scripts/bench_throughput.py --preset qwen2vl-2b --shrink \
     --specimens 8 --checkpoints 2 --batch-size 4 --max-new-tokens 4 --per-sample-limit 2 \
     --device "$DEVICE" --dtype "$DTYPE" --json "$SMOKE_JSON"
-
-LEFT=$((TOTAL_BUDGET_S - SECONDS - DIAG_RESERVE))
+LEFT=$((TOTAL_BUDGET_S - SECONDS))
 if [ "${STATUS[smoke]}" != 0 ]; then
     echo "=== [bench] skipped: the smoke stage failed (see above)"
     STATUS[bench]=skipped
-    DURATION[bench]=0
-elif [ "$LEFT" -lt 120 ]; then
-    echo "=== [bench] skipped: only ${LEFT}s left of ${TOTAL_BUDGET_S}s"
-    STATUS[bench]=skipped
-    DURATION[bench]=0
 else
-    stage bench "$LEFT" python3 scripts/bench_throughput.py --preset qwen2vl-2b "${BENCH[@]}" \
-        --device "$DEVICE" --dtype "$DTYPE" --json "$OUT/throughput.json"
+    stage bench $((LEFT < BENCH_MAX_S ? LEFT : BENCH_MAX_S)) python3 scripts/bench_throughput.py \
+        --preset qwen2vl-2b "${BENCH[@]}" --device "$DEVICE" --dtype "$DTYPE" \
+        --json "$OUT/throughput.json"
 fi
+
 # issue 7: where one batch's time goes (vision, rope positions, prefill, decoding 3 ways)
-if [ $((TOTAL_BUDGET_S - SECONDS)) -ge 55 ]; then
-    stage profile 50 python3 scripts/gpu_profile_batch.py "${PROFILE[@]}" \
-        --device "$DEVICE" --dtype "$DTYPE"
-else
-    echo "=== [profile] skipped: out of time"
-fi
+optional profile 50 python3 scripts/gpu_profile_batch.py "${PROFILE[@]}" \
+    --device "$DEVICE" --dtype "$DTYPE"
+GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
+# shellcheck disable=SC2086
+optional gpu_tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider $GPU_TESTS
+# issue 7: static cache, decoding steps from CUDA graphs vs HF generate's static cache
+optional decoding_static 45 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5 \
+    --static-cache qwen2_vl paligemma llava
 # issue 7: the vision tower alone, HF's per-image attention loop vs one call per image size
-for kind in plain windowed; do
-    flag=$([ "$kind" = windowed ] && echo --windowed)
-    if [ $((TOTAL_BUDGET_S - SECONDS)) -lt 50 ]; then
-        echo "=== [vision_$kind] skipped: out of time"
-        continue
-    fi
-    # shellcheck disable=SC2086
-    stage "vision_$kind" 45 python3 scripts/bench_vision.py $flag "${VISION[@]}" \
-        --device "$DEVICE" --dtype "$DTYPE"
-done
+optional vision_plain 45 python3 scripts/bench_vision.py "${VISION[@]}" \
+    --device "$DEVICE" --dtype "$DTYPE"
+# issue 7: the lean greedy loop vs HF generate per family (tiny models: per-step overhead)
+optional decoding 45 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5
+# issue 3: which stage of SmolVLM's batched forward leaves the single one on CUDA
+optional smolvlm_diag 45 env DEV="$DEVICE" python3 scripts/gpu_diag_smolvlm.py
+optional vision_windowed 45 python3 scripts/bench_vision.py --windowed "${VISION[@]}" \
+    --device "$DEVICE" --dtype "$DTYPE"
 
 echo
 echo "================================ summary ================================"
-for name in env gpu_tests smolvlm_diag decoding decoding_static smoke bench profile vision_plain vision_windowed; do
+for name in env smoke bench profile gpu_tests decoding_static vision_plain decoding smolvlm_diag \
+    vision_windowed; do
     printf '%-10s exit %-8s %5ss\n' "$name" "${STATUS[$name]:-not run}" "${DURATION[$name]:-0}"
 done
 python3 - "$OUT/throughput.json" <<'PY'
