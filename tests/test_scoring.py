@@ -234,6 +234,8 @@ def test_best_step():
     assert best_step(STEPS, "bleu") is None
     assert best_step({}, "f1") is None
     assert best_step({5: {"f1": float("nan")}, 7: {"f1": 0.1}}, "f1") == 7
+    assert best_step({0: {"f1": 0.0}, 100: {"f1": 0.0}}, "f1") is None  # none is better
+    assert best_step({100: {"f1": 0.0}}, "f1") == 100  # one step: it is the one there is
 
 
 def test_overfitting_signal():

@@ -101,6 +101,13 @@ def print_summary(summaries: list[dict], console: Console) -> None:
             console.print(
                 f"best checkpoint: step {summary['best_step']} by {summary['metric']} (marked *)"
             )
+        elif len(summary["steps"]) > 1:
+            values = {row.get(summary["metric"]) for row in summary["steps"]}
+            if len(values) == 1 and None not in values:
+                console.print(
+                    f"no best checkpoint: every step scores {_fmt(values.pop())} "
+                    f"{summary['metric']}"
+                )
         signal = summary["overfitting"]
         if signal:
             console.print(

@@ -18,9 +18,10 @@ def _values(aggregates_by_step: dict[int, dict], metric: str) -> list[tuple[int,
 
 
 def best_step(aggregates_by_step: dict[int, dict], metric: str) -> int | None:
-    """Step with the best value of ``metric`` (earliest on ties); None if no step has it."""
+    """Step with the best value of ``metric`` (earliest on ties); None if no step has it, or
+    if several steps have it and all score the same (none is better: e.g. F1 0 throughout)."""
     vals = _values(aggregates_by_step, metric)
-    if not vals:
+    if not vals or (len(vals) > 1 and len({v for _, v in vals}) == 1):
         return None
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     # max() keeps the first maximal element; steps are sorted, so ties go to the earliest.

@@ -161,7 +161,8 @@ def best_and_overfit(aggs: list[dict], metric: str) -> tuple[dict | None, dict |
         overfit = scoring.overfitting_signal(by_step, metric)
     else:
         vals = [(s, a[metric]) for s, a in sorted(by_step.items()) if a.get(metric) is not None]
-        best_step = max(vals, key=lambda sv: sv[1])[0] if vals else None
+        tie = len(vals) > 1 and len({v for _, v in vals}) == 1  # none better (best_step)
+        best_step = max(vals, key=lambda sv: sv[1])[0] if vals and not tie else None
         overfit = None
         if vals and best_step != vals[-1][0] and dict(vals)[best_step] - vals[-1][1] >= 0.05:
             overfit = {"best_step": best_step, "best_value": dict(vals)[best_step],

@@ -1,0 +1,41 @@
+"""The summary printed after a run and by `vieval summary`: best step, ties, overfitting."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from vieval_runner import scoring
+from vieval_runner.report import print_summary
+
+
+def _summary(f1_by_step: dict[int, float]) -> dict:
+    by_step = {s: {"step": s, "f1": v, "n_specimens": 4} for s, v in f1_by_step.items()}
+    return {
+        "run_id": "run", "task": "grounding", "metric": "f1",
+        "steps": [by_step[s] for s in sorted(by_step)], "failed": [],
+        "best_step": scoring.best_step(by_step, "f1"),
+        "overfitting": scoring.overfitting_signal(by_step, "f1"), "notes": {},
+    }  # fmt: skip
+
+
+def _printed(summary: dict) -> str:
+    console = Console(record=True, width=140)
+    print_summary([summary], console)
+    return console.export_text()
+
+
+def test_the_best_step_is_marked_and_an_earlier_peak_is_a_signal():
+    text = _printed(_summary({0: 0.1, 100: 0.8, 200: 0.6}))
+    assert "100 *" in text and "best checkpoint: step 100 by f1 (marked *)" in text
+    assert "overfitting signal: step 100 scored 0.800 f1, the last step 200 only 0.600" in text
+
+
+def test_a_tie_of_every_step_names_no_best_checkpoint():
+    text = _printed(_summary({0: 0.0, 100: 0.0, 200: 0.0}))
+    assert "*" not in text and "best checkpoint: step" not in text
+    assert "no best checkpoint: every step scores 0.000 f1" in text
+
+
+def test_one_step_is_the_best_there_is():
+    text = _printed(_summary({300: 0.0}))
+    assert "best checkpoint: step 300 by f1" in text
