@@ -173,28 +173,32 @@ def test_embeddings_wanted_follows_the_next_checkpoint(tmp_path):
 DECODER_ONLY = [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]]
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("family", DECODER_ONLY)
-def test_served_batches_leave_their_pixels_on_the_host(tiny_run, specimens, family):
+def test_served_batches_leave_their_pixels_on_the_host(tiny_run, specimens, family, lean):
     """A batch whose features all come from the cache never moves (or casts) its pixel
-    values: the model gets them as prepared, and the texts stay the same. In bf16 a use of
-    the fp32 host pixels outside the tower would fail or change the outputs."""
+    values: the image-feature call gets them as prepared (the lean loop passes them to the
+    forward, HF generate 5.24 encodes images before it), and the texts stay the same. In
+    bf16 a use of the float32 host pixels outside the tower would fail or change them."""
     loaded = load_base(tiny_run(family).base_model_dir, device="cpu", dtype="bf16")
     cache = VisionCache(loaded)
     if cache.note is not None:
         pytest.skip(cache.note)
-    seen: list = []
-    loaded.model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs.get("pixel_values")), with_kwargs=True
-    )
     prepared = prepare(loaded, specimens)
-    options = GenerateOptions(vision_cache=cache)
+    options = GenerateOptions(vision_cache=cache, lean=lean)  # the lean loop or HF generate
     cache.refresh()
     first = [g.text for g in generate(loaded, prepared, 4, 8, options=options)]
     if cache.note is not None:
         pytest.skip(cache.note)
     assert len(cache.entries) == len(specimens)
-    seen.clear()
+    pixels: list = []
+    real = cache._features
+
+    def spying(*args, **kwargs):
+        pixels.append(kwargs.get("pixel_values", args[0] if args else None))
+        return real(*args, **kwargs)
+
+    cache._features = spying
     second = [g.text for g in generate(loaded, prepared, 4, 8, options=options)]
     assert second == first and cache.hits == len(specimens)
-    pixels = [p for p in seen if p is not None]  # prefill steps: one per batch
-    assert len(pixels) == 3 and all(p.dtype == torch.float32 for p in pixels)
+    assert len(pixels) == 3 and all(p.dtype == torch.float32 for p in pixels)  # 3 batches
