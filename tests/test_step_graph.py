@@ -175,3 +175,18 @@ def test_cuda_graph_steps_give_the_eager_static_tokens(tiny_run, specimens, fami
     assert torch.equal(graphed.cpu(), eager.cpu())
     assert torch.allclose(graphed_lp.cpu(), eager_lp.cpu(), atol=1e-5)
     assert torch.equal(graphed[:, : ref.shape[1]].cpu(), ref.cpu())
+
+
+def test_no_capture_when_too_few_steps_follow(loaded_at, specimens, monkeypatch):
+    """A capture costs about one eager step: with fewer than two steps left to replay it
+    would not pay, so short generations never capture."""
+    loaded = loaded_at("qwen2_vl")
+    inputs = _batch(loaded, specimens)
+    captures: list = []
+    real = lean_loop.StepGraph
+    monkeypatch.setattr(lean_loop, "StepGraph", lambda *a, **k: captures.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        for new_tokens, expected in ((2, 0), (3, 0), (4, 1)):
+            captures.clear()
+            lean_greedy(loaded, inputs, new_tokens, [], False, static_cache=True, graphs="call")
+            assert len(captures) == expected, new_tokens

@@ -157,7 +157,8 @@ def lean_greedy(
             outputs = model(**model_inputs, return_dict=True)
         elif step_graph is None:  # the first decoding step runs eagerly, then is captured
             outputs = eager_warmup(model, model_inputs)
-            step_graph = StepGraph(model, model_inputs, replay_by_call=graphs == "call")
+            if max_new_tokens - (input_ids.shape[1] - prompt_len) - 1 >= 2:  # replays to come
+                step_graph = StepGraph(model, model_inputs, replay_by_call=graphs == "call")
         elif step_graph.accepts(model_inputs):
             outputs = step_graph.run(model_inputs)
         else:  # not expected: a step whose inputs changed shape or kind
