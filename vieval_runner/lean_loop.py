@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .models import FAMILIES, LoadedModel
-from .step_graph import StepGraph, eager_warmup
+from .step_graph import StepGraph
 
 if TYPE_CHECKING:
     from .decoding import GenerateOptions
@@ -156,7 +156,8 @@ def lean_greedy(
         if first or graphs is None:
             outputs = model(**model_inputs, return_dict=True)
         elif step_graph is None:  # the first decoding step runs eagerly, then is captured
-            outputs = eager_warmup(model, model_inputs)
+            # (eagerly on this stream, as the prefill ran: the kernels and cuBLAS are warm)
+            outputs = model(**model_inputs, return_dict=True)
             if max_new_tokens - (input_ids.shape[1] - prompt_len) - 1 >= 2:  # replays to come
                 step_graph = StepGraph(model, model_inputs, replay_by_call=graphs == "call")
         elif step_graph.accepts(model_inputs):

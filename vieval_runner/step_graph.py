@@ -99,18 +99,3 @@ class StepGraph:
         else:
             self.graph.replay()
         return self.outputs
-
-
-def eager_warmup(model, model_inputs: dict):
-    """The first decoding step, run eagerly on a side stream before a capture (CUDA's
-    lazy initialisation, cuBLAS workspaces, must not happen inside the capture)."""
-    on_cuda = [t for t in _tensors(model_inputs).values() if t.is_cuda]
-    if not on_cuda:
-        return model(**model_inputs, return_dict=True)
-    device = on_cuda[0].device
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        outputs = model(**model_inputs, return_dict=True)
-    torch.cuda.current_stream(device).wait_stream(side)
-    return outputs
