@@ -131,5 +131,6 @@ def test_packed_tower_on_gpu_matches_the_loop(family, tiny_run):
     unpack(loaded.model)
     reference = _features(loaded, pixels, grid)
     for ours, theirs in zip(packed, reference, strict=True):
-        # bf16 kernels may tile a batch of n differently from n batches of one
-        torch.testing.assert_close(ours, theirs)
+        # bf16 kernels may tile a batch of n differently from n batches of one: to bf16's
+        # precision (eps 2**-8), in absolute terms too for values near zero
+        torch.testing.assert_close(ours, theirs, rtol=1.6e-2, atol=1e-2)
