@@ -71,3 +71,34 @@ def test_worker_threads_give_the_same_outputs_in_order(qwen, specimens):
     assert len(many) == 3 * len(specimens)
     for a, b in zip(one * 3, many, strict=True):
         _same(a, b)
+
+
+def test_a_split_the_disk_cannot_hold_is_a_clear_error_before_writing(
+    qwen, specimens, tmp_path, monkeypatch
+):
+    """At the first specimen beyond the RAM budget the rest of the split (estimated at that
+    specimen's size) must fit the free disk space; if not, a DataError naming the folder, the
+    sizes and the settings to change, with nothing written."""
+    import collections
+
+    from vieval_runner import prepared_cache
+    from vieval_runner.data import DataError
+
+    items = prepare(qwen, specimens)
+    sizes = [nbytes(p) for p in items]
+    usage = collections.namedtuple("usage", "total used free")
+    free = sum(sizes[3:]) // 2  # half of what the six spilled specimens need
+    monkeypatch.setattr(prepared_cache.shutil, "disk_usage", lambda p: usage(10**12, 0, free))
+    prepared = PreparedSet(sum(sizes[:3]) + 1, tmp_path / "cache", expected_count=len(items))
+    for p in items[:3]:
+        prepared.append(p)  # in RAM: no check yet
+    with pytest.raises(DataError, match="prepared split needs about .* GB on disk") as caught:
+        prepared.append(items[3])
+    message = str(caught.value)
+    assert str(tmp_path / "cache") in message
+    assert "cache_dir" in message and "prepare_cache_ram_mb" in message
+    assert not list((tmp_path / "cache").glob("vieval-prepared-*"))  # nothing written
+    # with room for them all, the same split spills as usual
+    monkeypatch.setattr(prepared_cache.shutil, "disk_usage", lambda p: usage(10**12, 0, sum(sizes)))
+    roomy = prepare(qwen, specimens, ram_budget_mb=sum(sizes[:3]) / 2**20, cache_dir=tmp_path)
+    assert roomy.on_disk == len(specimens) - 3

@@ -341,3 +341,25 @@ def test_an_image_that_does_not_decode_stops_the_run_naming_it(tmp_path, tiny_ru
     message = str(caught.value)
     assert f"specimen {first['id']!r}: cannot load image" in message and str(image) in message
     assert store.open_store(config.store).evaluations().num_rows == 0  # no step marked failed
+
+
+def test_no_room_for_the_prepared_split_stops_the_run_with_one_error(
+    tmp_path, tiny_run, monkeypatch
+):
+    """Preparing would spill more than the disk holds: one DataError naming the folder before
+    any step runs, not a failed evaluation per step (and not a full disk)."""
+    import collections
+
+    from vieval_runner import prepared_cache
+    from vieval_runner.data import DataError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(prepared_cache.shutil, "disk_usage", lambda p: usage(10**12, 0, 10))
+    config = _config(
+        tmp_path, tiny_run("qwen2_vl"), prepare_cache_ram_mb=0, reuse_prepared=False,
+        cache_dir=str(tmp_path / "scratch"),
+    )  # fmt: skip
+    with pytest.raises(DataError, match="on disk beyond the 0 MB held in RAM") as caught:
+        runner.run(config, _quiet())
+    assert str(tmp_path / "scratch") in str(caught.value)
+    assert store.open_store(config.store).evaluations().num_rows == 0

@@ -243,7 +243,11 @@ def prepare(
     if into is not None:
         out = into
     else:
-        out = [] if ram_budget_mb is None else PreparedSet(int(ram_budget_mb * 2**20), cache_dir)
+        out = (
+            []
+            if ram_budget_mb is None
+            else PreparedSet(int(ram_budget_mb * 2**20), cache_dir, expected_count=len(specimens))
+        )
     chunks = _chunks(specimens, cancel, _chunk_size(specimens, workers))
     first, batched = next(chunks, None), True
     if first is not None:

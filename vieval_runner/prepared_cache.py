@@ -106,6 +106,8 @@ class PreparedSet(Sequence):
             self._memory[index] = prepared
             self.ram_bytes += size
         else:
+            if not self._spilling:
+                self._check_room(size, index)
             self._spilling = True
         if (
             self._persist
@@ -156,13 +158,36 @@ class PreparedSet(Sequence):
             self._writer.shutdown(wait=True)
             self._writer = None
 
+    def _root(self) -> Path:
+        return Path(self._cache_dir) if self._cache_dir else Path(tempfile.gettempdir())
+
+    def _check_room(self, size: int, index: int) -> None:
+        """Before the first specimen goes to disk: the rest of the split, estimated at this
+        specimen's size, must fit the free space there (a clear error now, not a full disk
+        halfway through preparing). Unknown split size: no estimate, no check."""
+        if self._expected is None:
+            return
+        from .records import DataError
+
+        needed = size * (self._expected - index)
+        root = self._root()
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if needed > free:
+            raise DataError(
+                f"{root}: the prepared split needs about {needed / 1e9:.1f} GB on disk beyond "
+                f"the {self.ram_budget_bytes / 2**20:.0f} MB held in RAM "
+                f"(prepare_cache_ram_mb), but only {free / 1e9:.1f} GB are free there; set "
+                "cache_dir to a folder on a larger disk, or raise prepare_cache_ram_mb"
+            )
+
     def _flush(self) -> None:
         if not self._pending:
             return
         from safetensors.torch import save_file
 
         if self.folder is None:
-            root = Path(self._cache_dir) if self._cache_dir else Path(tempfile.gettempdir())
+            root = self._root()
             root.mkdir(parents=True, exist_ok=True)
             self.folder = root / run_folder_name()
             self.folder.mkdir()
