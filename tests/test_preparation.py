@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 from test_runner import _config, _quiet
 
 from vieval_runner import models, preparation, runner
@@ -118,3 +119,28 @@ def test_a_failed_weight_load_stops_the_split_and_fails_the_steps(tmp_path, tiny
     while not seen and time.monotonic() < deadline:
         time.sleep(0.05)
     assert seen[:1] == [True]  # the preparation was told to stop
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm"])
+def test_pixels_prepared_in_the_model_dtype_are_the_cast_to_device_makes(
+    tiny_run, specimens, family
+):
+    """Prepared in bf16: exactly the values the per-batch cast would give (same rounding),
+    other tensors untouched, and the same generated text as fp32-prepared inputs."""
+    from vieval_runner.generation import generate
+    from vieval_runner.models import load_base
+
+    loaded = load_base(tiny_run(family).base_model_dir, device="cpu", dtype="bf16")
+    plain = prepare(loaded, specimens)
+    half = prepare(loaded, specimens, workers=2, pixel_dtype=torch.bfloat16)
+    for a, b in zip(plain, half, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and a.tensors.keys() == b.tensors.keys()
+        for key, value in a.tensors.items():
+            if value.is_floating_point():
+                assert b.tensors[key].dtype == torch.bfloat16
+                assert torch.equal(b.tensors[key], value.to(torch.bfloat16)), key
+            else:
+                assert torch.equal(b.tensors[key], value) and b.tensors[key].dtype == value.dtype
+    assert any(v.is_floating_point() for v in plain[0].tensors.values())
+    texts = [[g.text for g in generate(loaded, p, 4, 8)] for p in (plain, half)]
+    assert texts[0] == texts[1]

@@ -168,6 +168,7 @@ def test_template_image_and_processor_changes_are_misses(tmp_path, tiny_run, cal
     assert key != prepared_reuse.split_key(loaded, specimens, template="Q: {prompt}")
     assert key != prepared_reuse.split_key(loaded, specimens, system_prompt="Be brief.")
     assert key != prepared_reuse.split_key(loaded, specimens[:4])
+    assert key != prepared_reuse.split_key(loaded, specimens, pixel_dtype=torch.bfloat16)
 
     # the processor's files: same content elsewhere is the same key, one changed file is not
     copy = tmp_path / "base_copy"
@@ -412,3 +413,18 @@ def test_an_unusable_cache_folder_is_a_warning_not_a_failed_run(tmp_path, tiny_r
         prepared, line = prepared_reuse.prepare_reusing(loaded, make_specimens()[:3], config)
     assert len(prepared) == 3 and "not saved for reuse" in line and "unusable" in line
     assert "prepared-inputs cache unusable" in caplog.text and str(blocker) in caplog.text
+
+
+def test_a_bf16_run_keeps_its_pixels_in_bf16_under_its_own_key(tmp_path, tiny_run, caplog):
+    """The prepared pixels follow the model's 16-bit dtype (half the bytes); an fp32 run on the
+    same split does not reuse them."""
+    run = tiny_run(FAMILY)
+    half = _config(tmp_path, run, "store_bf16", dtype="bfloat16")
+    _run(half, caplog)
+    [entry] = _entries(tmp_path / "prepared")
+    opened = entries.open_entry(entry, tmp_path / "reader")
+    assert opened[0].tensors["pixel_values"].dtype == torch.bfloat16
+    opened.close()
+    lines = _run(_config(tmp_path, run, "store_fp32"), caplog)
+    assert not lines[0].startswith(REUSED)  # another key: prepared again, in float32
+    assert len(_entries(tmp_path / "prepared")) == 2

@@ -88,13 +88,15 @@ def detect_family(model_dir: str | Path) -> str:
     return family_for_model_type(config["model_type"], str(path))
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; anything else as named."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA, fp32 elsewhere; else the named dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -146,8 +148,8 @@ def load_base(
     import transformers
 
     base = str(base_model)
-    dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     head = processor_of or load_base_processor(base)
     family = head.family
     cls = getattr(transformers, FAMILIES[family]["model_class"])

@@ -224,6 +224,7 @@ def prepare(
     cancel: threading.Event | None = None,
     on_first: Callable[[list[PreparedSpecimen]], None] | None = None,
     wait_writes: bool = True,
+    pixel_dtype: torch.dtype | None = None,
 ) -> list[PreparedSpecimen] | PreparedSet:
     """Processor outputs of each specimen, computed once and reusable across checkpoints.
 
@@ -236,6 +237,9 @@ def prepare(
     ``PreparationCancelled`` (the runner prepares while the weights load; a failed load stops it).
     ``on_first(items)``: called with the first chunk's results as soon as they exist.
     ``wait_writes``: False returns before a persisting set's background writes are done.
+    ``pixel_dtype``: floating-point outputs (pixel values) kept in this dtype, the model's:
+    the cast ``to_device`` would make on every batch and checkpoint, made once (the same
+    rounding), at half the memory, disk and copy for bf16.
     """
     from .prepared_cache import PreparedSet
 
@@ -252,20 +256,21 @@ def prepare(
     first, batched = next(chunks, None), True
     if first is not None:
         items, batched = _first_chunk(loaded, first, template, system_prompt)
+        items = [in_dtype(item, pixel_dtype) for item in items]
         for item in items:
             out.append(item)
         if on_first is not None:
             on_first(items)
     if workers <= 1:
         for chunk in chunks:
-            for item in prepare_chunk(loaded, chunk, template, system_prompt, batched):
+            for item in _chunk_in(pixel_dtype, loaded, chunk, template, system_prompt, batched):
                 out.append(item)
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="vieval-prepare") as pool:
             window: deque[Future] = deque()
             for chunk in chunks:
-                job = (loaded, chunk, template, system_prompt, batched)
-                window.append(pool.submit(prepare_chunk, *job))
+                job = (pixel_dtype, loaded, chunk, template, system_prompt, batched)
+                window.append(pool.submit(_chunk_in, *job))  # the cast on the workers too
                 if len(window) > workers:  # bounded: memory stays under the budget
                     for item in window.popleft().result():
                         out.append(item)
@@ -273,6 +278,21 @@ def prepare(
                 for item in window.popleft().result():
                     out.append(item)
     return out if isinstance(out, list) else out.finish(wait_writes)
+
+
+def in_dtype(item: PreparedSpecimen, dtype: torch.dtype | None) -> PreparedSpecimen:
+    """``item`` with its floating-point tensors in ``dtype`` (None: as it is)."""
+    if dtype is None:
+        return item
+    tensors = {
+        k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+        for k, v in item.tensors.items()
+    }
+    return PreparedSpecimen(item.specimen_id, item.input_ids, tensors, item.input_size)
+
+
+def _chunk_in(pixel_dtype, *job) -> list[PreparedSpecimen]:
+    return [in_dtype(item, pixel_dtype) for item in prepare_chunk(*job)]
 
 
 def _first_chunk(loaded, chunk, template, system_prompt) -> tuple[list[PreparedSpecimen], bool]:

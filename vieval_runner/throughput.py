@@ -80,8 +80,9 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
 
         # kept on local disk across runs: a later run on the same split reads them back
         session.prepared, line = prepare_reusing(
-            loaded, session.specimens, config, cancel, on_first=first_chunk, background_save=True
-        )
+            loaded, session.specimens, config, cancel, on_first=first_chunk,
+            background_save=True, pixel_dtype=pixel_dtype(config),
+        )  # fmt: skip
         log.info(line)
         state(session).prepare_reused = line.startswith("prepared inputs reused")
     else:
@@ -95,6 +96,7 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
             cache_dir=config.cache_dir,
             cancel=cancel,
             on_first=first_chunk,
+            pixel_dtype=pixel_dtype(config),
         )
         on_disk = getattr(session.prepared, "on_disk", 0)
         log.info(
@@ -104,6 +106,15 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
             on_disk,
         )
     state(session).prepare_s = time.perf_counter() - t0
+
+
+def pixel_dtype(config) -> torch.dtype | None:
+    """The dtype prepared pixel values are kept in: the model's when it is a 16-bit float
+    (known from the config before the weights load), else None (as the processor gives)."""
+    from vieval_runner import models
+
+    dtype = models.resolve_dtype(config.dtype, models.resolve_device(config.device))
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def install_caches(session) -> None:

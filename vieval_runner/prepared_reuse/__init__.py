@@ -100,14 +100,15 @@ def split_key(
     specimens: Sequence[Specimen],
     template: str | None = None,
     system_prompt: str | None = None,
+    pixel_dtype=None,
 ) -> str | None:
     """XXH3-128 of what the prepared split depends on, or None (do not cache) when the
     processor's folder or an image's identity is unknown, or the split is empty.
 
     Covers: ``FORMAT_VERSION``, the package/transformers/torch/PIL versions, the family and its
     facts, the processor folder's files (name, size, bytes; weights excluded), the tokenizer
-    length (tokens added in memory), template, system prompt, and per specimen its id, task,
-    prompt and image (path + size + mtime_ns, or a hash of its bytes).
+    length (tokens added in memory), template, system prompt, the pixel dtype, and per specimen
+    its id, task, prompt and image (path + size + mtime_ns, or a hash of its bytes).
     """
     import PIL
     import torch
@@ -129,6 +130,7 @@ def split_key(
     tokenizer = getattr(loaded.processor, "tokenizer", None)
     versions = (__version__, transformers.__version__, torch.__version__, PIL.__version__)
     put(FORMAT_VERSION, *versions, loaded.family, facts, template, system_prompt)
+    put(str(pixel_dtype) if pixel_dtype is not None else None)
     put(len(tokenizer) if tokenizer is not None else None)
     for path in sorted(source.iterdir()):
         if not path.is_file() or path.name in _NOT_PROCESSOR:
@@ -152,10 +154,12 @@ def prepare_reusing(
     cancel=None,
     on_first=None,
     background_save: bool = False,
+    pixel_dtype=None,
 ) -> tuple[PreparedSet, str]:
     """The split's prepared inputs, reused from the cache or prepared (and saved), plus the
     one log line saying which. ``config``: the run's ``Config``; ``cancel``, ``on_first``:
-    see ``prepare`` (``on_first`` is not called when the inputs are reused).
+    see ``prepare`` (``on_first`` is not called when the inputs are reused); ``pixel_dtype``:
+    see ``prepare`` (part of the key).
 
     ``background_save``: return as soon as the split is prepared; the chunk writes finish and
     the entry is saved on a background thread (``PreparedSet.saving``; a second log line says
@@ -176,7 +180,9 @@ def prepare_reusing(
     key = None
     if unusable is None:
         reap_dead_runs(run_root)  # what killed runs left behind on this host
-        key = split_key(loaded, specimens, config.prompt_template, config.system_prompt)
+        key = split_key(
+            loaded, specimens, config.prompt_template, config.system_prompt, pixel_dtype
+        )
     if key is not None and (root / key).is_dir():
         entry = root / key
         try:
@@ -217,6 +223,7 @@ def prepare_reusing(
         cancel=cancel,
         on_first=on_first,
         wait_writes=not background_save,
+        pixel_dtype=pixel_dtype,
     )
     took = time.perf_counter() - t0
     head = f"prepared {len(prepared)} specimens in {took:.2f}s"
