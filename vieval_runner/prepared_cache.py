@@ -1,6 +1,7 @@
 """Prepared specimens under a RAM budget: the first ones in memory, the rest on disk.
 
-A Qwen2-VL image at 448 px is ~4.8 MB of float32 pixel values (1,024 patches x 1,176), so
+A Qwen2-VL image at 448 px is ~4.8 MB of float32 pixel values (1,024 patches x 1,176; half
+in the bf16 that ``prepare``'s ``pixel_dtype`` keeps for a bf16 model), so
 10,000 specimens would be 48 GB in RAM. ``PreparedSet`` keeps specimens in memory until their
 tensors reach ``ram_budget_bytes``, then writes the rest in chunks of safetensors files (one
 file per chunk, keys ``<index>.<tensor>``) and reads a specimen back per batch through
