@@ -15,7 +15,6 @@ from vieval_runner.models import (
     FAMILIES,
     CheckpointError,
     detect_family,
-    input_size_for,
     load_base,
     load_processor_for,
     restore_base,
@@ -194,15 +193,3 @@ def test_load_processor_for_prefers_checkpoint_then_base(tiny_run, tmp_path):
     processor, own = load_processor_for(bare, run.base_model_dir)
     assert not own and type(processor).__name__ == "Qwen2_5_VLProcessor"
     assert processor.tokenizer.padding_side == "left"
-
-
-def test_input_size_for(tiny_run, specimens):
-    loaded = load_base(tiny_run("qwen25_vl").base_model_dir, device="cpu")
-    out = loaded.processor(images=[specimens[2].load_image()], text=["<|image_pad|>"],
-                           return_tensors="pt")  # fmt: skip
-    w, h = input_size_for(loaded, out, 0)
-    t, gh, gw = out["image_grid_thw"][0].tolist()
-    assert (w, h) == (gw * 14, gh * 14)
-    assert w % 28 == 0 and h % 28 == 0 and w > h  # 120x80 stays landscape
-    pali = load_base(tiny_run("paligemma").base_model_dir, device="cpu")
-    assert input_size_for(pali, {"pixel_values": torch.zeros(1, 3, 32, 32)}, 0) is None

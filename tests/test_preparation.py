@@ -13,7 +13,13 @@ from test_runner import _config, _quiet
 
 from vieval_runner import models, preparation, runner
 from vieval_runner.families import FAMILIES
-from vieval_runner.preparation import PreparationCancelled, prepare, prepare_one, same_preparation
+from vieval_runner.preparation import (
+    PreparationCancelled,
+    input_size_for,
+    prepare,
+    prepare_one,
+    same_preparation,
+)
 from vieval_runner.tiny_models import FAMILIES_BUILDABLE
 
 
@@ -144,3 +150,15 @@ def test_pixels_prepared_in_the_model_dtype_are_the_cast_to_device_makes(
     assert any(v.is_floating_point() for v in plain[0].tensors.values())
     texts = [[g.text for g in generate(loaded, p, 4, 8)] for p in (plain, half)]
     assert texts[0] == texts[1]
+
+
+def test_input_size_for(tiny_run, specimens):
+    loaded = models.load_base(tiny_run("qwen25_vl").base_model_dir, device="cpu")
+    out = loaded.processor(images=[specimens[2].load_image()], text=["<|image_pad|>"],
+                           return_tensors="pt")  # fmt: skip
+    w, h = input_size_for(loaded, out, 0)
+    t, gh, gw = out["image_grid_thw"][0].tolist()
+    assert (w, h) == (gw * 14, gh * 14)
+    assert w % 28 == 0 and h % 28 == 0 and w > h  # 120x80 stays landscape
+    pali = models.load_base(tiny_run("paligemma").base_model_dir, device="cpu")
+    assert input_size_for(pali, {"pixel_values": torch.zeros(1, 3, 32, 32)}, 0) is None

@@ -395,17 +395,3 @@ def apply_checkpoint(loaded: LoadedModel, checkpoint, prefetched=None) -> None:
         loaded.vision_hash = None if touched else loaded._base_vision_hash
     else:
         raise CheckpointError(f"{checkpoint.path}: unknown checkpoint kind {checkpoint.kind!r}")
-
-
-def input_size_for(loaded: LoadedModel, processor_outputs, index: int) -> tuple[int, int] | None:
-    """``(w, h)`` of the image as the model saw it (Qwen: grid x patch), else None.
-
-    Qwen2.5-VL answers in absolute pixels of this resized input, so parsers need it.
-    """
-    grid = processor_outputs.get("image_grid_thw") if hasattr(processor_outputs, "get") else None
-    if grid is None or not loaded.family.startswith("qwen"):
-        return None
-    image_processor = loaded.processor.image_processor
-    patch = int(image_processor.patch_size)
-    _, h, w = (int(v) for v in grid[index])
-    return (w * patch, h * patch)

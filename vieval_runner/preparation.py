@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .models import FAMILIES, LoadedModel, input_size_for
+from .models import FAMILIES, LoadedModel
 from .records import Specimen
 
 if TYPE_CHECKING:
@@ -72,6 +72,20 @@ def build_prompt(
     # PaliGemma-style: image placeholder first; the processor adds <bos> and the "\n"
     image_token = getattr(processor, "image_token", "<image>")
     return f"{image_token}{prefix}{text}"
+
+
+def input_size_for(loaded: LoadedModel, processor_outputs, index: int) -> tuple[int, int] | None:
+    """``(w, h)`` of the image as the model saw it (Qwen: grid x patch), else None.
+
+    Qwen2.5-VL answers in absolute pixels of this resized input, so parsers need it.
+    """
+    grid = processor_outputs.get("image_grid_thw") if hasattr(processor_outputs, "get") else None
+    if grid is None or not loaded.family.startswith("qwen"):
+        return None
+    image_processor = loaded.processor.image_processor
+    patch = int(image_processor.patch_size)
+    _, h, w = (int(v) for v in grid[index])
+    return (w * patch, h * patch)
 
 
 def prepare_one(
