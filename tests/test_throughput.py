@@ -242,3 +242,27 @@ def test_the_first_checkpoint_is_read_unpinned_and_later_ones_as_default(
     config = _config(tmp_path, tiny_run("qwen2_vl"), include_base=False)
     assert runner.run(config, _quiet()).evaluated == [100, 200, 300]
     assert calls == [("checkpoint-100", False), ("checkpoint-200", None), ("checkpoint-300", None)]
+
+
+def test_prepared_pixels_follow_the_model_dtype_the_live_one_first(tiny_run):
+    """16-bit pixels only for a 16-bit model: the dtype the config loads while only the
+    processor is there, the live model's own once there is one (a training callback's fp32
+    model under a bf16 config keeps float32 pixels: nothing is rounded away)."""
+    from vieval_runner import models
+    from vieval_runner.throughput import pixel_dtype
+
+    run = tiny_run("qwen2_vl")
+    head = models.load_base_processor(run.base_model_dir)
+    for dtype, want in (("auto", None), ("float32", None), ("bfloat16", torch.bfloat16),
+                        ("float16", torch.float16)):  # fmt: skip
+        assert pixel_dtype(_config_for(run, dtype), head) == want, dtype
+    live = load_base(run.base_model_dir, device="cpu", dtype="fp32")
+    assert pixel_dtype(_config_for(run, "bfloat16"), live) is None
+    half = load_base(run.base_model_dir, device="cpu", dtype="bf16")
+    assert pixel_dtype(_config_for(run, "auto"), half) == torch.bfloat16
+
+
+def _config_for(run, dtype: str):
+    tree = {"run_dir": str(run.run_dir), "base_model": str(run.base_model_dir),
+            "store": "s", "data": {"path": "d"}, "device": "cpu", "dtype": dtype}  # fmt: skip
+    return config_from_dict(tree)

@@ -81,7 +81,7 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
         # kept on local disk across runs: a later run on the same split reads them back
         session.prepared, line = prepare_reusing(
             loaded, session.specimens, config, cancel, on_first=first_chunk,
-            background_save=True, pixel_dtype=pixel_dtype(config),
+            background_save=True, pixel_dtype=pixel_dtype(config, loaded),
         )  # fmt: skip
         log.info(line)
         state(session).prepare_reused = line.startswith("prepared inputs reused")
@@ -96,7 +96,7 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
             cache_dir=config.cache_dir,
             cancel=cancel,
             on_first=first_chunk,
-            pixel_dtype=pixel_dtype(config),
+            pixel_dtype=pixel_dtype(config, loaded),
         )
         on_disk = getattr(session.prepared, "on_disk", 0)
         log.info(
@@ -108,12 +108,16 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
     state(session).prepare_s = time.perf_counter() - t0
 
 
-def pixel_dtype(config) -> torch.dtype | None:
-    """The dtype prepared pixel values are kept in: the model's when it is a 16-bit float
-    (known from the config before the weights load), else None (as the processor gives)."""
+def pixel_dtype(config, loaded) -> torch.dtype | None:
+    """The dtype prepared pixel values are kept in: the model's when it is a 16-bit float,
+    else None (as the processor gives). ``loaded``: the model, or only its processor while
+    the weights load; then the dtype the config will load them in."""
     from vieval_runner import models
 
-    dtype = models.resolve_dtype(config.dtype, models.resolve_device(config.device))
+    if getattr(loaded, "model", None) is not None:  # e.g. the training callback's live model
+        dtype = loaded.dtype
+    else:
+        dtype = models.resolve_dtype(config.dtype, models.resolve_device(config.device))
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
