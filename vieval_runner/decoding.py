@@ -190,8 +190,7 @@ def generate_tokens(
     forced_eos, gen_config.forced_eos_token_id = gen_config.forced_eos_token_id, None
     try:
         with torch.inference_mode():
-            lean = _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows)
-            graphs = _verdict(loaded, options)[1] if lean else None
+            lean, graphs = _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows)
             scope = cache.batch(specimen_ids) if cache is not None else contextlib.nullcontext()
             processors = _forced_processors(loaded, forced)
             with scope:
@@ -271,15 +270,19 @@ def check_lean(
     return reason is None
 
 
-def _use_lean(loaded, inputs, max_new_tokens, forced, options, collate_rows) -> bool:
-    """The lean loop where it is exact (``check_lean`` on this batch unless decided)."""
+def _use_lean(
+    loaded, inputs, max_new_tokens, forced, options, collate_rows
+) -> tuple[bool, str | None]:
+    """``(lean loop, graph mode)``: the lean loop where it is exact, with CUDA-graph steps
+    where those are (``check_lean`` on this batch unless decided)."""
     verdict = _verdict(loaded, options)
-    if verdict is not None:
-        return verdict[0]
-    part, few = inputs, forced
-    if collate_rows is not None and lean_blocker(loaded, options) is None:
-        # the longest and the shortest prompt: the check covers left padding
-        rows = sorted({0, inputs["input_ids"].shape[0] - 1})
-        part = to_device(loaded, collate_rows(rows))
-        few = None if forced is None else [forced[r] for r in rows]
-    return check_lean(loaded, part, max_new_tokens, few, options)
+    if verdict is None:
+        part, few = inputs, forced
+        if collate_rows is not None and lean_blocker(loaded, options) is None:
+            # the longest and the shortest prompt: the check covers left padding
+            rows = sorted({0, inputs["input_ids"].shape[0] - 1})
+            part = to_device(loaded, collate_rows(rows))
+            few = None if forced is None else [forced[r] for r in rows]
+        check_lean(loaded, part, max_new_tokens, few, options)
+        verdict = _verdict(loaded, options) or (False, None)  # not kept with lean: false
+    return verdict[0], verdict[1] if verdict[0] else None

@@ -5,6 +5,7 @@ and how it is checked against HF ``generate``)."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from typing import TYPE_CHECKING
 
@@ -201,6 +202,7 @@ def _slice_per_token_inputs(model_inputs: dict) -> None:
             model_inputs[name] = value[..., -ids.shape[-1] :].contiguous()
 
 
+@functools.cache
 def cache_argument() -> str:
     """The name generate's model hooks give the KV cache in this transformers version."""
     from transformers.generation.utils import GenerationMixin
