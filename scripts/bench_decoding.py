@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vieval_runner import decoding, shapes  # noqa: E402
 from vieval_runner.data import load_specimens  # noqa: E402
-from vieval_runner.families import FAMILIES  # noqa: E402
-from vieval_runner.generation import collate, prepare  # noqa: E402
-from vieval_runner.models import load_base, swap_weights  # noqa: E402
-from vieval_runner.tiny_models import FAMILIES_BUILDABLE, write_tiny_run  # noqa: E402
+from vieval_runner.demo import shapes
+from vieval_runner.generate import decoding  # noqa: E402
+from vieval_runner.generate.batches import collate, prepare  # noqa: E402
+from vieval_runner.model.families import FAMILIES  # noqa: E402
+from vieval_runner.model.loading import load_base, swap_weights  # noqa: E402
+from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE, write_tiny_run  # noqa: E402
 
 
 def bench_family(family: str, specimens, args, work: Path) -> tuple[float, float, bool]:

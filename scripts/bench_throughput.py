@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-from vieval_runner.models import FAMILIES  # noqa: E402
+from vieval_runner.model.loading import FAMILIES  # noqa: E402
 
 TEMPLATE = FAMILIES["qwen2_vl"]["templates"]["grounding"]  # what `vieval run` prompts with
 
@@ -125,19 +125,19 @@ def free(device: str) -> None:
 
 def build_fixture(args: argparse.Namespace, work: Path) -> dict:
     """Write the run (base + checkpoints) and the shapes split; return their paths."""
-    from vieval_runner import shapes
+    from vieval_runner.demo import shapes
 
     t0 = time.perf_counter()
     steps = tuple(100 * (i + 1) for i in range(args.checkpoints))
     info: dict = {}
     if args.preset == "tiny":
-        from vieval_runner.tiny_models import write_tiny_run
+        from vieval_runner.testing.tiny_models import write_tiny_run
 
         run = write_tiny_run(work / "fixture", "qwen2_vl", steps=steps)
         fixed_length([run.base_model_dir] + [run.run_dir / f"checkpoint-{s}" for s in steps])
         image_px = 64
     else:
-        from vieval_runner.anchor_model import ANCHOR_IMAGE_PX, write_anchor_run
+        from vieval_runner.testing.anchor_model import ANCHOR_IMAGE_PX, write_anchor_run
 
         run = write_anchor_run(
             work / "fixture",
@@ -302,8 +302,9 @@ def method_vieval(
     import yaml
 
     from vieval_runner import checkpoints as ckpts
-    from vieval_runner import runner, store
+    from vieval_runner import store
     from vieval_runner.config import load_config
+    from vieval_runner.pipeline import run as runner
 
     name = "store" if cold else "store-again"
     if settings:
@@ -372,8 +373,9 @@ def warm_up(fixture: dict, specimens, args, work: Path) -> float:
     and the same for (c): one `vieval run` of the first checkpoint on a 2-specimen split of
     its own, into its own store and prepared-input folder (nothing it leaves is reused: the
     timed (c) has another split, store and folder; the model is loaded again)."""
-    from vieval_runner import runner, shapes
     from vieval_runner.config import config_from_dict
+    from vieval_runner.demo import shapes
+    from vieval_runner.pipeline import run as runner
 
     t0 = time.perf_counter()
     model, processor = load_hf(fixture["base"], args)

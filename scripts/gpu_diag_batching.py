@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from vieval_runner.families import FAMILIES
-from vieval_runner.generation import collate, generate, prepare
-from vieval_runner.models import load_base, swap_weights
-from vieval_runner.tiny_models import write_tiny_run
+from vieval_runner.generate.batches import collate, generate, prepare
+from vieval_runner.model.families import FAMILIES
+from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.testing.tiny_models import write_tiny_run
 
 sys.path.insert(0, "tests")
 from conftest import make_specimens  # noqa: E402  (the tests' mixed-size specimens)

@@ -24,10 +24,10 @@ import tempfile
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vieval_runner.decoding import to_device
-from vieval_runner.generation import collate, prepare
-from vieval_runner.models import load_base, swap_weights
-from vieval_runner.tiny_models import write_tiny_run
+from vieval_runner.generate.batches import collate, prepare
+from vieval_runner.generate.decoding import to_device
+from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.testing.tiny_models import write_tiny_run
 
 sys.path.insert(0, "tests")
 from conftest import make_specimens  # noqa: E402  (the tests' mixed-size specimens)

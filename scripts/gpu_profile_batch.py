@@ -31,11 +31,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vieval_runner import anchor_model, decoding  # noqa: E402
-from vieval_runner.generation import collate, prepare  # noqa: E402
-from vieval_runner.models import LoadedModel  # noqa: E402
+from vieval_runner.generate import decoding
+from vieval_runner.generate.batches import collate, prepare  # noqa: E402
+from vieval_runner.generate.vision_attention import pack_vision_attention, unpack_vision_attention  # noqa: E402
+from vieval_runner.model.loading import LoadedModel  # noqa: E402
 from vieval_runner.records import Specimen  # noqa: E402
-from vieval_runner.vision_attention import pack_vision_attention, unpack_vision_attention  # noqa: E402
+from vieval_runner.testing import anchor_model  # noqa: E402
 
 
 def _specimens(n: int) -> list[Specimen]:

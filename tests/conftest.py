@@ -71,7 +71,7 @@ def make_specimens(task: str = "grounding") -> list[Specimen]:
 def model_batch(loaded, specimens):
     """A real 3-specimen batch (images of different sizes), padded by the processor; used by
     the weight-swap tests of full checkpoints and of LoRA adapters."""
-    from vieval_runner.generation import build_prompt
+    from vieval_runner.generate.batches import build_prompt
 
     chosen = specimens[:3]
     texts = [build_prompt(loaded, s) for s in chosen]
@@ -96,7 +96,7 @@ def tiny_run(tmp_path_factory):
     """``tiny_run(family)`` -> TinyRun, written once per session per family (steps 100-300)."""
     from transformers.utils import logging as hf_logging
 
-    from vieval_runner.tiny_models import write_tiny_run
+    from vieval_runner.testing.tiny_models import write_tiny_run
 
     hf_logging.disable_progress_bar()
     cache = {}
@@ -114,7 +114,7 @@ def tiny_lora_run(tmp_path_factory):
     """``tiny_lora_run(family)`` -> TinyRun of LoRA adapter checkpoints, once per session."""
     from transformers.utils import logging as hf_logging
 
-    from vieval_runner.tiny_models import write_tiny_lora_run
+    from vieval_runner.testing.tiny_models import write_tiny_lora_run
 
     hf_logging.disable_progress_bar()
     cache = {}
@@ -148,7 +148,7 @@ def _private_vieval_cache(tmp_path_factory):
 
 def load_at_200(run, device: str = "cpu", dtype: str = "auto"):
     """A fresh LoadedModel of ``run``'s base with checkpoint-200's weights swapped in."""
-    from vieval_runner.models import load_base, swap_weights
+    from vieval_runner.model.loading import load_base, swap_weights
 
     loaded = load_base(run.base_model_dir, device=device, dtype=dtype)
     swap_weights(loaded, run.run_dir / "checkpoint-200")
@@ -179,9 +179,9 @@ def shared_vision_run(tiny_run, tmp_path_factory):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vieval_runner import models
-    from vieval_runner.models import load_base
-    from vieval_runner.tiny_models import TinyRun
+    from vieval_runner.model import loading as models
+    from vieval_runner.model.loading import load_base
+    from vieval_runner.testing.tiny_models import TinyRun
 
     source = tiny_run("qwen2_vl")
     run_dir = tmp_path_factory.mktemp("shared_vision") / "run"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vieval_runner import anchor_model as am
+from vieval_runner.testing import anchor_model as am
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import load_at_200
 
-from vieval_runner import decoding, lean_loop
-from vieval_runner.decoding import GenerateOptions, hf_generate, lean_blocker, lean_greedy
-from vieval_runner.families import FAMILIES
-from vieval_runner.generation import collate, generate, prepare
-from vieval_runner.tiny_models import FAMILIES_BUILDABLE, ForcedTextLogitsProcessor
+from vieval_runner.generate import decoding, lean_loop
+from vieval_runner.generate.batches import collate, generate, prepare
+from vieval_runner.generate.decoding import GenerateOptions, hf_generate, lean_blocker, lean_greedy
+from vieval_runner.model.families import FAMILIES
+from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE, ForcedTextLogitsProcessor
 
 DECODER_ONLY = [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]]
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vieval_runner import cli, demo, store
+from vieval_runner import cli, store
 from vieval_runner.config import ConfigError
-from vieval_runner.training import TrainSettings
+from vieval_runner.demo import main as demo
+from vieval_runner.demo.training import TrainSettings
 
 
 def _curve(store_path: str, run_id: str, metric: str) -> list[tuple[int, float]]:

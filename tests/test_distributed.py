@@ -16,8 +16,10 @@ import pytest
 from conftest import make_specimens
 from rich.console import Console
 
-from vieval_runner import distributed, runner, store
+from vieval_runner import store
 from vieval_runner.config import config_from_dict
+from vieval_runner.pipeline import distributed
+from vieval_runner.pipeline import run as runner
 from vieval_runner.records import Specimen
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,12 +9,13 @@ import pytest
 import torch
 from test_runner import _config, _quiet
 
-from vieval_runner import runner, store
-from vieval_runner.embedding_cache import VisionCache
-from vieval_runner.families import FAMILIES
-from vieval_runner.generation import GenerateOptions, generate, prepare
-from vieval_runner.models import load_base, swap_weights
-from vieval_runner.tiny_models import FAMILIES_BUILDABLE
+from vieval_runner import store
+from vieval_runner.generate.batches import GenerateOptions, generate, prepare
+from vieval_runner.generate.embedding_cache import VisionCache
+from vieval_runner.model.families import FAMILIES
+from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.pipeline import run as runner
+from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 
 def _tower_calls(loaded) -> list:
@@ -149,8 +150,8 @@ def test_embeddings_wanted_follows_the_next_checkpoint(tmp_path):
     from concurrent.futures import Future
     from types import SimpleNamespace
 
-    from vieval_runner import throughput
-    from vieval_runner.prefetch import CheckpointTensors
+    from vieval_runner.model.prefetch import CheckpointTensors
+    from vieval_runner.pipeline import overlap as throughput
 
     session = SimpleNamespace(throughput=None, open_ended=False)
     st = throughput.state(session)

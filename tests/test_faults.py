@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vieval_runner import runner, store
+from vieval_runner import store
 from vieval_runner.config import load_config
+from vieval_runner.pipeline import run as runner
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import load_at_200
 
-from vieval_runner.families import FAMILIES
-from vieval_runner.generation import GenerateOptions, build_prompt, collate, generate, prepare
-from vieval_runner.models import swap_weights
+from vieval_runner.generate.batches import GenerateOptions, build_prompt, collate, generate, prepare
+from vieval_runner.model.families import FAMILIES
+from vieval_runner.model.loading import swap_weights
 from vieval_runner.records import Specimen
-from vieval_runner.tiny_models import FAMILIES_BUILDABLE
+from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 _FORCED = {
     "qwen2_vl": "<|object_ref_start|>red circle<|object_ref_end|>"
@@ -194,7 +194,7 @@ def test_forced_texts_survive_padding_sorting_and_decoding(loaded_at_200, family
 @pytest.mark.parametrize("family", ["florence2", "internvl", "llava"])
 def test_forced_boxes_parse_with_the_family_default_format(loaded_at_200, family, specimens):
     """Generate -> decode -> the family's default parser: the boxes come back in pixels."""
-    from vieval_runner.models import FAMILIES
+    from vieval_runner.model.loading import FAMILIES
     from vieval_runner.parsing import parse_grounding
 
     loaded, _ = loaded_at_200(family)

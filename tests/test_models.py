@@ -10,8 +10,8 @@ import torch
 from conftest import logits_of, model_batch
 from safetensors.torch import load_file, save_file
 
-from vieval_runner import models
-from vieval_runner.models import (
+from vieval_runner.model import loading as models
+from vieval_runner.model.loading import (
     FAMILIES,
     CheckpointError,
     detect_family,
@@ -20,7 +20,7 @@ from vieval_runner.models import (
     restore_base,
     swap_weights,
 )
-from vieval_runner.tiny_models import FAMILIES_BUILDABLE
+from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 
 def _fresh(path):

@@ -13,7 +13,7 @@ from conftest import logits_of, model_batch
 from safetensors.torch import load_file, save_file
 
 from vieval_runner.checkpoints import find_checkpoints
-from vieval_runner.models import CheckpointError, apply_checkpoint, load_base, swap_weights
+from vieval_runner.model.loading import CheckpointError, apply_checkpoint, load_base, swap_weights
 
 
 def _merged(base_dir, adapter_dir):
@@ -97,7 +97,7 @@ def test_switching_adapters_and_back_is_exact_and_step0_is_the_base(tiny_lora_ru
 
 
 def test_generation_uses_the_active_adapter(tiny_lora_run, specimens):
-    from vieval_runner.generation import generate, prepare
+    from vieval_runner.generate.batches import generate, prepare
 
     run = tiny_lora_run("qwen2_vl")
     ckpts = _by_step(run)
@@ -143,7 +143,7 @@ def _copy_adapter(run, tmp_path):
 
 
 def test_wrong_target_modules_or_shapes_raise_naming_the_checkpoint(tiny_lora_run, tmp_path):
-    from vieval_runner.lora import swap_adapter
+    from vieval_runner.model.lora import swap_adapter
 
     run = tiny_lora_run("qwen2_vl")
     loaded = load_base(run.base_model_dir, device="cpu")

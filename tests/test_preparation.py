@@ -11,16 +11,18 @@ import pytest
 import torch
 from test_runner import _config, _quiet
 
-from vieval_runner import models, preparation, runner
-from vieval_runner.families import FAMILIES
-from vieval_runner.preparation import (
+from vieval_runner.model import loading as models
+from vieval_runner.model.families import FAMILIES
+from vieval_runner.pipeline import run as runner
+from vieval_runner.prepare import inputs as preparation
+from vieval_runner.prepare.inputs import (
     PreparationCancelled,
     input_size_for,
     prepare,
     prepare_one,
     same_preparation,
 )
-from vieval_runner.tiny_models import FAMILIES_BUILDABLE
+from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 
 @pytest.mark.parametrize("family", FAMILIES_BUILDABLE)
@@ -133,8 +135,8 @@ def test_pixels_prepared_in_the_model_dtype_are_the_cast_to_device_makes(
 ):
     """Prepared in bf16: exactly the values the per-batch cast would give (same rounding),
     other tensors untouched, and the same generated text as fp32-prepared inputs."""
-    from vieval_runner.generation import generate
-    from vieval_runner.models import load_base
+    from vieval_runner.generate.batches import generate
+    from vieval_runner.model.loading import load_base
 
     loaded = load_base(tiny_run(family).base_model_dir, device="cpu", dtype="bf16")
     plain = prepare(loaded, specimens)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vieval_runner.generation import generate, prepare
-from vieval_runner.models import load_base, swap_weights
-from vieval_runner.prepared_cache import PreparedSet, nbytes
+from vieval_runner.generate.batches import generate, prepare
+from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.prepare.ram_budget import PreparedSet, nbytes
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,8 @@ def test_a_split_the_disk_cannot_hold_is_a_clear_error_before_writing(
     sizes and the settings to change, with nothing written."""
     import collections
 
-    from vieval_runner import prepared_cache
     from vieval_runner.data import DataError
+    from vieval_runner.prepare import ram_budget as prepared_cache
 
     items = prepare(qwen, specimens)
     sizes = [nbytes(p) for p in items]

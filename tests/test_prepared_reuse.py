@@ -17,10 +17,13 @@ from conftest import make_specimens
 from rich.console import Console
 
 from vieval_runner import data as data_mod
-from vieval_runner import models, prepared_reuse, runner, store
+from vieval_runner import store
 from vieval_runner.config import config_from_dict
-from vieval_runner.prepared_cache import PreparedSet
-from vieval_runner.prepared_reuse import entries
+from vieval_runner.model import loading as models
+from vieval_runner.pipeline import run as runner
+from vieval_runner.prepare import reuse as prepared_reuse
+from vieval_runner.prepare.ram_budget import PreparedSet
+from vieval_runner.prepare.reuse import entries
 
 FAMILY = "qwen2_vl"
 # processor calls that prepare the 5-specimen split: one chunk, checked against its first and
@@ -323,7 +326,7 @@ def test_concurrent_saves_of_one_key_leave_one_good_entry(tmp_path, tiny_run):
     """Two runs save the same key: one entry, no temp folder, and its tensors are the split's.
     The first set keeps everything in RAM with one chunk per specimen, so its chunks are the
     background-written kind; the second spills everything (written in line)."""
-    from vieval_runner.preparation import prepare
+    from vieval_runner.prepare.inputs import prepare
 
     run = tiny_run(FAMILY)
     loaded = models.load_base(run.base_model_dir, device="cpu")
@@ -375,7 +378,7 @@ def test_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path, tiny_run):
     import subprocess
     import sys
 
-    from vieval_runner.prepared_cache import RUN_PREFIX, run_folder_name
+    from vieval_runner.prepare.ram_budget import RUN_PREFIX, run_folder_name
 
     root = tmp_path / "prepared"
     root.mkdir()

@@ -17,11 +17,13 @@ import torch
 from conftest import make_specimens
 from rich.console import Console
 
-from vieval_runner import generation, parsing, rescore, results, store
+from vieval_runner import parsing, store
 from vieval_runner.config import config_from_dict, dump_config
-from vieval_runner.decoding import TOKENIZER_LOCK, end_ids, pad_id
+from vieval_runner.generate import batches as generation
+from vieval_runner.generate.decoding import TOKENIZER_LOCK, end_ids, pad_id
+from vieval_runner.pipeline import rescore, results
 from vieval_runner.records import Box
-from vieval_runner.tiny_models import ForcedTextLogitsProcessor, SoftScript
+from vieval_runner.testing.tiny_models import ForcedTextLogitsProcessor, SoftScript
 
 # ---------------------------------------------------------------- the assignment itself
 

@@ -7,8 +7,9 @@ from concurrent.futures import Future
 from rich.console import Console
 
 from vieval_runner import checkpoints as ckpts
-from vieval_runner import resume, runner
 from vieval_runner.config import config_from_dict
+from vieval_runner.pipeline import resume
+from vieval_runner.pipeline import run as runner
 
 
 def _config(run, tmp_path, **extra):

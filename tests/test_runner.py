@@ -11,8 +11,12 @@ import pytest
 from conftest import make_specimens
 from rich.console import Console
 
-from vieval_runner import generation, models, parsing, rescore, runner, scoring, store
+from vieval_runner import parsing, scoring, store
 from vieval_runner.config import config_from_dict
+from vieval_runner.generate import batches as generation
+from vieval_runner.model import loading as models
+from vieval_runner.pipeline import rescore
+from vieval_runner.pipeline import run as runner
 from vieval_runner.records import Box, Specimen
 
 
@@ -272,7 +276,8 @@ def test_vqa_from_a_hf_dataset_with_a_chat_family(tmp_path, tiny_run):
 def test_box_scores_from_token_log_probabilities_enable_ap(tiny_run, tmp_path):
     """Scripted answers: forced tokens have probability 1, so confidence is exactly 1.0; free
     generation gives a confidence in (0, 1); scored boxes make AP computable."""
-    from vieval_runner import results, scoring
+    from vieval_runner import scoring
+    from vieval_runner.pipeline import results
 
     run = tiny_run("qwen25_vl")
     loaded = models.load_base(run.base_model_dir, device="cpu")
@@ -350,8 +355,8 @@ def test_no_room_for_the_prepared_split_stops_the_run_with_one_error(
     any step runs, not a failed evaluation per step (and not a full disk)."""
     import collections
 
-    from vieval_runner import prepared_cache
     from vieval_runner.data import DataError
+    from vieval_runner.prepare import ram_budget as prepared_cache
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(prepared_cache.shutil, "disk_usage", lambda p: usage(10**12, 0, 10))

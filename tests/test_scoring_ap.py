@@ -147,8 +147,8 @@ def test_per_box_token_scores_reorder_boxes_and_change_ap():
     scored boxes."""
     import json
 
+    from vieval_runner.pipeline.results import parse_text
     from vieval_runner.records import Specimen
-    from vieval_runner.results import parse_text
 
     rng = np.random.default_rng(3)
     specimens, texts, ends, logprobs, confidences = [], [], [], [], []

@@ -10,8 +10,9 @@ from conftest import make_specimens
 from rich.console import Console
 
 from vieval_runner import checkpoints as ckpts
-from vieval_runner import runner, store
+from vieval_runner import store
 from vieval_runner.config import config_from_dict
+from vieval_runner.pipeline import run as runner
 
 
 def _config(tmp_path, run_dir, base, steps):

@@ -6,7 +6,7 @@ import json
 
 from PIL import Image
 
-from vieval_runner import shapes
+from vieval_runner.demo import shapes
 
 
 def _rows(path):

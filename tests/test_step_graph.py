@@ -12,9 +12,9 @@ from conftest import load_at_200
 from test_decoding import DECODER_ONLY, _batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vieval_runner import decoding, lean_loop, step_graph
-from vieval_runner.decoding import GenerateOptions, hf_generate, lean_greedy
-from vieval_runner.generation import generate, prepare
+from vieval_runner.generate import decoding, lean_loop, step_graph
+from vieval_runner.generate.batches import generate, prepare
+from vieval_runner.generate.decoding import GenerateOptions, hf_generate, lean_greedy
 
 aten = torch.ops.aten
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from test_runner import _config, _quiet
 
-from vieval_runner import runner, store
+from vieval_runner import store
 from vieval_runner.config import ConfigError, config_from_dict
-from vieval_runner.generation import GenerateOptions, auto_batch_size, generate, prepare
-from vieval_runner.models import load_base, swap_weights
-from vieval_runner.throughput import Committer
+from vieval_runner.generate.batches import GenerateOptions, auto_batch_size, generate, prepare
+from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.pipeline import run as runner
+from vieval_runner.pipeline.overlap import Committer
 
 _OFF = {"overlap": False, "prefetch": False, "cache_vision": False, "preprocess_workers": 1}
 
@@ -154,13 +155,13 @@ def test_torch_compile_with_static_cache_gives_the_same_text(tiny_run, specimens
 def test_generation_threads_leave_a_core_to_the_helpers_and_come_back(
     tmp_path, tiny_run, monkeypatch, extra, cpus, during
 ):
-    from vieval_runner import throughput
+    from vieval_runner.pipeline import overlap as throughput
 
     run = tiny_run("qwen2_vl")
     config = _config(tmp_path, run, steps=[100], include_base=False, **extra)
     monkeypatch.setattr(throughput.os, "cpu_count", lambda: cpus)
     seen = []
-    from vieval_runner import generation
+    from vieval_runner.generate import batches as generation
 
     real = generation.generate
 
@@ -183,7 +184,10 @@ def test_the_lean_check_runs_while_the_split_is_prepared(tmp_path, tiny_run, mon
     """The lean loop's one-time check decodes two specimens of the first prepared chunk
     while the rest of the split is still prepared; with reused inputs (nothing to overlap)
     the first batch checks as before. Once per run either way, the same store contents."""
-    from vieval_runner import decoding, preparation, shapes, throughput
+    from vieval_runner.demo import shapes
+    from vieval_runner.generate import decoding
+    from vieval_runner.pipeline import overlap as throughput
+    from vieval_runner.prepare import inputs as preparation
 
     run = tiny_run("qwen2_vl")
     split = shapes.write_split(tmp_path / "data", n=40, task="grounding")  # 3 chunks
@@ -229,7 +233,7 @@ def test_the_first_checkpoint_is_read_unpinned_and_later_ones_as_default(
 ):
     """The first read is on the critical path (page-locking it would not pay); the reads
     behind generation keep the default (pinned on CUDA)."""
-    from vieval_runner import prefetch
+    from vieval_runner.model import prefetch
 
     calls = []
     real = prefetch.prefetch_checkpoint
@@ -248,8 +252,8 @@ def test_prepared_pixels_follow_the_model_dtype_the_live_one_first(tiny_run):
     """16-bit pixels only for a 16-bit model: the dtype the config loads while only the
     processor is there, the live model's own once there is one (a training callback's fp32
     model under a bf16 config keeps float32 pixels: nothing is rounded away)."""
-    from vieval_runner import models
-    from vieval_runner.throughput import pixel_dtype
+    from vieval_runner.model import loading as models
+    from vieval_runner.pipeline.overlap import pixel_dtype
 
     run = tiny_run("qwen2_vl")
     head = models.load_base_processor(run.base_model_dir)

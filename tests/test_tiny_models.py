@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vieval_runner.tiny_models import (
+from vieval_runner.testing.tiny_models import (
     FAMILIES_BUILDABLE,
     ForcedTextLogitsProcessor,
     build_tiny_model,

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vieval_runner import generation, parsing, shapes, training
-from vieval_runner.models import LoadedModel
+from vieval_runner import parsing
+from vieval_runner.demo import shapes, training
+from vieval_runner.generate import batches as generation
+from vieval_runner.model.loading import LoadedModel
 from vieval_runner.records import Box
 
 
 @pytest.fixture(scope="module")
 def paligemma():
-    from vieval_runner.tiny_models import build_tiny_model
+    from vieval_runner.testing.tiny_models import build_tiny_model
 
     model, processor = build_tiny_model("paligemma")
     return LoadedModel(model, processor, "paligemma", torch.device("cpu"), torch.float32, "tiny")

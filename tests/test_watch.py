@@ -14,9 +14,11 @@ import torch
 import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from vieval_runner import models, shapes, store, training
-from vieval_runner.callback import VievalCallback
+from vieval_runner import store
 from vieval_runner.config import config_from_dict
+from vieval_runner.demo import shapes, training
+from vieval_runner.model import loading as models
+from vieval_runner.pipeline.callback import VievalCallback
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +145,7 @@ def test_callback_evaluates_the_live_model_on_every_save(tmp_path, tiny_run):
     assert _evaluations_by_step(tmp_path / "store") == {2: 1, 4: 1, 6: 1}
 
     # the live evaluation equals evaluating the saved checkpoint with `vieval run`
-    from vieval_runner import runner
+    from vieval_runner.pipeline import run as runner
 
     reader = store.open_store(str(tmp_path / "store"))
     live = {r["specimen_id"]: r["raw_text"] for r in reader.step("run", 6).to_pylist()}

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: importing the package must stay cheap (`vieval parse` imports no model library).
     if name == "VievalCallback":
-        from vieval_runner.callback import VievalCallback
+        from vieval_runner.pipeline.callback import VievalCallback
 
         return VievalCallback
     raise AttributeError(f"module 'vieval_runner' has no attribute {name!r}")

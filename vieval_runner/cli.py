@@ -118,9 +118,11 @@ def cmd_parse(args) -> int:
 def cmd_run(args, watch: bool = False) -> int:
     from rich.console import Console
 
-    from vieval_runner import distributed, report, runner, store
+    from vieval_runner import report, store
     from vieval_runner.config import ConfigError, load_config
-    from vieval_runner.logfile import attach_run_log
+    from vieval_runner.pipeline import distributed
+    from vieval_runner.pipeline import run as runner
+    from vieval_runner.pipeline.logfile import attach_run_log
 
     overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
     config = load_config(args.config, overrides)
@@ -134,7 +136,7 @@ def cmd_run(args, watch: bool = False) -> int:
     if log_path:
         console.print(f"[dim]log: {log_path}[/]")
     if watch:
-        from vieval_runner import watch as watch_mod
+        from vieval_runner.pipeline import watch as watch_mod
 
         outcome = watch_mod.watch(config, console)
     else:
@@ -184,7 +186,8 @@ def _as_of(value: str | None):
 def cmd_rescore(args) -> int:
     from rich.console import Console
 
-    from vieval_runner import report, rescore, store
+    from vieval_runner import report, store
+    from vieval_runner.pipeline import rescore
 
     console = Console()
     steps = rescore.rescore_store(args.store, run_id=args.run, console=console)
@@ -219,7 +222,7 @@ def cmd_compact(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from vieval_runner import demo
+    from vieval_runner.demo import main as demo
 
     return demo.main(
         task=args.task, out=args.out, view=not args.no_view, seed=args.seed, port=args.port
@@ -247,7 +250,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         ("vieval_runner.data", "DataError"),
         ("vieval_runner.checkpoints", "CheckpointError"),
         ("vieval_runner.store", "StoreError"),
-        ("vieval_runner.models", "ModelConfigError"),
+        ("vieval_runner.model.loading", "ModelConfigError"),
     ):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):

@@ -1,0 +1,110 @@
+"""`vieval rescore STORE`: re-parse and re-score stored raw text with the current parser and
+scorer, committing each step anew (parser and scorer versions recorded). No model is loaded."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+from rich.console import Console
+
+from vieval_runner import parsing, scoring, store
+from vieval_runner.config import Config
+from vieval_runner.model.families import default_coords
+from vieval_runner.pipeline.results import parse_text, prediction_rows, score_predictions
+from vieval_runner.records import Box, Prediction, Specimen
+
+
+def _specimens_by_id(reader) -> dict[str, Specimen]:
+    table = reader.specimens(with_images=False).to_pylist()
+    return {
+        row["specimen_id"]: Specimen(
+            specimen_id=row["specimen_id"],
+            task=row["task"],
+            prompt=row["prompt"],
+            width=row["width"],
+            height=row["height"],
+            image_path=row.get("image_path"),
+            ref_boxes=[Box.from_row(b) for b in row.get("ref_boxes") or []],
+            ref_answers=list(row.get("ref_answers") or []),
+        )
+        for row in table
+    }
+
+
+def _latest_ok_evaluation(reader, run_id: str, step: int) -> dict | None:
+    rows = [
+        e
+        for e in reader.evaluations(run_id).to_pylist()
+        if e["step"] == step and e["status"] == "ok"
+    ]
+    return rows[-1] if rows else None
+
+
+def rescore_store(
+    root: str, run_id: str | None = None, console: Console | None = None
+) -> list[tuple[str, int]]:
+    """Re-parse and re-score every stored step; returns the (run_id, step) pairs committed."""
+    console = console or Console()
+    reader = store.open_store(root)
+    specimens = _specimens_by_id(reader)
+    done = []
+    for run in [run_id] if run_id else reader.runs():
+        for step in reader.steps(run):
+            previous = _latest_ok_evaluation(reader, run, step)
+            if previous is None:
+                continue
+            config = Config.model_validate(json.loads(previous["config"]))
+            rows = reader.step(run, step).to_pylist()
+            step_specimens, predictions = [], []
+            for row in rows:
+                specimen = specimens.get(row["specimen_id"])
+                if specimen is None:
+                    raise store.StoreError(
+                        f"{root}: prediction for specimen {row['specimen_id']!r} (run {run}, step {step}) "
+                        "has no row in the specimens table"
+                    )
+                step_specimens.append(specimen)
+                predictions.append(_reparse(row, specimen, previous, config))
+            aggregates = score_predictions(config, step_specimens, predictions, device="cpu")
+            now = datetime.now(UTC)
+            eval_row = {k: v for k, v in previous.items() if k not in store.AGGREGATE_METRICS}
+            eval_row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
+            eval_row.update(
+                {
+                    "eval_id": uuid.uuid4().hex,
+                    "started_at": now,
+                    "finished_at": now,
+                    "parser_version": parsing.PARSER_VERSION,
+                    "scorer_version": scoring.SCORER_VERSION,
+                    "timings": json.dumps({"rescore_of": previous["eval_id"]}),
+                }
+            )
+            store.commit_step(
+                root, eval_row, prediction_rows(run, step, eval_row["eval_id"], predictions)
+            )
+            console.print(f"rescored run {run} step {step} ({len(predictions)} specimens)")
+            done.append((run, step))
+    return done
+
+
+def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) -> Prediction:
+    text = row["raw_text"] or ""
+    input_size = (
+        (row["input_width"], row["input_height"])
+        if row.get("input_width") and row.get("input_height")
+        else None
+    )
+    coords = default_coords(evaluation.get("model_family"), config.coords)
+    return parse_text(
+        specimen,
+        text,
+        input_size,
+        evaluation["output_format"],
+        coords,
+        # the generation's scores: re-parsed boxes get their tokens' scores again
+        confidence=row.get("confidence"),
+        token_logprobs=row.get("token_logprobs"),
+        token_ends=row.get("token_ends"),
+    )
