@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 
 # set before anything imports transformers / huggingface_hub: nothing may be downloaded
@@ -14,6 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 
 from vieval_runner.records import Specimen  # noqa: E402
+from vieval_runner.testing.fixtures import load_at_200, make_specimens  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -26,69 +26,6 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-_SIZES = [
-    (64, 48),
-    (96, 96),
-    (120, 80),
-    (80, 120),
-    (128, 64),
-    (50, 70),
-    (100, 100),
-    (72, 56),
-    (110, 90),
-]
-_PROMPTS = [
-    "red circle",
-    "the blue square on the left",
-    "triangle",
-    "what color is the big star at the top right",
-    "a",
-    "green",
-    "the small black circle near the middle of the picture",
-    "yellow box",
-    "car",
-]
-
-
-def make_specimens(task: str = "grounding") -> list[Specimen]:
-    """Nine specimens whose images differ in size and whose prompts differ in length."""
-    from PIL import Image, ImageDraw
-
-    specimens = []
-    for i, ((w, h), prompt) in enumerate(zip(_SIZES, _PROMPTS, strict=True)):
-        image = Image.new("RGB", (w, h), (20 * i, 100, 200 - 10 * i))
-        ImageDraw.Draw(image).rectangle(
-            [w // 4, h // 4, w // 2, h // 2], fill=(255, 255 - 25 * i, 0)
-        )
-        buf = io.BytesIO()
-        image.save(buf, "PNG")
-        specimens.append(Specimen(f"img{i}.png", task, prompt, w, h, image_bytes=buf.getvalue()))
-    return specimens
-
-
-def model_batch(loaded, specimens):
-    """A real 3-specimen batch (images of different sizes), padded by the processor; used by
-    the weight-swap tests of full checkpoints and of LoRA adapters."""
-    from vieval_runner.generate.batches import build_prompt
-
-    chosen = specimens[:3]
-    texts = [build_prompt(loaded, s) for s in chosen]
-    images = [s.load_image() for s in chosen]
-    if loaded.facts.get("nested_images"):
-        images = [[image] for image in images]
-    inputs = loaded.processor(images=images, text=texts, return_tensors="pt", padding=True)
-    inputs.pop("labels", None)
-    return inputs
-
-
-def logits_of(model, inputs):
-    """The model's logits on ``inputs``, without gradients."""
-    import torch
-
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 @pytest.fixture(scope="session")
@@ -144,15 +81,6 @@ def _private_vieval_cache(tmp_path_factory):
         os.environ.pop("VIEVAL_CACHE_DIR", None)
     else:
         os.environ["VIEVAL_CACHE_DIR"] = before
-
-
-def load_at_200(run, device: str = "cpu", dtype: str = "auto"):
-    """A fresh LoadedModel of ``run``'s base with checkpoint-200's weights swapped in."""
-    from vieval_runner.model.loading import load_base, swap_weights
-
-    loaded = load_base(run.base_model_dir, device=device, dtype=dtype)
-    swap_weights(loaded, run.run_dir / "checkpoint-200")
-    return loaded
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,9 @@ def test_parse_bad_arguments_exit_2(capsys):
 
 
 def _config_file(tmp_path: Path, run, **extra) -> Path:
-    from test_runner import _write_split
+    from vieval_runner.testing.fixtures import write_split
 
-    data = _write_split(tmp_path / "data", "grounding", n=4)
+    data = write_split(tmp_path / "data", "grounding", n=4)
     tree = {
         "run_dir": str(run.run_dir),
         "base_model": str(run.base_model_dir),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runner import _config, _quiet
 
 from vieval_runner import store
 from vieval_runner.config import ConfigError, config_from_dict
@@ -17,6 +16,7 @@ from vieval_runner.generate.batches import GenerateOptions, auto_batch_size, gen
 from vieval_runner.model.loading import load_base, swap_weights
 from vieval_runner.pipeline import run as runner
 from vieval_runner.pipeline.overlap import Committer
+from vieval_runner.testing.fixtures import quiet_console, run_config
 
 _OFF = {"overlap": False, "prefetch": False, "cache_vision": False, "preprocess_workers": 1}
 
@@ -35,12 +35,12 @@ def _contents(config) -> tuple[dict, list]:
 
 def test_overlap_prefetch_and_disk_cache_store_the_same_as_plain(tmp_path, tiny_run):
     run = tiny_run("qwen25_vl")
-    plain = _config(tmp_path / "plain", run, **_OFF)
-    fast = _config(
+    plain = run_config(tmp_path / "plain", run, **_OFF)
+    fast = run_config(
         tmp_path / "fast", run, prepare_cache_ram_mb=0, cache_dir=str(tmp_path / "cache")
     )  # every prepared specimen on disk, all overlap on
-    assert runner.run(plain, _quiet()).evaluated == [0, 100, 200, 300]
-    assert runner.run(fast, _quiet()).evaluated == [0, 100, 200, 300]
+    assert runner.run(plain, quiet_console()).evaluated == [0, 100, 200, 300]
+    assert runner.run(fast, quiet_console()).evaluated == [0, 100, 200, 300]
     assert _contents(fast) == _contents(plain)
     assert len(_contents(plain)[0]) == 4
     assert not list((tmp_path / "cache").glob("vieval-prepared-*/*"))  # temp chunks removed
@@ -48,7 +48,7 @@ def test_overlap_prefetch_and_disk_cache_store_the_same_as_plain(tmp_path, tiny_
 
 def test_a_failed_background_commit_is_a_failed_evaluation(tmp_path, tiny_run, monkeypatch):
     run = tiny_run("qwen2_vl")
-    config = _config(tmp_path, run)
+    config = run_config(tmp_path, run)
     real_commit = store.commit_step
 
     def disk_full_at_200(root, row, rows):  # fault injection around the real Delta commit
@@ -57,7 +57,7 @@ def test_a_failed_background_commit_is_a_failed_evaluation(tmp_path, tiny_run, m
         return real_commit(root, row, rows)
 
     monkeypatch.setattr(store, "commit_step", disk_full_at_200)
-    outcome = runner.run(config, _quiet())
+    outcome = runner.run(config, quiet_console())
     assert outcome.exit_status == 3
     assert set(outcome.failed) == {200} and "No space left" in outcome.failed[200]
     assert outcome.evaluated == [0, 100, 300]
@@ -158,7 +158,7 @@ def test_generation_threads_leave_a_core_to_the_helpers_and_come_back(
     from vieval_runner.pipeline import overlap as throughput
 
     run = tiny_run("qwen2_vl")
-    config = _config(tmp_path, run, steps=[100], include_base=False, **extra)
+    config = run_config(tmp_path, run, steps=[100], include_base=False, **extra)
     monkeypatch.setattr(throughput.os, "cpu_count", lambda: cpus)
     seen = []
     from vieval_runner.generate import batches as generation
@@ -173,7 +173,7 @@ def test_generation_threads_leave_a_core_to_the_helpers_and_come_back(
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert runner.run(config, _quiet()).evaluated == [100]
+        assert runner.run(config, quiet_console()).evaluated == [100]
         assert torch.get_num_threads() == 2  # the caller's setting is back
     finally:
         torch.set_num_threads(previous)
@@ -222,7 +222,7 @@ def test_the_lean_check_runs_while_the_split_is_prepared(tmp_path, tiny_run, mon
             "data": {"path": str(split)}, "batch_size": 8, "max_new_tokens": 6,
             "device": "cpu", "prepared_cache_dir": str(tmp_path / "prepared"),
         })  # fmt: skip
-        assert runner.run(config, _quiet()).evaluated == [100, 200]
+        assert runner.run(config, quiet_console()).evaluated == [100, 200]
         contents.append(_contents(config))
     assert checks == [(True, 2), (False, 2)]
     assert contents[0] == contents[1]
@@ -243,8 +243,8 @@ def test_the_first_checkpoint_is_read_unpinned_and_later_ones_as_default(
         return real(loaded, checkpoint_dir, pin)
 
     monkeypatch.setattr(prefetch, "prefetch_checkpoint", recording)
-    config = _config(tmp_path, tiny_run("qwen2_vl"), include_base=False)
-    assert runner.run(config, _quiet()).evaluated == [100, 200, 300]
+    config = run_config(tmp_path, tiny_run("qwen2_vl"), include_base=False)
+    assert runner.run(config, quiet_console()).evaluated == [100, 200, 300]
     assert calls == [("checkpoint-100", False), ("checkpoint-200", None), ("checkpoint-300", None)]
 
 

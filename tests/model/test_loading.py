@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import logits_of, model_batch
 from safetensors.torch import load_file, save_file
 
 from vieval_runner.model import loading as models
@@ -20,6 +19,7 @@ from vieval_runner.model.loading import (
     restore_base,
     swap_weights,
 )
+from vieval_runner.testing.fixtures import logits_of, model_batch
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 

@@ -20,7 +20,7 @@ from vieval_runner.demo import shapes, training
 from vieval_runner.model import loading as models
 from vieval_runner.pipeline.callback import VievalCallback
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _split(folder: Path, n_train: int = 16, n_val: int = 6) -> tuple[Path, Path]:

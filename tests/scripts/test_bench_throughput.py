@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_throughput.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_throughput.py"
 RATIO_LINE = re.compile(r"^c/a=\d+\.\d c/b=\d+\.\d\d$")
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_specimens
 from rich.console import Console
 
 from vieval_runner import data as data_mod
@@ -22,8 +21,9 @@ from vieval_runner.config import config_from_dict
 from vieval_runner.model import loading as models
 from vieval_runner.pipeline import run as runner
 from vieval_runner.prepare import reuse as prepared_reuse
+from vieval_runner.prepare import reuse_entries as entries
 from vieval_runner.prepare.ram_budget import PreparedSet
-from vieval_runner.prepare.reuse import entries
+from vieval_runner.testing.fixtures import make_specimens
 
 FAMILY = "qwen2_vl"
 # processor calls that prepare the 5-specimen split: one chunk, checked against its first and

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_specimens
 from rich.console import Console
 
 from vieval_runner import parsing, store
@@ -23,6 +22,7 @@ from vieval_runner.generate import batches as generation
 from vieval_runner.generate.decoding import TOKENIZER_LOCK, end_ids, pad_id
 from vieval_runner.pipeline import rescore, results
 from vieval_runner.records import Box
+from vieval_runner.testing.fixtures import make_specimens
 from vieval_runner.testing.tiny_models import ForcedTextLogitsProcessor, SoftScript
 
 # ---------------------------------------------------------------- the assignment itself

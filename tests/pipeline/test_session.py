@@ -6,13 +6,13 @@ import json
 import logging
 import shutil
 
-from conftest import make_specimens
 from rich.console import Console
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import store
 from vieval_runner.config import config_from_dict
 from vieval_runner.pipeline import run as runner
+from vieval_runner.testing.fixtures import make_specimens
 
 
 def _config(tmp_path, run_dir, base, steps):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_at_200
 
 from vieval_runner.generate.batches import GenerateOptions, build_prompt, collate, generate, prepare
 from vieval_runner.model.families import FAMILIES
 from vieval_runner.model.loading import swap_weights
 from vieval_runner.records import Specimen
+from vieval_runner.testing.fixtures import load_at_200
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 _FORCED = {

@@ -18,13 +18,13 @@ from vieval_runner import store
 from vieval_runner.config import load_config
 from vieval_runner.pipeline import run as runner
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _config_file(tmp_path: Path, run, n: int = 9, **extra) -> Path:
-    from test_runner import _write_split
+    from vieval_runner.testing.fixtures import write_split
 
-    data = _write_split(tmp_path / "data", "grounding", n=n)
+    data = write_split(tmp_path / "data", "grounding", n=n)
     tree = {
         "run_dir": str(run.run_dir),
         "base_model": str(run.base_model_dir),

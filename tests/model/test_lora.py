@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import logits_of, model_batch
 from safetensors.torch import load_file, save_file
 
 from vieval_runner.checkpoints import find_checkpoints
 from vieval_runner.model.loading import CheckpointError, apply_checkpoint, load_base, swap_weights
+from vieval_runner.testing.fixtures import logits_of, model_batch
 
 
 def _merged(base_dir, adapter_dir):

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-from conftest import make_specimens
 from rich.console import Console
 
 from vieval_runner import parsing, scoring, store
@@ -18,16 +16,18 @@ from vieval_runner.model import loading as models
 from vieval_runner.pipeline import rescore
 from vieval_runner.pipeline import run as runner
 from vieval_runner.records import Box, Specimen
-
-
-def _target_box(w: int, h: int) -> tuple[float, float, float, float]:
-    return (0.1 * w, 0.2 * h, 0.6 * w, 0.75 * h)
+from vieval_runner.testing.fixtures import (
+    make_specimens,
+    quiet_console,
+    run_config,
+    target_box,
+)
 
 
 def _scripted(family: str, spec: Specimen, input_size) -> str:
     """The answer a perfect model of ``family`` gives for the target box of ``spec``."""
     w, h = spec.width, spec.height
-    x1, y1, x2, y2 = _target_box(w, h)
+    x1, y1, x2, y2 = target_box(w, h)
     if family == "qwen2_vl":
         rel = [round(v) for v in (x1 / w * 1000, y1 / h * 1000, x2 / w * 1000, y2 / h * 1000)]
         return (
@@ -67,7 +67,7 @@ def test_scripted_answers_parse_to_original_pixels(tiny_run, family):
         assert result.status == "ok", (family, out.text)
         assert len(result.boxes) == 1
         got = result.boxes[0].as_list()
-        want = _target_box(spec.width, spec.height)
+        want = target_box(spec.width, spec.height)
         if family == "qwen25_vl":
             tolerance = max(spec.width / prep.input_size[0], spec.height / prep.input_size[1])
         else:
@@ -75,53 +75,10 @@ def test_scripted_answers_parse_to_original_pixels(tiny_run, family):
         assert got == pytest.approx(want, abs=tolerance), (family, out.text, got, want)
 
 
-def _write_split(folder: Path, task: str, n: int = 6) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for spec in make_specimens(task)[:n]:
-        (folder / spec.specimen_id).write_bytes(spec.image_bytes)
-        row = {
-            "id": spec.specimen_id,
-            "image": spec.specimen_id,
-            "task": task,
-            "prompt": spec.prompt,
-        }
-        if task == "grounding":
-            row["boxes"] = [
-                {"label": spec.prompt, "box": list(_target_box(spec.width, spec.height))}
-            ]
-        else:
-            row["answers"] = ["red", "a red one"]
-        rows.append(row)
-    path = folder / "val.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _config(tmp_path: Path, run, task: str = "grounding", **extra):
-    data = _write_split(tmp_path / "data", task)
-    tree = {
-        "run_dir": str(run.run_dir),
-        "base_model": str(run.base_model_dir),
-        "store": str(tmp_path / "store"),
-        "task": task,
-        "data": {"path": str(data)},
-        "batch_size": 4,
-        "max_new_tokens": 12,
-        "device": "cpu",
-        **extra,
-    }
-    return config_from_dict(tree)
-
-
-def _quiet() -> Console:
-    return Console(quiet=True)
-
-
 def test_run_writes_every_step_and_resumes(tmp_path, tiny_run):
     run = tiny_run("qwen25_vl")
-    config = _config(tmp_path, run)
-    outcome = runner.run(config, _quiet())
+    config = run_config(tmp_path, run)
+    outcome = runner.run(config, quiet_console())
     assert outcome.evaluated == [0, 100, 200, 300]
     assert outcome.exit_status == 0
 
@@ -146,12 +103,12 @@ def test_run_writes_every_step_and_resumes(tmp_path, tiny_run):
     }
     assert len(set(texts.values())) > 1
 
-    again = runner.run(config, _quiet())
+    again = runner.run(config, quiet_console())
     assert again.evaluated == [] and again.skipped == [0, 100, 200, 300]
-    forced = runner.run(config.model_copy(update={"force": True}), _quiet())
+    forced = runner.run(config.model_copy(update={"force": True}), quiet_console())
     assert forced.evaluated == [0, 100, 200, 300]
     # steps=[...] re-evaluates on demand even without force
-    chosen = runner.run(config.model_copy(update={"steps": [200]}), _quiet())
+    chosen = runner.run(config.model_copy(update={"steps": [200]}), quiet_console())
     assert chosen.evaluated == [200]
 
 
@@ -168,8 +125,8 @@ def test_corrupt_checkpoint_is_a_failed_evaluation_and_the_run_goes_on(tmp_path,
     weights = run_dir / "checkpoint-200" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     run = type(source)(source.base_model_dir, run_dir, source.steps, source.family)
-    config = _config(tmp_path, run)
-    outcome = runner.run(config, _quiet())
+    config = run_config(tmp_path, run)
+    outcome = runner.run(config, quiet_console())
     assert outcome.exit_status == 3
     assert set(outcome.failed) == {200}
     assert "checkpoint-200" in outcome.failed[200]
@@ -182,8 +139,8 @@ def test_corrupt_checkpoint_is_a_failed_evaluation_and_the_run_goes_on(tmp_path,
 
 def test_vqa_run_and_rescore(tmp_path, tiny_run):
     run = tiny_run("paligemma")
-    config = _config(tmp_path, run, task="vqa", steps=[0, 300])
-    outcome = runner.run(config, _quiet())
+    config = run_config(tmp_path, run, task="vqa", steps=[0, 300])
+    outcome = runner.run(config, quiet_console())
     assert outcome.evaluated == [0, 300]
     reader = store.open_store(config.store)
     rows = reader.step(config.effective_run_id, 300).to_pylist()
@@ -191,7 +148,7 @@ def test_vqa_run_and_rescore(tmp_path, tiny_run):
     assert all(r["token_f1"] is not None for r in rows)
     before = reader.version["predictions"]
 
-    done = rescore.rescore_store(config.store, console=_quiet())
+    done = rescore.rescore_store(config.store, console=quiet_console())
     assert sorted(done) == [(config.effective_run_id, 0), (config.effective_run_id, 300)]
     reader = store.open_store(config.store)
     assert reader.version["predictions"] == before + 2  # one new commit per step
@@ -204,7 +161,7 @@ def test_vqa_run_and_rescore(tmp_path, tiny_run):
 
 def test_lora_run_uses_the_base_processor_and_says_so_once(tmp_path, tiny_lora_run):
     run = tiny_lora_run("qwen2_vl")
-    config = _config(tmp_path, run)
+    config = run_config(tmp_path, run)
     console = Console(record=True, width=200)
     outcome = runner.run(config, console)
     assert outcome.evaluated == [0, 100, 200, 300] and outcome.exit_status == 0
@@ -261,7 +218,7 @@ def test_vqa_from_a_hf_dataset_with_a_chat_family(tmp_path, tiny_run):
             "device": "cpu",
         }
     )
-    assert runner.run(config, _quiet()).evaluated == [0, 200]
+    assert runner.run(config, quiet_console()).evaluated == [0, 200]
     reader = store.open_store(config.store)
     assert sorted(r["specimen_id"] for r in reader.specimens().to_pylist()) == [
         f"q{i}" for i in range(5)
@@ -284,7 +241,7 @@ def test_box_scores_from_token_log_probabilities_enable_ap(tiny_run, tmp_path):
     models.swap_weights(loaded, run.run_dir / "checkpoint-200")
     specimens = make_specimens()[:4]
     for spec in specimens:
-        spec.ref_boxes = [Box(*_target_box(spec.width, spec.height), label=spec.prompt)]
+        spec.ref_boxes = [Box(*target_box(spec.width, spec.height), label=spec.prompt)]
     prepared = generation.prepare(loaded, specimens)
     texts = [
         _scripted("qwen25_vl", s, p.input_size) for s, p in zip(specimens, prepared, strict=True)
@@ -317,15 +274,15 @@ def test_box_scores_from_token_log_probabilities_enable_ap(tiny_run, tmp_path):
 
 def test_box_scores_reach_the_store_and_survive_rescore(tmp_path, tiny_run):
     run = tiny_run("qwen25_vl")
-    config = _config(tmp_path, run, box_scores=True, steps=[200])
-    runner.run(config, _quiet())
+    config = run_config(tmp_path, run, box_scores=True, steps=[200])
+    runner.run(config, quiet_console())
     rows = store.open_store(config.store).step(config.effective_run_id, 200).to_pylist()
     assert all(0.0 < r["confidence"] <= 1.0 for r in rows)
     for r in rows:  # per-token columns for per-box scores (re-derived by rescore)
         assert len(r["token_logprobs"]) == len(r["token_ends"]) > 0
         assert r["token_ends"][-1] == len(r["raw_text"])
         assert all(0.0 < b["score"] <= 1.0 for b in r["pred_boxes"])
-    rescore.rescore_store(config.store, console=_quiet())
+    rescore.rescore_store(config.store, console=quiet_console())
     again = store.open_store(config.store).step(config.effective_run_id, 200).to_pylist()
     assert [r["confidence"] for r in again] == [r["confidence"] for r in rows]
     assert [r["token_logprobs"] for r in again] == [r["token_logprobs"] for r in rows]
@@ -337,12 +294,12 @@ def test_an_image_that_does_not_decode_stops_the_run_naming_it(tmp_path, tiny_ru
     prepared: one error naming the specimen and file, not a failed evaluation per step."""
     from vieval_runner.data import DataError
 
-    config = _config(tmp_path, tiny_run("qwen2_vl"))
+    config = run_config(tmp_path, tiny_run("qwen2_vl"))
     first = json.loads((tmp_path / "data" / "val.jsonl").read_text().splitlines()[0])
     image = tmp_path / "data" / first["image"]
     image.write_bytes(image.read_bytes()[:120])
     with pytest.raises(DataError) as caught:
-        runner.run(config, _quiet())
+        runner.run(config, quiet_console())
     message = str(caught.value)
     assert f"specimen {first['id']!r}: cannot load image" in message and str(image) in message
     assert store.open_store(config.store).evaluations().num_rows == 0  # no step marked failed
@@ -360,11 +317,11 @@ def test_no_room_for_the_prepared_split_stops_the_run_with_one_error(
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(prepared_cache.shutil, "disk_usage", lambda p: usage(10**12, 0, 10))
-    config = _config(
+    config = run_config(
         tmp_path, tiny_run("qwen2_vl"), prepare_cache_ram_mb=0, reuse_prepared=False,
         cache_dir=str(tmp_path / "scratch"),
     )  # fmt: skip
     with pytest.raises(DataError, match="on disk beyond the 0 MB held in RAM") as caught:
-        runner.run(config, _quiet())
+        runner.run(config, quiet_console())
     assert str(tmp_path / "scratch") in str(caught.value)
     assert store.open_store(config.store).evaluations().num_rows == 0

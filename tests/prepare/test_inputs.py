@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from test_runner import _config, _quiet
 
 from vieval_runner.model import loading as models
 from vieval_runner.model.families import FAMILIES
@@ -22,6 +21,7 @@ from vieval_runner.prepare.inputs import (
     prepare_one,
     same_preparation,
 )
+from vieval_runner.testing.fixtures import quiet_console, run_config
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 
@@ -103,7 +103,7 @@ def test_a_cancelled_preparation_stops_at_the_next_specimen(tiny_run, specimens)
 
 def test_a_failed_weight_load_stops_the_split_and_fails_the_steps(tmp_path, tiny_run, monkeypatch):
     run = tiny_run("qwen2_vl")
-    config = _config(tmp_path, run)
+    config = run_config(tmp_path, run)
     started, seen = threading.Event(), []
     real_prepare = runner.throughput.prepare_inputs
 
@@ -120,7 +120,7 @@ def test_a_failed_weight_load_stops_the_split_and_fails_the_steps(tmp_path, tiny
 
     monkeypatch.setattr(runner.throughput, "prepare_inputs", watching)
     monkeypatch.setattr(models, "load_base", broken_weights)
-    outcome = runner.run(config, _quiet())
+    outcome = runner.run(config, quiet_console())
     assert outcome.exit_status == 3 and outcome.evaluated == []
     assert all("model.safetensors: truncated" in why for why in outcome.failed.values())
     deadline = time.monotonic() + 10

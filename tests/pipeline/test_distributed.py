@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_specimens
 from rich.console import Console
 
 from vieval_runner import store
@@ -21,8 +20,9 @@ from vieval_runner.config import config_from_dict
 from vieval_runner.pipeline import distributed
 from vieval_runner.pipeline import run as runner
 from vieval_runner.records import Specimen
+from vieval_runner.testing.fixtures import make_specimens
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 LAUNCH_TIMEOUT = 420  # a hang fails the test instead of blocking the suite
 

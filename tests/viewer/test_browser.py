@@ -9,7 +9,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_viewer import (  # the store builders live with the HTTP tests
+
+from vieval_runner.store import create_store, write_specimens
+from vieval_runner.testing.stores import (
     GROUNDING,
     XSS,
     commit_grounding_step,
@@ -17,8 +19,6 @@ from test_viewer import (  # the store builders live with the HTTP tests
     make_grounding_store,
     make_vqa_store,
 )
-
-from vieval_runner.store import create_store, write_specimens
 from vieval_runner.viewer import export_html, serve
 from vieval_runner.viewer.chromium import CHROMIUM
 from vieval_runner.viewer.chromium import CHROMIUM_ARGS as ARGS
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.browser
 # must not rewrite tracked files. Otherwise they go to a temporary folder (still taken, so a
 # page that cannot be rendered still fails).
 DOCS = (
-    Path(__file__).resolve().parent.parent / "docs"
+    Path(__file__).resolve().parents[2] / "docs"
     if os.environ.get("VIEVAL_SCREENSHOTS") == "1"
     else Path(tempfile.mkdtemp(prefix="vieval-screens-"))
 )

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import logits_of, model_batch
 
 from vieval_runner.model import loading as models
 from vieval_runner.model import prefetch
 from vieval_runner.model.loading import CheckpointError, load_base, restore_base, swap_weights
 from vieval_runner.model.vision_hash import current_vision_hash, resident_vision_hash
+from vieval_runner.testing.fixtures import logits_of, model_batch
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "paligemma"])

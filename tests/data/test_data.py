@@ -21,7 +21,7 @@ from vieval_runner.data import (
 )
 from vieval_runner.records import Box
 
-COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-sample"
+COCO = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco-sample"
 if not COCO.is_dir():
     COCO = Path("/work/shared/data/coco-sample")
 

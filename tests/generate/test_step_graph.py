@@ -8,13 +8,14 @@ import logging
 
 import pytest
 import torch
-from conftest import load_at_200
-from test_decoding import DECODER_ONLY, _batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vieval_runner.generate import decoding, lean_loop, step_graph
 from vieval_runner.generate.batches import generate, prepare
 from vieval_runner.generate.decoding import GenerateOptions, hf_generate, lean_greedy
+from vieval_runner.testing.fixtures import decoder_only_families, load_at_200, padded_batch
+
+DECODER_ONLY = decoder_only_families()
 
 aten = torch.ops.aten
 
@@ -35,7 +36,7 @@ def _hf_static(loaded, inputs, max_new_tokens):
 @pytest.mark.parametrize("family", DECODER_ONLY)
 def test_static_lean_loop_gives_hf_static_cache_tokens(loaded_at, specimens, family):
     loaded = loaded_at(family)
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     with torch.inference_mode():
         ref, ref_lp = _hf_static(loaded, inputs, 10)
         new, new_lp = lean_greedy(loaded, inputs, 10, [], True, static_cache=True)
@@ -76,7 +77,7 @@ def test_decoding_step_forward_reads_nothing_back(loaded_at, specimens, family, 
     loaded = loaded_at(family)
     if not lean_loop.full_attention_only(loaded.model):
         pytest.skip(f"{family}: sliding or chunked layers, no CUDA graphs")
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     steps, tolist_calls = [], []
     real_run = step_graph.StepGraph.run
     real_tolist = torch.Tensor.tolist
@@ -165,7 +166,7 @@ def test_cuda_graph_steps_give_the_eager_static_tokens(tiny_run, specimens, fami
     loaded = load_at_200(tiny_run(family), device="cuda", dtype="fp32")
     if not lean_loop.full_attention_only(loaded.model):
         pytest.skip(f"{family}: sliding or chunked layers, no CUDA graphs")
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     with torch.inference_mode():
         eager, eager_lp = lean_greedy(loaded, inputs, 10, [], True, static_cache=True)
         graphed, graphed_lp = lean_greedy(
@@ -181,7 +182,7 @@ def test_no_capture_when_too_few_steps_follow(loaded_at, specimens, monkeypatch)
     """A capture costs about one eager step: with fewer than two steps left to replay it
     would not pay, so short generations never capture."""
     loaded = loaded_at("qwen2_vl")
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     captures: list = []
     real = lean_loop.StepGraph
     monkeypatch.setattr(lean_loop, "StepGraph", lambda *a, **k: captures.append(1) or real(*a, **k))

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from test_runner import _config, _quiet
 
 from vieval_runner import store
 from vieval_runner.generate.batches import GenerateOptions, generate, prepare
@@ -15,6 +14,7 @@ from vieval_runner.generate.embedding_cache import VisionCache
 from vieval_runner.model.families import FAMILIES
 from vieval_runner.model.loading import load_base, swap_weights
 from vieval_runner.pipeline import run as runner
+from vieval_runner.testing.fixtures import quiet_console, run_config
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 
@@ -80,10 +80,10 @@ def test_runner_with_and_without_the_vision_cache_store_the_same(
 ):
     stored = {}
     for flag in (True, False):
-        config = _config(tmp_path / str(flag), shared_vision_run, cache_vision=flag)
+        config = run_config(tmp_path / str(flag), shared_vision_run, cache_vision=flag)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="vieval"):
-            outcome = runner.run(config, _quiet())
+            outcome = runner.run(config, quiet_console())
         assert outcome.evaluated == [0, 100, 200, 300]
         reader = store.open_store(config.store)
         run_id = config.effective_run_id
@@ -111,10 +111,10 @@ def test_lora_adapters_reuse_embeddings_only_when_the_tower_is_not_adapted(
     run = tiny_lora_run(family)
     stored = {}
     for flag in (True, False):
-        config = _config(tmp_path / str(flag), run, cache_vision=flag)
+        config = run_config(tmp_path / str(flag), run, cache_vision=flag)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="vieval"):
-            assert runner.run(config, _quiet()).evaluated == [0, 100, 200, 300]
+            assert runner.run(config, quiet_console()).evaluated == [0, 100, 200, 300]
         reader = store.open_store(config.store)
         stored[flag] = {
             s: [r["raw_text"] for r in reader.step(config.effective_run_id, s).to_pylist()]
@@ -141,8 +141,8 @@ def test_embeddings_are_kept_only_for_a_next_checkpoint_with_the_same_tower(
     monkeypatch.setattr(
         VisionCache, "_store", lambda self, ids, out: kept.extend(ids) or real_store(self, ids, out)
     )
-    config = _config(tmp_path, shared_vision_run)
-    assert runner.run(config, _quiet()).evaluated == [0, 100, 200, 300]
+    config = run_config(tmp_path, shared_vision_run)
+    assert runner.run(config, quiet_console()).evaluated == [0, 100, 200, 300]
     assert len(kept) == 6  # one step's specimens, not four
 
 

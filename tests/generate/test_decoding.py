@@ -6,28 +6,20 @@ import logging
 
 import pytest
 import torch
-from conftest import load_at_200
 
 from vieval_runner.generate import decoding, lean_loop
-from vieval_runner.generate.batches import collate, generate, prepare
+from vieval_runner.generate.batches import generate, prepare
 from vieval_runner.generate.decoding import GenerateOptions, hf_generate, lean_blocker, lean_greedy
-from vieval_runner.model.families import FAMILIES
-from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE, ForcedTextLogitsProcessor
+from vieval_runner.testing.fixtures import decoder_only_families, load_at_200, padded_batch
+from vieval_runner.testing.tiny_models import ForcedTextLogitsProcessor
 
-DECODER_ONLY = [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]]
+DECODER_ONLY = decoder_only_families()
 
 
 @pytest.fixture(scope="module")
 def loaded_at(loaded_at_200):
     """family -> LoadedModel at checkpoint-200 (conftest's, once per module)."""
     return lambda family: loaded_at_200(family)[0]
-
-
-def _batch(loaded, specimens):
-    """The nine mixed-size specimens as one left-padded batch (longest prompt first)."""
-    prepared = sorted(prepare(loaded, specimens), key=lambda p: -p.prompt_len)
-    assert prepared[0].prompt_len > prepared[-1].prompt_len  # real padding in the batch
-    return decoding.to_device(loaded, collate(loaded, prepared))
 
 
 def _both(loaded, inputs, max_new_tokens, processors=lambda: []):
@@ -42,7 +34,7 @@ def _both(loaded, inputs, max_new_tokens, processors=lambda: []):
 @pytest.mark.parametrize("family", DECODER_ONLY)
 def test_lean_loop_gives_hf_generate_tokens_and_scores(loaded_at, specimens, family):
     loaded = loaded_at(family)
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     ref, ref_lp, new, new_lp = _both(loaded, inputs, 12)
     assert new.shape[1] >= ref.shape[1]
     assert torch.equal(new[:, : ref.shape[1]], ref)
@@ -54,7 +46,7 @@ def test_lean_loop_gives_hf_generate_tokens_and_scores(loaded_at, specimens, fam
 def test_lean_loop_stops_like_hf_on_end_tokens(loaded_at, specimens, family):
     """Forced answers of different lengths: rows that ended get pad, the loop stops early."""
     loaded = loaded_at(family)
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     rows = inputs["input_ids"].shape[0]
     texts = [("red circle " * (1 + i % 3)).strip() for i in range(rows)]
     tokenizer = loaded.processor.tokenizer
@@ -74,7 +66,7 @@ def test_score_settings_of_the_generation_config_are_applied(loaded_at, specimen
     """repetition_penalty (whose prompt handling changed between transformers releases),
     no_repeat_ngram_size and suppress_tokens go through HF's own processors: same tokens."""
     loaded = loaded_at(family)
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     gen = loaded.model.generation_config
     plain = _both(loaded, inputs, 10)[0]
     try:
@@ -182,7 +174,7 @@ def test_a_lean_loop_that_fails_is_switched_off(tiny_run, specimens, monkeypatch
 def test_lean_loop_gives_hf_generate_tokens_on_gpu(tiny_run, specimens, family):
     """bf16 on CUDA: the same forward calls, so the same tokens (and the 4-step stop check)."""
     loaded = load_at_200(tiny_run(family), device="cuda", dtype="bf16")
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     ref, ref_lp, new, new_lp = _both(loaded, inputs, 12)
     assert torch.equal(new[:, : ref.shape[1]].cpu(), ref.cpu())
     assert torch.isin(new[:, ref.shape[1] :].cpu(), torch.tensor(decoding.end_ids(loaded))).all()
@@ -211,7 +203,7 @@ def test_decoding_steps_get_the_masks_hf_builds(loaded_at, specimens, family, mo
     """The lean loop passes each one-token step the mask HF's ``create_causal_mask`` builds
     (same values, shape and layout), from its own buffer instead of rebuilding it."""
     loaded = loaded_at(family)
-    inputs = _batch(loaded, specimens)
+    inputs = padded_batch(loaded, specimens)
     assert decoding.step_mask_buffer(loaded.model, inputs["attention_mask"], 6) is not None
     with torch.inference_mode():
         ref = _decode_step_masks(
@@ -227,7 +219,7 @@ def test_decoding_steps_get_the_masks_hf_builds(loaded_at, specimens, family, mo
 
 def test_step_masks_stay_hf_where_the_mask_could_differ(loaded_at, specimens):
     loaded = loaded_at("qwen2_vl")
-    mask = _batch(loaded, specimens)["attention_mask"]
+    mask = padded_batch(loaded, specimens)["attention_mask"]
     model = loaded.model
     assert decoding.step_mask_buffer(model, mask, 4).shape[-1] == mask.shape[1] + 4
     assert decoding.step_mask_buffer(model, torch.ones_like(mask), 4) is None  # HF may skip it
