@@ -32,10 +32,13 @@ import torch  # noqa: E402
 
 from vieval_runner.data import load_specimens  # noqa: E402
 from vieval_runner.demo import shapes
+from vieval_runner.families import FAMILIES  # noqa: E402
 from vieval_runner.generate import decoding  # noqa: E402
-from vieval_runner.generate.batches import collate, prepare  # noqa: E402
-from vieval_runner.model.families import FAMILIES  # noqa: E402
-from vieval_runner.model.loading import load_base, swap_weights  # noqa: E402
+from vieval_runner.generate.batches import collate  # noqa: E402
+from vieval_runner.generate.options import GenerateOptions  # noqa: E402
+from vieval_runner.model.loading import load_base  # noqa: E402
+from vieval_runner.model.swap import swap_weights
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE, write_tiny_run  # noqa: E402
 
 
@@ -48,7 +51,7 @@ def bench_family(family: str, specimens, args, work: Path) -> tuple[float, float
     gen.suppress_tokens = sorted(set(decoding.end_ids(loaded)))  # fixed-length work
     prepared = sorted(prepare(loaded, specimens), key=lambda s: -s.prompt_len)
     inputs = decoding.to_device(loaded, collate(loaded, prepared))
-    options = decoding.GenerateOptions(static_cache=args.static_cache)
+    options = GenerateOptions(static_cache=args.static_cache)
     graphs = decoding.graph_mode(loaded, options)
 
     def hf():

@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-from vieval_runner.model.loading import FAMILIES  # noqa: E402
+from vieval_runner.families import FAMILIES  # noqa: E402
 
 TEMPLATE = FAMILIES["qwen2_vl"]["templates"]["grounding"]  # what `vieval run` prompts with
 

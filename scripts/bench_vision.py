@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vieval_runner.generate.vision_attention import pack_vision_attention, unpack_vision_attention  # noqa: E402
+from vieval_runner.model.vision_attention import pack_vision_attention, unpack_vision_attention  # noqa: E402
 from vieval_runner.testing import anchor_model  # noqa: E402
 
 

@@ -12,9 +12,11 @@ import time
 
 import torch
 
-from vieval_runner.generate.batches import collate, generate, prepare
-from vieval_runner.model.families import FAMILIES
-from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.families import FAMILIES
+from vieval_runner.generate.batches import collate, generate
+from vieval_runner.model.loading import load_base
+from vieval_runner.model.swap import swap_weights
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.testing.tiny_models import write_tiny_run
 
 sys.path.insert(0, "tests")

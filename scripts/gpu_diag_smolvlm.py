@@ -24,9 +24,11 @@ import tempfile
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vieval_runner.generate.batches import collate, prepare
+from vieval_runner.generate.batches import collate
 from vieval_runner.generate.decoding import to_device
-from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.model.loading import load_base
+from vieval_runner.model.swap import swap_weights
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.testing.tiny_models import write_tiny_run
 
 sys.path.insert(0, "tests")

@@ -32,10 +32,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vieval_runner.generate import decoding
-from vieval_runner.generate.batches import collate, prepare  # noqa: E402
-from vieval_runner.generate.vision_attention import pack_vision_attention, unpack_vision_attention  # noqa: E402
-from vieval_runner.model.loading import LoadedModel  # noqa: E402
-from vieval_runner.records import Specimen  # noqa: E402
+from vieval_runner.generate.batches import collate  # noqa: E402
+from vieval_runner.generate.options import GenerateOptions  # noqa: E402
+from vieval_runner.model.vision_attention import pack_vision_attention, unpack_vision_attention  # noqa: E402
+from vieval_runner.prepare.inputs import prepare
+from vieval_runner.records import (
+    LoadedModel,  # noqa: E402
+    Specimen,  # noqa: E402
+)
 from vieval_runner.testing import anchor_model  # noqa: E402
 
 
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
     kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
-    static = decoding.GenerateOptions(static_cache=True)
+    static = GenerateOptions(static_cache=True)
     graphs = decoding.graph_mode(loaded, static)
 
     def vision():
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         model(**inputs, logits_to_keep=1)
 
     def hf():
-        decoding.hf_generate(loaded, inputs, args.new, [], decoding.GenerateOptions())
+        decoding.hf_generate(loaded, inputs, args.new, [], GenerateOptions())
 
     def lean():
         decoding.lean_greedy(loaded, inputs, args.new, [], False)

@@ -51,7 +51,7 @@ def tiny_lora_run(tmp_path_factory):
     """``tiny_lora_run(family)`` -> TinyRun of LoRA adapter checkpoints, once per session."""
     from transformers.utils import logging as hf_logging
 
-    from vieval_runner.testing.tiny_models import write_tiny_lora_run
+    from vieval_runner.testing.tiny_lora import write_tiny_lora_run
 
     hf_logging.disable_progress_bar()
     cache = {}
@@ -107,14 +107,14 @@ def shared_vision_run(tiny_run, tmp_path_factory):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vieval_runner.model import loading as models
+    from vieval_runner.model.keys import model_keys
     from vieval_runner.model.loading import load_base
-    from vieval_runner.testing.tiny_models import TinyRun
+    from vieval_runner.testing.tiny_run import TinyRun
 
     source = tiny_run("qwen2_vl")
     run_dir = tmp_path_factory.mktemp("shared_vision") / "run"
     shutil.copytree(source.run_dir, run_dir)
-    keys = models.model_keys(load_base(source.base_model_dir, device="cpu"))
+    keys = model_keys(load_base(source.base_model_dir, device="cpu"))
     state = load_file(run_dir / "checkpoint-100" / "model.safetensors")
     generator = torch.Generator().manual_seed(7)
     changed = 0

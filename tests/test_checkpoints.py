@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 
 from vieval_runner.checkpoints import (
     Checkpoint,
-    CheckpointError,
     checkpoint_hash,
     checkpoint_status,
     find_checkpoints,
     read_trainer_state,
 )
+from vieval_runner.records import CheckpointError
 
 NOW = 1_000_000_000.0  # injected clock; synthetic files get mtimes relative to it
 

@@ -1,6 +1,8 @@
 """vieval-runner: evaluate every checkpoint of a fine-tuned vision-language model."""
 
-__version__ = "0.1.0"
+from vieval_runner.version import __version__
+
+__all__ = ["VievalCallback", "__version__"]
 
 
 def __getattr__(name: str):

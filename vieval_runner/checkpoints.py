@@ -19,6 +19,8 @@ from typing import Literal
 
 import xxhash
 
+from vieval_runner.records import CheckpointError
+
 CheckpointKind = Literal["base", "full", "lora"]
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|step_|step-|global_step)(\d+)$")
@@ -28,10 +30,6 @@ _ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER = "adapter_model.safetensors"
 _STATE = "trainer_state.json"
 _HASH_CHUNK = 8 * 1024 * 1024
-
-
-class CheckpointError(Exception):
-    """A run folder or checkpoint that cannot be used as asked (message says which and why)."""
 
 
 @dataclass

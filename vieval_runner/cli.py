@@ -120,19 +120,19 @@ def cmd_run(args, watch: bool = False) -> int:
 
     from vieval_runner import report, store
     from vieval_runner.config import ConfigError, load_config
-    from vieval_runner.pipeline import distributed
+    from vieval_runner.pipeline import ranks as process_group
     from vieval_runner.pipeline import run as runner
     from vieval_runner.pipeline.logfile import attach_run_log
 
     overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
     config = load_config(args.config, overrides)
-    if watch and distributed.world_size() > 1:
+    if watch and process_group.world_size() > 1:
         raise ConfigError("vieval watch runs in one process; launch `vieval run` on several")
-    ranks = distributed.setup()  # None unless started by accelerate launch / torchrun
+    ranks = process_group.setup()  # None unless started by accelerate launch / torchrun
     main_rank = ranks is None or ranks.is_main
     console = Console(quiet=not main_rank)  # one set of progress bars and messages: rank 0's
     log_path = attach_run_log(config)
-    distributed.tag_logs(ranks)
+    process_group.tag_logs(ranks)
     if log_path:
         console.print(f"[dim]log: {log_path}[/]")
     if watch:
@@ -142,7 +142,7 @@ def cmd_run(args, watch: bool = False) -> int:
     else:
         outcome = runner.run(config, console)
     if not main_rank:
-        distributed.finish(ranks)
+        process_group.finish(ranks)
         return outcome.exit_status  # the same outcome as rank 0's
     reader = store.open_store(config.store)
     report.print_summary(report.summarize(reader, config.effective_run_id), console)
@@ -155,7 +155,7 @@ def cmd_run(args, watch: bool = False) -> int:
     if outcome.timings.get("samples"):
         console.print(_time_line(outcome.timings, config.overlap), soft_wrap=True)
     print(f"store: {config.store}", flush=True)
-    distributed.finish(ranks)
+    process_group.finish(ranks)
     return outcome.exit_status
 
 
@@ -243,14 +243,14 @@ COMMANDS = {
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean the user's input is wrong (exit 2), imported lazily."""
-    errors: list[type[BaseException]] = [FileNotFoundError]
+    """Exception types that mean the user's input is wrong (exit 2); those of heavier modules
+    only when a command imported them (``vieval parse`` stays cheap)."""
+    from vieval_runner.records import CheckpointError, DataError
+
+    errors: list[type[BaseException]] = [FileNotFoundError, DataError, CheckpointError]
     for module, name in (
         ("vieval_runner.config", "ConfigError"),
-        ("vieval_runner.data", "DataError"),
-        ("vieval_runner.checkpoints", "CheckpointError"),
         ("vieval_runner.store", "StoreError"),
-        ("vieval_runner.model.loading", "ModelConfigError"),
     ):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from vieval_runner import __version__
+        from vieval_runner.version import __version__
 
         print(__version__)
         return EXIT_OK

@@ -1,4 +1,6 @@
-"""The records that travel through the stages: `Specimen` in, `Prediction` out.
+"""The records that travel through the stages: `Specimen` in, `Prediction` out, and between
+them the resident model (`LoadedModel`) and each specimen's processor outputs
+(`PreparedSpecimen`).
 
 Every stage module imports these; none defines its own copy. Boxes are always in
 original-image pixels, ``x1 <= x2`` and ``y1 <= y2``.
@@ -7,7 +9,13 @@ original-image pixels, ``x1 <= x2`` and ``y1 <= y2``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from vieval_runner.families import FAMILIES
+
+if TYPE_CHECKING:  # records stay importable without torch (``vieval parse``)
+    import torch
 
 Task = Literal["grounding", "vqa"]
 TASKS: tuple[str, ...] = ("grounding", "vqa")
@@ -50,6 +58,11 @@ class Box:
         return cls(
             row["x1"], row["y1"], row["x2"], row["y2"], row.get("label") or "", row.get("score")
         )
+
+
+class CheckpointError(Exception):
+    """A run folder or checkpoint that cannot be used as asked: none found, incomplete, or
+    weights that do not fit the model (the message names the path and why)."""
 
 
 class DataError(Exception):
@@ -118,3 +131,54 @@ class Prediction:
     # where it ends, so box scores can be re-derived from re-parsed text (``vieval rescore``)
     token_logprobs: list[float] | None = None
     token_ends: list[int] | None = None
+
+
+@dataclass
+class LoadedModel:
+    """The resident model and what the later stages need to know about it."""
+
+    model: Any
+    processor: Any
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    base_model: str
+    base_weights_dir: Path | None = None
+    current: str = "base"  # which weights are resident: "base" or a checkpoint path
+    adapter: str | None = None  # name of the active peft LoRA adapter, if any
+    # the base's tensors on the host, when they cannot be re-read from files
+    base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    base_replaced: bool = False  # a full checkpoint's tensors overwrote the base's
+    peft_model: Any = field(default=None, repr=False)  # the PeftModel wrapper while adapters are on
+    adapter_count: int = 0  # adapters loaded so far (names each new one uniquely)
+    # content hash of the resident vision part, set by every swap; None: unknown (recompute)
+    vision_hash: str | None = None
+    hash_vision: bool = True  # hash the vision part on swaps (off: no embedding cache to feed)
+    base_vision_hash: str | None = None  # the untouched base's vision hash, once known
+    keys: Any = field(default=None, repr=False)  # model.keys.ModelKeys, computed once
+    # generate.decoding's verdicts: lean loop (and CUDA-graph mode) per generation setting
+    lean_verdicts: dict[str, tuple[bool, str | None]] = field(default_factory=dict, repr=False)
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The family's entry in ``families.FAMILIES``."""
+        return FAMILIES[self.family]
+
+
+# processor outputs aligned with the token sequence: padded per batch; the rest are concatenated
+SEQ_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
+@dataclass
+class PreparedSpecimen:
+    """One specimen's processor outputs (batch dim removed for sequence tensors)."""
+
+    specimen_id: str
+    input_ids: torch.Tensor  # (seq,)
+    # every other processor output, as the processor gave it (pixels, grids, type ids)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_size: tuple[int, int] | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.input_ids.shape[0])

@@ -7,9 +7,8 @@ import torch
 
 from vieval_runner import parsing
 from vieval_runner.demo import shapes, training
-from vieval_runner.generate import batches as generation
-from vieval_runner.model.loading import LoadedModel
-from vieval_runner.records import Box
+from vieval_runner.prepare.inputs import prepare
+from vieval_runner.records import Box, LoadedModel
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def test_dataset_masks_the_prompt_and_matches_the_evaluation_prompt(paligemma, s
     for task in ("grounding", "vqa"):
         data = training.ShapesDataset(rows[task], folder, paligemma)
         specimen = _specimen(rows[task][0], folder)
-        prepared = generation.prepare(paligemma, [specimen])[0]
+        prepared = prepare(paligemma, [specimen])[0]
         item = data[0]
         n_prompt = prepared.prompt_len
         # the runner asks exactly what training taught: same prompt tokens, same pixels

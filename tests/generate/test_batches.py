@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vieval_runner.generate.batches import GenerateOptions, build_prompt, collate, generate, prepare
-from vieval_runner.model.families import FAMILIES
-from vieval_runner.model.loading import swap_weights
+from vieval_runner.families import FAMILIES
+from vieval_runner.generate.batches import collate, generate
+from vieval_runner.generate.options import GenerateOptions
+from vieval_runner.model.swap import swap_weights
+from vieval_runner.prepare.inputs import build_prompt, prepare
 from vieval_runner.records import Specimen
 from vieval_runner.testing.fixtures import load_at_200
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
@@ -194,7 +196,7 @@ def test_forced_texts_survive_padding_sorting_and_decoding(loaded_at_200, family
 @pytest.mark.parametrize("family", ["florence2", "internvl", "llava"])
 def test_forced_boxes_parse_with_the_family_default_format(loaded_at_200, family, specimens):
     """Generate -> decode -> the family's default parser: the boxes come back in pixels."""
-    from vieval_runner.model.loading import FAMILIES
+    from vieval_runner.families import FAMILIES
     from vieval_runner.parsing import parse_grounding
 
     loaded, _ = loaded_at_200(family)

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from vieval_runner.generate import decoding, lean_loop
-from vieval_runner.generate.batches import generate, prepare
-from vieval_runner.generate.decoding import GenerateOptions, hf_generate, lean_blocker, lean_greedy
+from vieval_runner.generate.batches import generate
+from vieval_runner.generate.decoding import hf_generate, lean_blocker, lean_greedy
+from vieval_runner.generate.forced import ForcedTextLogitsProcessor
+from vieval_runner.generate.options import GenerateOptions
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.testing.fixtures import decoder_only_families, load_at_200, padded_batch
-from vieval_runner.testing.tiny_models import ForcedTextLogitsProcessor
 
 DECODER_ONLY = decoder_only_families()
 

@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from vieval_runner import store
-from vieval_runner.generate.batches import GenerateOptions, generate, prepare
+from vieval_runner.families import FAMILIES
+from vieval_runner.generate.batches import generate
 from vieval_runner.generate.embedding_cache import VisionCache
-from vieval_runner.model.families import FAMILIES
-from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.generate.options import GenerateOptions
+from vieval_runner.model.loading import load_base
+from vieval_runner.model.swap import swap_weights
+from vieval_runner.model.vision_hash import current_vision_hash
 from vieval_runner.pipeline import run as runner
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.testing.fixtures import quiet_console, run_config
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
@@ -27,7 +31,7 @@ def _tower_calls(loaded) -> list:
 def test_cached_embeddings_skip_the_tower_and_change_nothing(shared_vision_run, specimens):
     run = shared_vision_run
     loaded = load_base(run.base_model_dir, device="cpu")
-    cache = VisionCache(loaded)
+    cache = VisionCache(loaded, current_vision_hash)
     calls = _tower_calls(loaded)
     prepared = prepare(loaded, specimens)
     options = GenerateOptions(vision_cache=cache)
@@ -57,7 +61,7 @@ def test_cached_embeddings_skip_the_tower_and_change_nothing(shared_vision_run, 
 
 def test_cache_is_emptied_when_the_hash_changes_and_can_be_removed(shared_vision_run, specimens):
     loaded = load_base(shared_vision_run.base_model_dir, device="cpu")
-    cache = VisionCache(loaded)
+    cache = VisionCache(loaded, current_vision_hash)
     prepared = prepare(loaded, specimens[:4])
     options = GenerateOptions(vision_cache=cache)
     first = cache.refresh()
@@ -67,7 +71,9 @@ def test_cache_is_emptied_when_the_hash_changes_and_can_be_removed(shared_vision
     assert cache.refresh() != first and not cache.entries
     cache.close()
     assert "get_image_features" not in vars(loaded.model.model)
-    tiny = VisionCache(loaded, ram_budget_mb=0)  # no room: computed every time, still right
+    tiny = VisionCache(
+        loaded, current_vision_hash, ram_budget_mb=0
+    )  # no room: computed every time, still right
     tiny.refresh()
     generate(
         loaded, prepared, batch_size=4, max_new_tokens=2, options=GenerateOptions(vision_cache=tiny)
@@ -151,24 +157,24 @@ def test_embeddings_wanted_follows_the_next_checkpoint(tmp_path):
     from types import SimpleNamespace
 
     from vieval_runner.model.prefetch import CheckpointTensors
-    from vieval_runner.pipeline import overlap as throughput
+    from vieval_runner.pipeline import overlap
 
-    session = SimpleNamespace(throughput=None, open_ended=False)
-    st = throughput.state(session)
+    session = SimpleNamespace(overlap=overlap.State(), open_ended=False)
+    st = overlap.state(session)
     st.vision_cache = SimpleNamespace(digest="a")
-    assert throughput.embeddings_wanted(session)  # the runner has not said what comes next
-    st.following = None
-    assert not throughput.embeddings_wanted(session)  # the run's last checkpoint
+    assert overlap.embeddings_wanted(session)  # the runner has not said what comes next
+    st.following, st.following_known = None, True
+    assert not overlap.embeddings_wanted(session)  # the run's last checkpoint
     session.open_ended = True
-    assert throughput.embeddings_wanted(session)  # watch: more may come
+    assert overlap.embeddings_wanted(session)  # watch: more may come
     nxt = SimpleNamespace(path=tmp_path / "checkpoint-2")
-    st.following, read = nxt, Future()
+    st.following, st.following_known, read = nxt, True, Future()
     st.prefetch = (nxt.path, read)
-    assert throughput.embeddings_wanted(session)  # still being read
+    assert overlap.embeddings_wanted(session)  # still being read
     read.set_result(CheckpointTensors(nxt.path, vision_hash="b"))
-    assert not throughput.embeddings_wanted(session)
+    assert not overlap.embeddings_wanted(session)
     st.vision_cache.digest = "b"
-    assert throughput.embeddings_wanted(session)
+    assert overlap.embeddings_wanted(session)
 
 
 DECODER_ONLY = [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]]
@@ -182,7 +188,7 @@ def test_served_batches_leave_their_pixels_on_the_host(tiny_run, specimens, fami
     forward, HF generate 5.24 encodes images before it), and the texts stay the same. In
     bf16 a use of the float32 host pixels outside the tower would fail or change them."""
     loaded = load_base(tiny_run(family).base_model_dir, device="cpu", dtype="bf16")
-    cache = VisionCache(loaded)
+    cache = VisionCache(loaded, current_vision_hash)
     if cache.note is not None:
         pytest.skip(cache.note)
     prepared = prepare(loaded, specimens)

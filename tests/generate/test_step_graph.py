@@ -11,8 +11,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vieval_runner.generate import decoding, lean_loop, step_graph
-from vieval_runner.generate.batches import generate, prepare
-from vieval_runner.generate.decoding import GenerateOptions, hf_generate, lean_greedy
+from vieval_runner.generate.batches import generate
+from vieval_runner.generate.decoding import hf_generate, lean_greedy
+from vieval_runner.generate.options import GenerateOptions
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.testing.fixtures import decoder_only_families, load_at_200, padded_batch
 
 DECODER_ONLY = decoder_only_families()
@@ -128,8 +130,8 @@ def test_static_cache_runs_use_the_lean_loop_once_checked(tiny_run, specimens, c
     with caplog.at_level(logging.INFO, logger="vieval"):
         static = generate(loaded, prepared, batch_size=4, max_new_tokens=9, options=options)
     assert "HF generate" not in caplog.text and "off" not in caplog.text
-    key = decoding._verdict_key(loaded, options)
-    assert loaded.model.__dict__["_vieval_lean"][key] == (True, None)  # CPU: no graphs
+    key = decoding.verdict_key(loaded, options)
+    assert loaded.lean_verdicts[key] == (True, None)  # CPU: no graphs
     hf = generate(loaded, prepared, 4, 9, options=GenerateOptions(static_cache=True, lean=False))
     assert [g.text for g in static] == [g.text for g in hf]
 
@@ -152,7 +154,7 @@ def test_a_failing_graph_capture_falls_back_to_eager_steps(
         caplog.text
     )
     assert "lean greedy decoding is off" not in caplog.text
-    assert loaded.model.__dict__["_vieval_lean"][decoding._verdict_key(loaded, options)] == (
+    assert loaded.lean_verdicts[decoding.verdict_key(loaded, options)] == (
         True,
         None,
     )

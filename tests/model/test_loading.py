@@ -9,16 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vieval_runner.families import FAMILIES
 from vieval_runner.model import loading as models
-from vieval_runner.model.loading import (
-    FAMILIES,
-    CheckpointError,
-    detect_family,
-    load_base,
-    load_processor_for,
-    restore_base,
-    swap_weights,
-)
+from vieval_runner.model.loading import detect_family, load_base, load_processor_for
+from vieval_runner.model.swap import restore_base, swap_weights
+from vieval_runner.records import CheckpointError
 from vieval_runner.testing.fixtures import logits_of, model_batch
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
@@ -84,7 +79,7 @@ def test_restore_base_from_host_copy_when_no_local_files(tiny_run, specimens, mo
     run = tiny_run("paligemma")
     monkeypatch.setattr(models, "_local_weights_dir", lambda base: None)
     loaded = load_base(run.base_model_dir, device="cpu")
-    assert loaded.base_weights_dir is None and loaded._base_state
+    assert loaded.base_weights_dir is None and loaded.base_state
     inputs = model_batch(loaded, specimens)
     base = logits_of(loaded.model, inputs)
     swap_weights(loaded, run.run_dir / "checkpoint-300")

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vieval_runner.checkpoints import find_checkpoints
-from vieval_runner.model.loading import CheckpointError, apply_checkpoint, load_base, swap_weights
+from vieval_runner.model.loading import apply_checkpoint, load_base
+from vieval_runner.model.swap import swap_weights
+from vieval_runner.records import CheckpointError
 from vieval_runner.testing.fixtures import logits_of, model_batch
 
 
@@ -85,7 +87,7 @@ def test_switching_adapters_and_back_is_exact_and_step0_is_the_base(tiny_lora_ru
     assert not torch.equal(outputs[100], outputs[200])
     assert not torch.equal(outputs[200], outputs[300])
     # only the active adapter stays on the model: the old ones are deleted
-    assert list(loaded._peft.peft_config) == [loaded.adapter]
+    assert list(loaded.peft_model.peft_config) == [loaded.adapter]
     apply_checkpoint(loaded, ckpts[100])
     assert torch.equal(logits_of(loaded.model, inputs), outputs[100])
     apply_checkpoint(loaded, ckpts[0])  # step 0 after an adapter: the base, exactly
@@ -97,7 +99,8 @@ def test_switching_adapters_and_back_is_exact_and_step0_is_the_base(tiny_lora_ru
 
 
 def test_generation_uses_the_active_adapter(tiny_lora_run, specimens):
-    from vieval_runner.generate.batches import generate, prepare
+    from vieval_runner.generate.batches import generate
+    from vieval_runner.prepare.inputs import prepare
 
     run = tiny_lora_run("qwen2_vl")
     ckpts = _by_step(run)

@@ -10,8 +10,10 @@ import torch
 
 from vieval_runner.model import loading as models
 from vieval_runner.model import prefetch
-from vieval_runner.model.loading import CheckpointError, load_base, restore_base, swap_weights
+from vieval_runner.model.loading import load_base
+from vieval_runner.model.swap import restore_base, swap_weights
 from vieval_runner.model.vision_hash import current_vision_hash, resident_vision_hash
+from vieval_runner.records import CheckpointError
 from vieval_runner.testing.fixtures import logits_of, model_batch
 
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from vieval_runner import store
 from vieval_runner.config import config_from_dict
 from vieval_runner.pipeline import distributed
+from vieval_runner.pipeline import ranks as ranks_mod
 from vieval_runner.pipeline import run as runner
 from vieval_runner.records import Specimen
 from vieval_runner.testing.fixtures import make_specimens
@@ -76,14 +77,14 @@ def test_rank_device_and_one_process_env(monkeypatch):
     if not __import__("torch").cuda.is_available():
         assert distributed.rank_device("auto", 1) == "cpu"
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.world_size() == 1 and distributed.env_ranks() is None
+    assert ranks_mod.world_size() == 1 and ranks_mod.env_ranks() is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="RANK"):
-        distributed.env_ranks()
+        ranks_mod.env_ranks()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert distributed.env_ranks() == distributed.Ranks(1, 2, 1)
+    assert ranks_mod.env_ranks() == ranks_mod.Ranks(1, 2, 1)
 
 
 # --- the step protocol over real gloo collectives ---------------------------------------------
@@ -99,7 +100,7 @@ def _protocol_worker(rank: int, world: int, port: int, out: str) -> None:
         MASTER_PORT=str(port),
         VIEVAL_DIST_TIMEOUT_S="60",
     )
-    ranks = distributed.setup()
+    ranks = ranks_mod.setup()
     finished: list = []
 
     def fail_on(which: int):
@@ -111,11 +112,11 @@ def _protocol_worker(rank: int, world: int, port: int, out: str) -> None:
         return work
 
     verdicts = [
-        distributed.run_step(ranks, lambda: [f"text {rank}"], finished.append),
-        distributed.run_step(ranks, fail_on(1), finished.append),
-        distributed.run_step(ranks, lambda: rank, lambda parts: 1 / 0),
+        ranks_mod.run_step(ranks, lambda: [f"text {rank}"], finished.append),
+        ranks_mod.run_step(ranks, fail_on(1), finished.append),
+        ranks_mod.run_step(ranks, lambda: rank, lambda parts: 1 / 0),
     ]
-    distributed.finish(ranks)
+    ranks_mod.finish(ranks)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"v": verdicts, "f": finished}))
 
 
@@ -309,9 +310,12 @@ def test_two_process_run_stores_exactly_what_one_process_stores(tmp_path, tiny_r
 @pytest.mark.slow
 def test_ranks_reuse_image_embeddings_of_a_frozen_vision_tower(tmp_path, shared_vision_run):
     """Each rank reads the next checkpoint ahead and serves checkpoint 200 (checkpoint 100's
-    vision tower) from the embeddings it kept; the store is the one-process store."""
+    vision tower) from the embeddings it kept, and probes ``batch_size: auto`` once for the
+    whole run (the one-process step with its memo); the store is the one-process store."""
     run = shared_vision_run
-    one = {**_tree(tmp_path, run, "store_one"), "include_base": False, "box_scores": False}
+    tree = _tree(tmp_path, run, "store_one")
+    # batch_size auto: each rank probes once for the run, later steps reuse what fitted
+    one = {**tree, "include_base": False, "box_scores": False, "batch_size": "auto"}
     assert runner.run(config_from_dict(one), Console(quiet=True)).evaluated == [100, 200, 300]
     two = {**one, "store": str(tmp_path / "store_two")}
     done = _launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"], two, tmp_path)
@@ -327,6 +331,8 @@ def test_ranks_reuse_image_embeddings_of_a_frozen_vision_tower(tmp_path, shared_
     ]
     # per rank and step: none at 100 (first), its whole shard at 200, none at 300 (changed)
     assert sorted(reused) == [0, 0, 0, 0, 4, 5], logs
+    probes = [text.count("batch_size auto: probing") for text in logs.values()]
+    assert sorted(probes) == [1, 1], logs  # one probe per rank over three steps
 
 
 @pytest.mark.slow
@@ -419,4 +425,4 @@ def test_bad_data_fails_every_rank_with_exit_2(tmp_path, tiny_run):
 
 def test_single_process_env_drops_the_launch_variables():
     env = {"RANK": "0", "WORLD_SIZE": "8", "MASTER_PORT": "29500", "PATH": "/bin", "HOME": "/h"}
-    assert distributed.single_process_env(env) == {"PATH": "/bin", "HOME": "/h"}
+    assert ranks_mod.single_process_env(env) == {"PATH": "/bin", "HOME": "/h"}

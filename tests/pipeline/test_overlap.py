@@ -12,10 +12,13 @@ import torch
 
 from vieval_runner import store
 from vieval_runner.config import ConfigError, config_from_dict
-from vieval_runner.generate.batches import GenerateOptions, auto_batch_size, generate, prepare
-from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.generate.batches import auto_batch_size, generate
+from vieval_runner.generate.options import GenerateOptions
+from vieval_runner.model.loading import load_base
+from vieval_runner.model.swap import swap_weights
 from vieval_runner.pipeline import run as runner
 from vieval_runner.pipeline.overlap import Committer
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.testing.fixtures import quiet_console, run_config
 
 _OFF = {"overlap": False, "prefetch": False, "cache_vision": False, "preprocess_workers": 1}
@@ -155,11 +158,11 @@ def test_torch_compile_with_static_cache_gives_the_same_text(tiny_run, specimens
 def test_generation_threads_leave_a_core_to_the_helpers_and_come_back(
     tmp_path, tiny_run, monkeypatch, extra, cpus, during
 ):
-    from vieval_runner.pipeline import overlap as throughput
+    from vieval_runner.pipeline import overlap
 
     run = tiny_run("qwen2_vl")
     config = run_config(tmp_path, run, steps=[100], include_base=False, **extra)
-    monkeypatch.setattr(throughput.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(overlap.os, "cpu_count", lambda: cpus)
     seen = []
     from vieval_runner.generate import batches as generation
 
@@ -186,13 +189,13 @@ def test_the_lean_check_runs_while_the_split_is_prepared(tmp_path, tiny_run, mon
     the first batch checks as before. Once per run either way, the same store contents."""
     from vieval_runner.demo import shapes
     from vieval_runner.generate import decoding
-    from vieval_runner.pipeline import overlap as throughput
+    from vieval_runner.pipeline import overlap
     from vieval_runner.prepare import inputs as preparation
 
     run = tiny_run("qwen2_vl")
     split = shapes.write_split(tmp_path / "data", n=40, task="grounding")  # 3 chunks
     preparing, checked, checks = threading.Event(), threading.Event(), []
-    real_prepare, real_matches = throughput.prepare_inputs, decoding._lean_matches
+    real_prepare, real_matches = overlap.prepare_inputs, decoding._lean_matches
     real_chunk = preparation.prepare_chunk
 
     def later_chunk(*args, **kwargs):  # the chunks after the first wait for the check (or 20 s)
@@ -211,7 +214,7 @@ def test_the_lean_check_runs_while_the_split_is_prepared(tmp_path, tiny_run, mon
         checked.set()
         return real_matches(loaded, part, *args)
 
-    monkeypatch.setattr(throughput, "prepare_inputs", watched_prepare)
+    monkeypatch.setattr(overlap, "prepare_inputs", watched_prepare)
     monkeypatch.setattr(decoding, "_lean_matches", watched_matches)
     monkeypatch.setattr(preparation, "prepare_chunk", later_chunk)
     contents = []

@@ -20,10 +20,12 @@ from vieval_runner import parsing, store
 from vieval_runner.config import config_from_dict, dump_config
 from vieval_runner.generate import batches as generation
 from vieval_runner.generate.decoding import TOKENIZER_LOCK, end_ids, pad_id
+from vieval_runner.generate.forced import ForcedTextLogitsProcessor, SoftScript
+from vieval_runner.generate.options import GenerateOptions
 from vieval_runner.pipeline import rescore, results
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.records import Box
 from vieval_runner.testing.fixtures import make_specimens
-from vieval_runner.testing.tiny_models import ForcedTextLogitsProcessor, SoftScript
 
 # ---------------------------------------------------------------- the assignment itself
 
@@ -174,9 +176,9 @@ def test_two_boxes_written_with_different_probabilities_get_their_own_scores(
 ):
     loaded, run = loaded_at_200(family)
     specimens = make_specimens()[:2]
-    prepared = generation.prepare(loaded, specimens)
+    prepared = prepare(loaded, specimens)
     scripts, box_tokens = _scripts(loaded, family, specimens)
-    options = generation.GenerateOptions(scores=True)
+    options = GenerateOptions(scores=True)
     outs = generation.generate(
         loaded, prepared, batch_size=2, max_new_tokens=80, forced_texts=scripts, options=options
     )
@@ -203,7 +205,7 @@ def test_two_boxes_written_with_different_probabilities_get_their_own_scores(
         batch_size=2,
         max_new_tokens=80,
         forced_texts=scripts,
-        options=generation.GenerateOptions(scores=True, lean=False),
+        options=GenerateOptions(scores=True, lean=False),
     )
     for out, pred, spec in zip(hf, predictions, specimens, strict=True):
         again = results.parse_one(session, spec, out)
@@ -266,13 +268,13 @@ def test_free_generation_keeps_tokens_aligned_with_the_decoded_text(loaded_at_20
     and one end offset per content token, the last offset at the end of the text, and the
     sequence confidence is their exp(mean)."""
     loaded, _ = loaded_at_200(family)
-    prepared = generation.prepare(loaded, make_specimens()[:3])
+    prepared = prepare(loaded, make_specimens()[:3])
     outs = generation.generate(
         loaded,
         prepared,
         batch_size=3,
         max_new_tokens=10,
-        options=generation.GenerateOptions(scores=True),
+        options=GenerateOptions(scores=True),
     )
     tok = loaded.processor.tokenizer
     for out in outs:

@@ -8,8 +8,7 @@ from rich.console import Console
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import config_from_dict
-from vieval_runner.pipeline import resume
-from vieval_runner.pipeline import run as runner
+from vieval_runner.pipeline import resume, step
 
 
 def _config(run, tmp_path, **extra):
@@ -39,8 +38,8 @@ def test_config_hash_ignores_throughput_knobs_but_not_generation(tmp_path, tiny_
 def test_lazy_plan_hashes_in_the_background_only_when_nothing_is_stored(tmp_path, tiny_run):
     run = tiny_run("qwen25_vl")
     config = _config(run, tmp_path)
-    found = runner.select_checkpoints(config)
-    outcome = runner.RunOutcome(store=config.store, run_id=config.effective_run_id)
+    found = step.select_checkpoints(config)
+    outcome = step.RunOutcome(store=config.store, run_id=config.effective_run_id)
     from vieval_runner import store
 
     store.create_store(config.store)

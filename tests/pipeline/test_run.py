@@ -11,10 +11,14 @@ from rich.console import Console
 
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import config_from_dict
+from vieval_runner.families import FAMILIES
 from vieval_runner.generate import batches as generation
+from vieval_runner.generate.options import GenerateOptions
 from vieval_runner.model import loading as models
+from vieval_runner.model.swap import swap_weights
 from vieval_runner.pipeline import rescore
 from vieval_runner.pipeline import run as runner
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.records import Box, Specimen
 from vieval_runner.testing.fixtures import (
     make_specimens,
@@ -52,14 +56,14 @@ def test_scripted_answers_parse_to_original_pixels(tiny_run, family):
     must give the original-image pixel box back (within the format's quantization)."""
     run = tiny_run(family)
     loaded = models.load_base(run.base_model_dir, device="cpu")
-    models.swap_weights(loaded, run.run_dir / "checkpoint-200")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
     specimens = make_specimens()
-    prepared = generation.prepare(loaded, specimens)
+    prepared = prepare(loaded, specimens)
     texts = [_scripted(family, s, p.input_size) for s, p in zip(specimens, prepared, strict=True)]
     outputs = generation.generate(
         loaded, prepared, batch_size=4, max_new_tokens=80, forced_texts=texts
     )
-    fmt = models.FAMILIES[family]["output_format"]
+    fmt = FAMILIES[family]["output_format"]
     for spec, prep, out in zip(specimens, prepared, outputs, strict=True):
         result = parsing.parse_grounding(
             out.text, fmt, (spec.width, spec.height), input_size=out.input_size
@@ -238,15 +242,15 @@ def test_box_scores_from_token_log_probabilities_enable_ap(tiny_run, tmp_path):
 
     run = tiny_run("qwen25_vl")
     loaded = models.load_base(run.base_model_dir, device="cpu")
-    models.swap_weights(loaded, run.run_dir / "checkpoint-200")
+    swap_weights(loaded, run.run_dir / "checkpoint-200")
     specimens = make_specimens()[:4]
     for spec in specimens:
         spec.ref_boxes = [Box(*target_box(spec.width, spec.height), label=spec.prompt)]
-    prepared = generation.prepare(loaded, specimens)
+    prepared = prepare(loaded, specimens)
     texts = [
         _scripted("qwen25_vl", s, p.input_size) for s, p in zip(specimens, prepared, strict=True)
     ]
-    options = generation.GenerateOptions(scores=True)
+    options = GenerateOptions(scores=True)
     forced = generation.generate(
         loaded, prepared, batch_size=4, max_new_tokens=80, forced_texts=texts, options=options
     )

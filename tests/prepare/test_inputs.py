@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
+from vieval_runner.families import FAMILIES
 from vieval_runner.model import loading as models
-from vieval_runner.model.families import FAMILIES
+from vieval_runner.pipeline import overlap
 from vieval_runner.pipeline import run as runner
 from vieval_runner.prepare import inputs as preparation
 from vieval_runner.prepare.inputs import (
@@ -21,6 +22,7 @@ from vieval_runner.prepare.inputs import (
     prepare_one,
     same_preparation,
 )
+from vieval_runner.records import CheckpointError
 from vieval_runner.testing.fixtures import quiet_console, run_config
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
@@ -105,7 +107,7 @@ def test_a_failed_weight_load_stops_the_split_and_fails_the_steps(tmp_path, tiny
     run = tiny_run("qwen2_vl")
     config = run_config(tmp_path, run)
     started, seen = threading.Event(), []
-    real_prepare = runner.throughput.prepare_inputs
+    real_prepare = overlap.prepare_inputs
 
     def watching(session, head, cancel):  # the real preparation, observed
         started.set()
@@ -116,9 +118,9 @@ def test_a_failed_weight_load_stops_the_split_and_fails_the_steps(tmp_path, tiny
 
     def broken_weights(*args, **kwargs):  # fault injection: the weights cannot be read
         started.wait(5)
-        raise models.CheckpointError(f"{run.base_model_dir}/model.safetensors: truncated")
+        raise CheckpointError(f"{run.base_model_dir}/model.safetensors: truncated")
 
-    monkeypatch.setattr(runner.throughput, "prepare_inputs", watching)
+    monkeypatch.setattr(overlap, "prepare_inputs", watching)
     monkeypatch.setattr(models, "load_base", broken_weights)
     outcome = runner.run(config, quiet_console())
     assert outcome.exit_status == 3 and outcome.evaluated == []

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vieval_runner.generate.batches import generate, prepare
-from vieval_runner.model.loading import load_base, swap_weights
+from vieval_runner.generate.batches import generate
+from vieval_runner.model.loading import load_base
+from vieval_runner.model.swap import swap_weights
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.prepare.ram_budget import PreparedSet, nbytes
 
 

@@ -8,11 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vieval_runner.testing.tiny_models import (
-    FAMILIES_BUILDABLE,
-    ForcedTextLogitsProcessor,
-    build_tiny_model,
-)
+from vieval_runner.generate.forced import ForcedTextLogitsProcessor
+from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE, build_tiny_model
 
 _CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",

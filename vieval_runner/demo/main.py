@@ -114,7 +114,7 @@ def build_demo(
     from transformers.utils import logging as hf_logging
 
     from vieval_runner.demo import shapes, training
-    from vieval_runner.model.loading import LoadedModel
+    from vieval_runner.records import LoadedModel
     from vieval_runner.testing.tiny_models import build_tiny_model
 
     hf_logging.disable_progress_bar()

@@ -1,7 +1,7 @@
 """The demo's fine-tuning: a real ``transformers.Trainer`` on the synthetic shapes splits.
 
 Kept out of the evaluation path on purpose: `vieval run` never trains. The prompt text is the
-one evaluation builds (``generation.build_prompt``), so what the model learns here is what the
+one evaluation builds (``prepare.inputs.build_prompt``), so what the model learns here is what the
 runner asks; only the answer tokens carry labels (the prompt is masked with -100).
 """
 
@@ -67,7 +67,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     """Shapes rows as processor inputs with labels (prompt masked), encoded once and cached."""
 
     def __init__(self, rows: Sequence[dict], root: str | Path, loaded) -> None:
-        from vieval_runner.generate.batches import build_prompt
+        from vieval_runner.prepare.inputs import build_prompt
 
         if loaded.family not in TARGETS:
             raise ValueError(

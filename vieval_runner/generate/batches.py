@@ -1,4 +1,4 @@
-"""Batched greedy generation over the prepared specimens (``preparation``, re-exported here).
+"""Batched greedy generation over the prepared specimens (``prepare.inputs`` makes them).
 
 Processor outputs are computed once per specimen (``prepare``, on a thread pool, in RAM up
 to a budget and on disk beyond it) and reused for every checkpoint. ``generate`` sorts by
@@ -19,27 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vieval_runner.generate.decoding import (
-    TOKENIZER_LOCK,
-    GenerateOptions,
-    end_ids,
-    generate_tokens,
-    pad_id,
-)
-from vieval_runner.model.loading import FAMILIES, LoadedModel
-from vieval_runner.prepare.inputs import SEQ_KEYS as _SEQ_KEYS
-from vieval_runner.prepare.inputs import PreparedSpecimen, build_prompt, prepare, prepare_one
-
-__all__ = [
-    "GenerateOptions",
-    "GeneratedText",
-    "PreparedSpecimen",
-    "build_prompt",
-    "collate",
-    "generate",
-    "prepare",
-    "prepare_one",
-]
+from vieval_runner.families import FAMILIES
+from vieval_runner.generate.decoding import TOKENIZER_LOCK, end_ids, generate_tokens, pad_id
+from vieval_runner.generate.options import GenerateOptions
+from vieval_runner.records import SEQ_KEYS, LoadedModel, PreparedSpecimen
 
 
 @dataclass
@@ -69,7 +52,7 @@ def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str,
     width = max(p.prompt_len for p in batch)
     pad_value = pad_id(loaded)
     out: dict[str, torch.Tensor] = {}
-    for key, fill in _SEQ_KEYS.items():
+    for key, fill in SEQ_KEYS.items():
         rows = []
         for p in batch:
             seq = p.input_ids if key == "input_ids" else p.tensors.get(key)
@@ -82,7 +65,7 @@ def collate(loaded: LoadedModel, batch: Sequence[PreparedSpecimen]) -> dict[str,
         else:
             out[key] = torch.stack(rows)
     for key in batch[0].tensors:
-        if key not in _SEQ_KEYS:
+        if key not in SEQ_KEYS:
             out[key] = _pad_cat([p.tensors[key] for p in batch])
     return out
 

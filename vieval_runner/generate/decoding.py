@@ -28,10 +28,10 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from vieval_runner.families import FAMILIES
 from vieval_runner.generate.lean_loop import (
     end_ids,
     full_attention_only,
@@ -40,7 +40,8 @@ from vieval_runner.generate.lean_loop import (
     pad_id,
     step_mask_buffer,
 )
-from vieval_runner.model.loading import FAMILIES, LoadedModel
+from vieval_runner.generate.options import GenerateOptions
+from vieval_runner.records import LoadedModel
 
 __all__ = [  # the lean loop's names stay importable from here
     "GenerateOptions", "TOKENIZER_LOCK", "check_lean", "end_ids", "generate_tokens",
@@ -53,19 +54,6 @@ log = logging.getLogger("vieval")
 TOKENIZER_LOCK = threading.Lock()
 
 _VERIFY_TOKENS = 8  # the one-time check's budget: a drift shows in the first tokens
-
-
-@dataclass
-class GenerateOptions:
-    """How ``generate`` runs (everything but the inputs); defaults = plain greedy decoding."""
-
-    static_cache: bool = False  # a static KV cache (no torch.compile)
-    cuda_graphs: bool = True  # with static_cache on CUDA: decoding steps replay a CUDA graph
-    compile: bool = False  # static cache + torch.compile of the decoding forward
-    vision_cache: object = None  # embedding_cache.VisionCache: image embeddings by specimen
-    overlap: bool = True  # collate ahead and decode behind on helper threads
-    scores: bool = False  # token log-probabilities -> GeneratedText.confidence (box scores)
-    lean: bool = True  # the lean greedy loop where it is exact (else HF generate)
 
 
 def to_device(
@@ -131,7 +119,7 @@ def hf_generate(
 def _forced_processors(loaded: LoadedModel, forced: list[str | None] | None) -> list:
     if forced is None:
         return []
-    from vieval_runner.testing.tiny_models import ForcedTextLogitsProcessor
+    from vieval_runner.generate.forced import ForcedTextLogitsProcessor
 
     with TOKENIZER_LOCK:
         return [ForcedTextLogitsProcessor(loaded.processor.tokenizer, forced, end_ids(loaded)[0])]
@@ -216,14 +204,14 @@ def _enc_dec(loaded: LoadedModel) -> bool:
     return bool(FAMILIES[loaded.family]["encoder_decoder"])
 
 
-def _verdict_key(loaded: LoadedModel, options: GenerateOptions) -> str:
+def verdict_key(loaded: LoadedModel, options: GenerateOptions) -> str:
     config = loaded.model.generation_config.to_diff_dict()
     return json.dumps([config, options.static_cache, options.compile], sort_keys=True, default=str)
 
 
 def _verdict(loaded: LoadedModel, options: GenerateOptions) -> tuple[bool, str | None] | None:
     """``(lean loop on, graph mode)`` once decided for this model and options, else None."""
-    return loaded.model.__dict__.get("_vieval_lean", {}).get(_verdict_key(loaded, options))
+    return loaded.lean_verdicts.get(verdict_key(loaded, options))
 
 
 def check_lean(
@@ -239,8 +227,8 @@ def check_lean(
     lean loop is checked with CUDA-graph steps first, then without them. The runner calls it
     early, on two specimens of the first prepared chunk while the rest of the split is
     prepared; else the first batch does (``_use_lean``)."""
-    verdicts = loaded.model.__dict__.setdefault("_vieval_lean", {})
-    key = _verdict_key(loaded, options)
+    verdicts = loaded.lean_verdicts
+    key = verdict_key(loaded, options)
     if key in verdicts:
         return verdicts[key][0]
     reason = lean_blocker(loaded, options)

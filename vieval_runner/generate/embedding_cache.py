@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from vieval_runner.records import LoadedModel
+
 log = logging.getLogger("vieval")
 
 _FIELDS = ("pooler_output", "deepstack_features")  # what the families' forward reads
@@ -50,8 +52,16 @@ def _split_layers(value, n: int):
 class VisionCache:
     """Per-specimen image embeddings for one vision hash (see the module docstring)."""
 
-    def __init__(self, loaded, ram_budget_mb: float = 1536) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        vision_hash: Callable[[LoadedModel], str | None],
+        ram_budget_mb: float = 1536,
+    ) -> None:
+        """``vision_hash(loaded)``: the resident vision part's content hash (None: unknown),
+        the model stage's ``vision_hash.current_vision_hash``."""
         self.loaded = loaded
+        self.vision_hash = vision_hash
         self.budget = int(ram_budget_mb * 2**20)
         self.bytes = 0
         self.digest: str | None = None
@@ -95,9 +105,7 @@ class VisionCache:
 
     def refresh(self) -> str | None:
         """Read the resident vision hash; a different (or unknown) one empties the cache."""
-        from vieval_runner.model.vision_hash import current_vision_hash
-
-        digest = current_vision_hash(self.loaded) if self.note is None else None
+        digest = self.vision_hash(self.loaded) if self.note is None else None
         if digest is None or digest != self.digest:
             self.entries.clear()
             self.bytes = 0

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vieval_runner.families import FAMILIES
 from vieval_runner.generate.step_graph import StepGraph
-from vieval_runner.model.loading import FAMILIES, LoadedModel
+from vieval_runner.records import LoadedModel
 
 if TYPE_CHECKING:
-    from vieval_runner.generate.decoding import GenerateOptions
+    from vieval_runner.generate.options import GenerateOptions
 
 # generation-config fields the lean loop cannot honour: they change the decoding algorithm
 # (candidates, classifier-free guidance, stop strings, time limits), not one step's scores.

@@ -1,24 +1,23 @@
-"""Model families, loading the base model once, and swapping checkpoint weights in place.
+"""Loading the base model and its processor once, and making a checkpoint resident.
 
-The swap maps checkpoint file keys to in-memory parameter names with transformers' own
-conversion mapping (what ``from_pretrained`` applies), then enforces strict coverage: a
-checkpoint that would load nothing, or part of the model, is an error, never a silent no-op.
+``apply_checkpoint`` is the one entry per step: the base (step 0), a full checkpoint swapped
+in place (``swap``) or a LoRA adapter swapped on the resident base (``lora``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vieval_runner.generate.vision_attention import pack_vision_attention
-from vieval_runner.model.families import (
-    FAMILIES,  # the registry lives there; models.FAMILIES stays importable
-)
-from vieval_runner.model.vision_hash import vision_modules
+from vieval_runner.families import FAMILIES
+from vieval_runner.model.keys import state_targets, vision_modules, weight_files
+from vieval_runner.model.lora import swap_adapter
+from vieval_runner.model.swap import restore_base, swap_weights
+from vieval_runner.model.vision_attention import pack_vision_attention
+from vieval_runner.records import CheckpointError, LoadedModel
 
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 _DTYPES = {
@@ -31,38 +30,6 @@ _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
 }
-
-
-class CheckpointError(Exception):
-    """A checkpoint's weights cannot be swapped in (missing, unexpected or mismatched tensors)."""
-
-
-@dataclass
-class LoadedModel:
-    """The resident model and what the later stages need to know about it."""
-
-    model: Any
-    processor: Any
-    family: str
-    device: torch.device
-    dtype: torch.dtype
-    base_model: str
-    base_weights_dir: Path | None = None
-    current: str = "base"  # which weights are resident: "base" or a checkpoint path
-    adapter: str | None = None  # name of the active peft LoRA adapter, if any
-    _base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    _base_replaced: bool = False  # a full checkpoint's tensors overwrote the base's
-    _peft: Any = field(default=None, repr=False)  # the PeftModel wrapper while adapters are on
-    _adapter_count: int = 0
-    # content hash of the resident vision part, set by every swap; None: unknown (recompute)
-    vision_hash: str | None = None
-    hash_vision: bool = True  # hash the vision part on swaps (off: no embedding cache to feed)
-    _base_vision_hash: str | None = None
-    _keys: Any = field(default=None, repr=False)  # ModelKeys, computed once
-
-    @property
-    def facts(self) -> dict[str, Any]:
-        return FAMILIES[self.family]
 
 
 def family_for_model_type(model_type: str, source: str = "config.json") -> str:
@@ -112,14 +79,14 @@ def _local_weights_dir(base_model: str) -> Path | None:
     """The local folder holding the base model's safetensors (a path or an offline hub cache)."""
     path = Path(base_model)
     if path.is_dir():
-        return path if _weight_files(path, required=False) else None
+        return path if weight_files(path, required=False) else None
     try:
         from huggingface_hub import snapshot_download
 
         snap = Path(snapshot_download(base_model, local_files_only=True))
     except Exception:  # not cached / not a repo id: restore_base falls back to a CPU copy
         return None
-    return snap if _weight_files(snap, required=False) else None
+    return snap if weight_files(snap, required=False) else None
 
 
 def load_base_processor(base_model: str | Path) -> LoadedModel:
@@ -166,8 +133,8 @@ def load_base(
     weights_dir = head.base_weights_dir
     loaded = LoadedModel(model, head.processor, family, dev, torch_dtype, base, weights_dir)
     if weights_dir is None:  # no files to re-read: keep a host copy for restore_base
-        loaded._base_state = {
-            k: v.detach().to("cpu", copy=True) for k, v in _targets(model).items()
+        loaded.base_state = {
+            k: v.detach().to("cpu", copy=True) for k, v in state_targets(model).items()
         }
     return loaded
 
@@ -195,187 +162,6 @@ def load_processor_for(checkpoint_dir: str | Path, base_model: str | Path) -> tu
     return processor, has_own
 
 
-# ---------------------------------------------------------------- weight swapping
-
-
-def _weight_files(ckpt: Path, required: bool = True) -> dict[Path, list[str] | None]:
-    """Safetensors files of a checkpoint -> keys to take from each (None: all)."""
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index}: unreadable shard index ({exc!r})") from None
-        files: dict[Path, list[str] | None] = {}
-        for key, name in weight_map.items():
-            files.setdefault(ckpt / name, []).append(key)
-        absent = [str(p) for p in files if not p.is_file()]
-        if absent:
-            raise CheckpointError(f"{ckpt}: shards named by the index are missing: {absent[:3]}")
-        return files
-    single = ckpt / "model.safetensors"
-    if single.is_file():
-        return {single: None}
-    if required:
-        found = sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else "no such folder"
-        raise CheckpointError(
-            f"{ckpt}: no model.safetensors or model.safetensors.index.json (found: {found})"
-        )
-    return {}
-
-
-def _targets(model) -> dict[str, torch.Tensor]:
-    """Every tensor a checkpoint must provide: parameters and persistent buffers by name."""
-    return dict(model.state_dict(keep_vars=True))
-
-
-def _key_mapper(model):
-    """file key -> in-memory name, the way ``from_pretrained`` renames (transformers >= 5)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta = _targets(model)
-    prefix = model.base_model_prefix
-
-    def rename(key: str) -> str:
-        new_key, converter_pattern = rename_source_key(key, renamings, converters, prefix, meta)
-        if converter_pattern is not None:
-            # fusing/splitting converters (MoE experts ...) are not an in-place copy
-            raise CheckpointError(f"key {key!r} needs a weight converter; swap unsupported")
-        return new_key
-
-    return rename
-
-
-@dataclass
-class ModelKeys:
-    """File key -> model name mapping, model dtypes, and the names in the vision part."""
-
-    rename: Any
-    dtypes: dict[str, torch.dtype]
-    vision: frozenset[str] | None  # None: the model's vision part is not identifiable
-
-
-def model_keys(loaded: LoadedModel) -> ModelKeys:
-    """The key mapping and the vision names of ``loaded``'s model (computed once)."""
-    if loaded._keys is None:
-        model = loaded.model
-        targets = _targets(model)
-        vision = None
-        modules = vision_modules(model)
-        if modules is not None:
-            ids = {id(t) for m in modules for t in m.state_dict(keep_vars=True).values()}
-            vision = frozenset(n for n, t in targets.items() if id(t) in ids)
-        dtypes = {n: t.dtype for n, t in targets.items()}
-        loaded._keys = ModelKeys(_key_mapper(model), dtypes, vision)
-    return loaded._keys
-
-
-def _summary(keys: list[str]) -> str:
-    head = ", ".join(keys[:5])
-    return f"{len(keys)} ({head}{', ...' if len(keys) > 5 else ''})"
-
-
-def _plan(
-    loaded: LoadedModel, ckpt: Path, file_shapes: dict[Path, dict[str, tuple[int, ...]]]
-) -> tuple[dict[Path, dict[str, str]], dict[str, torch.Tensor]]:
-    """Check a checkpoint against the model; per file, file key -> model name to copy into."""
-    model = loaded.model
-    targets = _targets(model)
-    rename = model_keys(loaded).rename
-    plan: dict[Path, dict[str, str]] = {}
-    unexpected, mismatched, covered = [], [], set()
-    for path, shapes in file_shapes.items():
-        for key, shape in shapes.items():
-            name = rename(key)
-            if name not in targets:
-                unexpected.append(key)
-            elif tuple(targets[name].shape) != shape:
-                mismatched.append(f"{key}: file {list(shape)} vs model {list(targets[name].shape)}")
-            else:
-                plan.setdefault(path, {})[key] = name
-                covered.add(id(targets[name]))
-    # tied weights share one tensor object: covered through any of their names
-    missing = [name for name, t in targets.items() if id(t) not in covered]
-    problems = []
-    if missing:
-        problems.append(f"missing {_summary(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_summary(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch {_summary(mismatched)}")
-    if problems:
-        raise CheckpointError(
-            f"{ckpt}: checkpoint does not match the model: " + "; ".join(problems)
-        )
-    return plan, targets
-
-
-def swap_weights(loaded: LoadedModel, checkpoint_dir: str | Path, prefetched=None) -> None:
-    """Copy a full checkpoint's weights into the resident model in place (strict coverage).
-
-    ``prefetched``: the ``prefetch.CheckpointTensors`` of this checkpoint (read ahead on a
-    background thread); without it the files are read now. Everything is checked before any
-    tensor is copied, so a bad checkpoint leaves the resident weights untouched. Raises
-    ``CheckpointError`` naming the path and the keys.
-    """
-    ckpt = Path(checkpoint_dir)
-    if prefetched is not None and Path(prefetched.path) != ckpt:
-        raise ValueError(f"prefetched tensors are of {prefetched.path}, not {ckpt}")
-    if loaded._peft is not None:  # full weights replace the base: adapters come off first
-        from vieval_runner.model.lora import remove_adapters
-
-        remove_adapters(loaded)
-    _copy_in(loaded, ckpt, prefetched)
-    loaded._base_replaced = True
-    loaded.current = str(ckpt)
-
-
-def _copy_in(loaded: LoadedModel, ckpt: Path, prefetched=None) -> None:
-    from vieval_runner.model.prefetch import read_checkpoint
-
-    tensors = prefetched if prefetched is not None else read_checkpoint(loaded, ckpt, pin=False)
-    plan, targets = _plan(loaded, ckpt, tensors.shapes())
-    with torch.no_grad():
-        for path, keys in plan.items():
-            source = tensors.files[path]
-            for key, name in keys.items():
-                # copy_ casts to the resident dtype/device the way from_pretrained does;
-                # from pinned memory the host-to-device copy is asynchronous
-                targets[name].copy_(source[key], non_blocking=True)
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize(loaded.device)  # the pinned buffers may be freed after this
-    loaded.vision_hash = tensors.vision_hash
-
-
-def restore_base(loaded: LoadedModel) -> None:
-    """Step 0: take adapters off and put the base weights back (from files or the host copy).
-
-    After LoRA checkpoints only the adapters come off: the base tensors were never touched.
-    """
-    if loaded._peft is not None:
-        from vieval_runner.model.lora import remove_adapters
-
-        remove_adapters(loaded)
-    if loaded._base_replaced:
-        if loaded.base_weights_dir is not None:
-            _copy_in(loaded, loaded.base_weights_dir)
-        else:
-            targets = _targets(loaded.model)
-            with torch.no_grad():
-                for name, value in (loaded._base_state or {}).items():
-                    targets[name].copy_(value)
-            loaded.vision_hash = None  # recomputed from the resident tensors when needed
-        loaded._base_replaced = False
-        loaded._base_vision_hash = loaded.vision_hash
-    else:
-        loaded.vision_hash = loaded._base_vision_hash
-    loaded.current = "base"
-
-
 def apply_checkpoint(loaded: LoadedModel, checkpoint, prefetched=None) -> None:
     """Make ``checkpoint`` (a ``checkpoints.Checkpoint``) resident, by its ``kind``.
 
@@ -388,12 +174,12 @@ def apply_checkpoint(loaded: LoadedModel, checkpoint, prefetched=None) -> None:
     elif checkpoint.kind == "full":
         swap_weights(loaded, checkpoint.path, prefetched)
     elif checkpoint.kind == "lora":
-        from vieval_runner.model.lora import swap_adapter
-
+        if loaded.base_replaced:  # a full checkpoint is resident: adapters apply to the base
+            restore_base(loaded)
         swap_adapter(loaded, checkpoint.path)
         # an adapter that wraps no vision module leaves the image embeddings of the base
         modules = vision_modules(loaded.model) or []
         touched = any("lora_" in n for m in modules for n, _ in m.named_parameters())
-        loaded.vision_hash = None if touched else loaded._base_vision_hash
+        loaded.vision_hash = None if touched else loaded.base_vision_hash
     else:
         raise CheckpointError(f"{checkpoint.path}: unknown checkpoint kind {checkpoint.kind!r}")

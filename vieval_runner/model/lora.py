@@ -14,7 +14,7 @@ import json
 import warnings
 from pathlib import Path
 
-from vieval_runner.model.loading import CheckpointError, LoadedModel
+from vieval_runner.records import CheckpointError, LoadedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -67,24 +67,22 @@ def swap_adapter(loaded: LoadedModel, checkpoint_dir: str | Path) -> None:
 
     ckpt = Path(checkpoint_dir)
     config = _adapter_config(ckpt)
-    if loaded._base_replaced:  # a full checkpoint is resident: adapters apply to the base
-        from vieval_runner.model.loading import restore_base
-
-        restore_base(loaded)
-    loaded._adapter_count += 1
-    name = f"adapter_{loaded._adapter_count}"
+    if loaded.base_replaced:
+        raise CheckpointError(f"{ckpt}: a full checkpoint is resident; restore the base first")
+    loaded.adapter_count += 1
+    name = f"adapter_{loaded.adapter_count}"
     previous = loaded.adapter
-    created = loaded._peft is None
+    created = loaded.peft_model is None
     try:
         if created:
             with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecates
                 warnings.simplefilter("ignore", FutureWarning)
-                loaded._peft = PeftModel(loaded.model, config, adapter_name=name)
-        result = loaded._peft.load_adapter(
+                loaded.peft_model = PeftModel(loaded.model, config, adapter_name=name)
+        result = loaded.peft_model.load_adapter(
             str(ckpt), adapter_name=name, torch_device=str(loaded.device)
         )
         _check_loaded(ckpt, name, result)
-        loaded._peft.set_adapter(name)
+        loaded.peft_model.set_adapter(name)
     except Exception as exc:
         _rollback(loaded, name, previous)
         if isinstance(exc, CheckpointError):
@@ -93,14 +91,14 @@ def swap_adapter(loaded: LoadedModel, checkpoint_dir: str | Path) -> None:
             f"{ckpt}: LoRA adapter does not fit the base model ({type(exc).__name__}: {exc})"
         ) from exc
     if previous is not None:
-        loaded._peft.delete_adapter(previous)
+        loaded.peft_model.delete_adapter(previous)
     loaded.adapter = name
     loaded.current = str(ckpt)
 
 
 def _rollback(loaded: LoadedModel, name: str, previous: str | None) -> None:
     """Undo a failed load: drop the new adapter, re-activate the previous one (or none)."""
-    peft = loaded._peft
+    peft = loaded.peft_model
     if peft is None:
         return
     if previous is None:
@@ -113,10 +111,10 @@ def _rollback(loaded: LoadedModel, name: str, previous: str | None) -> None:
 
 def remove_adapters(loaded: LoadedModel) -> None:
     """Unload every adapter: the base model's own modules and weights are back, unchanged."""
-    if loaded._peft is None:
+    if loaded.peft_model is None:
         return
     # unload() puts each wrapped layer's untouched base layer back in place (no merge)
-    loaded.model = loaded._peft.unload()
+    loaded.model = loaded.peft_model.unload()
     loaded.model.eval()
-    loaded._peft = None
+    loaded.peft_model = None
     loaded.adapter = None

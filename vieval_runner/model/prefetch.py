@@ -4,7 +4,7 @@
 model lives on CUDA, so the in-place copy is an async DMA), keyed by file key, and hashes the
 tensors that land in the vision part of the model (as they will be resident: cast to the
 model's dtype). ``prefetch_checkpoint`` does the same on a background thread, so the next
-checkpoint's disk read overlaps the current one's generation; ``models.swap_weights`` then
+checkpoint's disk read overlaps the current one's generation; ``swap.swap_weights`` then
 copies from the prefetched tensors with the same key mapping and strict coverage check.
 """
 
@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from vieval_runner.model.keys import model_keys, weight_files
+from vieval_runner.model.vision_hash import hash_named
+from vieval_runner.records import CheckpointError
 
 # one reader thread for the whole process: prefetches are sequential by design
 _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vieval-prefetch")
@@ -38,15 +42,12 @@ def read_checkpoint(
 ) -> CheckpointTensors:
     """Every tensor of a full checkpoint in host memory, plus the vision-part hash.
 
-    Raises ``models.CheckpointError`` for missing or unreadable files (naming the path).
-    The coverage check against the model happens at swap time (``models.swap_weights``).
+    Raises ``CheckpointError`` for missing or unreadable files (naming the path).
+    The coverage check against the model happens at swap time (``swap.swap_weights``).
     """
     import time
 
     from safetensors import safe_open
-
-    from vieval_runner.model.loading import CheckpointError, _weight_files, model_keys
-    from vieval_runner.model.vision_hash import hash_named
 
     t0 = time.perf_counter()
     ckpt = Path(checkpoint_dir)
@@ -56,7 +57,7 @@ def read_checkpoint(
     hash_vision = keys.vision is not None and loaded.hash_vision
     out = CheckpointTensors(ckpt)
     vision: dict[str, torch.Tensor] = {}
-    for path, wanted in _weight_files(ckpt).items():
+    for path, wanted in weight_files(ckpt).items():
         try:
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys()) if wanted is None else wanted
@@ -89,7 +90,5 @@ def prefetch_checkpoint(
     ``pin``: as ``read_checkpoint`` (None: pinned on CUDA). Errors (missing or corrupt files)
     surface from ``.result()`` as ``CheckpointError``.
     """
-    from vieval_runner.model.loading import model_keys
-
     model_keys(loaded)  # computed here, on the caller's thread, before the model changes
     return _EXECUTOR.submit(read_checkpoint, loaded, Path(checkpoint_dir), pin)

@@ -10,19 +10,7 @@ import re
 
 import torch
 
-
-def vision_modules(model) -> list[torch.nn.Module] | None:
-    """The modules an image goes through before the language model (tower, projector).
-
-    Generic over transformers 5 composite models: the inner model's children other than
-    its language model. None when no language model submodule is found.
-    """
-    inner = getattr(model, "model", model)
-    language = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
-    if not isinstance(language, torch.nn.Module):
-        return None
-    found = [m for _, m in inner.named_children() if m is not language]
-    return found or None
+from vieval_runner.model.keys import model_keys, vision_modules
 
 
 def tensor_digest(hasher, name: str, tensor: torch.Tensor) -> None:
@@ -51,9 +39,7 @@ def resident_vision_hash(loaded) -> str | None:
     Used when no swap told us the hash (step 0 before any swap, a live training model).
     LoRA tensors are hashed without their adapter name, so equal adapters hash equal.
     """
-    if loaded._peft is None:  # same names and dtypes as the hash of a swapped-in checkpoint
-        from vieval_runner.model.loading import model_keys
-
+    if loaded.peft_model is None:  # same names and dtypes as the hash of a swapped-in checkpoint
         names = model_keys(loaded).vision
         if names is None:
             return None
@@ -80,6 +66,6 @@ def current_vision_hash(loaded) -> str | None:
     if loaded.vision_hash is not None:
         return loaded.vision_hash
     digest = resident_vision_hash(loaded)
-    if loaded.current == "base" and loaded._peft is None and not loaded._base_replaced:
-        loaded.vision_hash = loaded._base_vision_hash = digest
+    if loaded.current == "base" and loaded.peft_model is None and not loaded.base_replaced:
+        loaded.vision_hash = loaded.base_vision_hash = digest
     return digest

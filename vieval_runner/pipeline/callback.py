@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config, load_config
+from vieval_runner.records import LoadedModel
 
 
 class VievalCallback(TrainerCallback):
@@ -54,10 +55,10 @@ class VievalCallback(TrainerCallback):
     # -- in process -----------------------------------------------------------------------
     def _session_for(self, model, processor):
         from vieval_runner.model import loading as models
-        from vieval_runner.pipeline import run as runner
+        from vieval_runner.pipeline.session import attach_model, open_session
 
         if self._session is None:
-            self._session = runner.open_session(self.config, self.console)
+            self._session = open_session(self.config, self.console)
             self._session.open_ended = True  # more saves come while training runs
             unwrapped = getattr(model, "module", model)  # DDP/accelerate wrappers
             if processor is None or not hasattr(processor, "image_processor"):
@@ -68,7 +69,7 @@ class VievalCallback(TrainerCallback):
                 unwrapped.config.model_type, "training model config"
             )
             parameter = next(unwrapped.parameters())
-            live = models.LoadedModel(
+            live = LoadedModel(
                 model=unwrapped,
                 processor=processor,
                 family=family,
@@ -77,13 +78,13 @@ class VievalCallback(TrainerCallback):
                 base_model=self.config.base_model,
                 current="live training model",
             )
-            runner.attach_model(self._session, live)
+            attach_model(self._session, live)
         return self._session
 
     def _evaluate_live(self, args, state, model, processor) -> None:
         import torch
 
-        from vieval_runner.pipeline import run as runner
+        from vieval_runner.pipeline.run import evaluate_resident
 
         session = self._session_for(model, processor)
         step = int(state.global_step)
@@ -95,7 +96,7 @@ class VievalCallback(TrainerCallback):
         live.eval()
         try:
             with torch.no_grad():
-                runner.evaluate_resident(session, ckpt, digest, advance=None)
+                evaluate_resident(session, ckpt, digest, advance=None)
         finally:
             live.train(was_training)
         self.evaluated.append(step)
@@ -121,7 +122,7 @@ class VievalCallback(TrainerCallback):
             *self.overrides,
         ]
         command.append(f"steps=[{step}]")
-        from vieval_runner.pipeline.distributed import single_process_env
+        from vieval_runner.pipeline.ranks import single_process_env
 
         # the training job's RANK/WORLD_SIZE must not make the child join its process group
         self._running = subprocess.Popen(command, env=single_process_env())

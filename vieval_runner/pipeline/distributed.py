@@ -16,7 +16,6 @@ See ``docs/distributed.md``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,49 +24,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vieval_runner import checkpoints as ckpts
-from vieval_runner import store
 from vieval_runner.config import Config
-from vieval_runner.data import DataError
-from vieval_runner.pipeline import overlap as throughput
-from vieval_runner.pipeline import results, resume
-from vieval_runner.pipeline import run as runner
-from vieval_runner.pipeline.ranks import (  # re-exported: the process group is part of this API
-    LAUNCH_VARIABLES,
+from vieval_runner.pipeline import overlap, resume, step
+from vieval_runner.pipeline.ranks import (
     Ranks,
-    _portable,
-    _with_rank,
     all_gather,
     broadcast,
-    env_ranks,
-    finish,
-    gather,
+    portable,
     run_step,
     setup,
-    single_process_env,
-    tag_logs,
-    world_size,
+    with_rank,
 )
-from vieval_runner.records import Specimen
+from vieval_runner.pipeline.session import Session, attach_model, note_checkpoints, open_session
+from vieval_runner.records import CheckpointError, DataError, Specimen
 
 log = logging.getLogger("vieval")
-
-__all__ = [
-    "LAUNCH_VARIABLES",
-    "Ranks",
-    "all_gather",
-    "broadcast",
-    "env_ranks",
-    "finish",
-    "gather",
-    "rank_device",
-    "run",
-    "run_step",
-    "setup",
-    "shard",
-    "single_process_env",
-    "tag_logs",
-    "world_size",
-]
 
 
 def shard(specimens: Sequence[Specimen], world: int, rank: int) -> list[int]:
@@ -113,19 +84,19 @@ class _Plan:
 
 
 def _open(
-    ranks: Ranks, config: Config, console: Console, outcome: runner.RunOutcome
-) -> tuple[runner.Session, _Plan]:
+    ranks: Ranks, config: Config, console: Console, outcome: step.RunOutcome
+) -> tuple[Session, _Plan]:
     """Rank 0 plans and writes the store while the others load the split; all then agree."""
     session, plan, error = None, None, None
     try:
         if ranks.is_main:
-            checkpoints = runner.select_checkpoints(config)
+            checkpoints = step.select_checkpoints(config)
             if not checkpoints:
-                raise ckpts.CheckpointError(
+                raise CheckpointError(
                     f"{config.run_dir}: no checkpoints found (and include_base is false)"
                 )
-            session = runner.open_session(config, console)
-            runner.note_checkpoints(session, checkpoints)
+            session = open_session(config, console)
+            note_checkpoints(session, checkpoints)
             steps = [c.step for c in checkpoints]
             console.print(f"[bold]run[/]   {config.effective_run_id}: steps {steps}")
             todo = resume.plan_checkpoints(
@@ -133,12 +104,12 @@ def _open(
             )
             plan = _Plan(todo, list(outcome.skipped), session.dataset_version)
         else:
-            session = runner.open_session(config, console, write=False)
+            session = open_session(config, console, write=False)
     except Exception as exc:
         log.exception("rank %d could not open the run", ranks.rank)
         error = exc
     # the barrier before any rank generates: the store exists and holds the specimens
-    plan, main_error = broadcast((plan, _portable(error)) if ranks.is_main else None)
+    plan, main_error = broadcast((plan, portable(error)) if ranks.is_main else None)
     if main_error is not None:
         raise main_error  # every rank fails the same way (same exit status)
     if error is None and not ranks.is_main and session.dataset_version != plan.dataset_version:
@@ -147,70 +118,44 @@ def _open(
             f"on this rank but {plan.dataset_version[:12]} on rank 0 "
             "(a different file on this node?)"
         )
-    problems = all_gather(_portable(error), ranks)
+    problems = all_gather(portable(error), ranks)
     for rank, problem in enumerate(problems):
         if problem is not None:
-            raise _with_rank(problem, rank)
+            raise with_rank(problem, rank)
     outcome.skipped = list(plan.skipped)
     return session, plan
 
 
 def _generate_shard(
-    worker: runner.Session,
+    worker: Session,
     ckpt: ckpts.Checkpoint,
     following: ckpts.Checkpoint | None,
-    ranks: Ranks,
     console: Console,
     advance: Callable[[int], None],
 ) -> tuple[list, dict[str, float]]:
     """This rank's generated texts (shard order) and its timings for one checkpoint.
 
     ``worker`` is this rank's session: its shard as specimens and its device in the config,
-    so the model is loaded, the shard prepared, the ``following`` checkpoint read ahead and
-    image embeddings reused by the one-process code path."""
+    so the one-process step runs on it: the model loaded once, the shard prepared, the
+    ``following`` checkpoint read ahead, image embeddings reused, the batch size found by
+    ``batch_size: auto`` kept across steps. Rank 0 parses all texts (``step.finish_step``)."""
     if not worker.specimens:  # more ranks than specimens: nothing to load or generate
         return [], {}
-    from vieval_runner.generate import batches as generation
-    from vieval_runner.model import loading as models
-
-    runner._ensure_model(worker, console, first=ckpt)  # once: base model on this device
-    config = worker.config
-    t0 = time.perf_counter()
-    try:
-        prefetched = throughput.take_prefetched(worker, ckpt)  # waits for the read
-    finally:  # even when this checkpoint is bad, the next one is read meanwhile
-        throughput.start_prefetch(worker, following)
-    models.apply_checkpoint(worker.loaded, ckpt, prefetched)
-    timings = {"load_s": time.perf_counter() - t0}
-    runner._say_processor_once(worker, ckpt, console)
-    cache = throughput.vision_cache_for_step(worker)
-    hits = cache.hits if cache is not None else 0
-    t0 = time.perf_counter()
-    generated = generation.generate(
-        worker.loaded,
-        worker.prepared,
-        batch_size=config.batch_size,
-        max_new_tokens=config.max_new_tokens,
-        progress=advance,
-        # box scores, lean loop, static cache, image embeddings of frozen vision towers
-        options=throughput.generate_options(config, cache),
-    )
-    timings["generate_s"] = time.perf_counter() - t0
-    if cache is not None:
-        log.info("vision embeddings reused for %d specimens", cache.hits - hits)
-    log.info("rank %d step %s: %s", ranks.rank, ckpt.step, timings)
+    timings = step.make_resident(worker, ckpt, following, console)
+    generated, _ = overlap.generate_and_parse(worker, advance, timings, parse=False)
+    log.info("rank step %s: %s", ckpt.step, timings)
     return generated, timings
 
 
-def _device_label(session: runner.Session, ranks: Ranks) -> str:
+def _device_label(session: Session, ranks: Ranks) -> str:
     return f"{getattr(session.loaded, 'device', session.config.device)} x{ranks.world_size} ranks"
 
 
-def run(config: Config, console: Console) -> runner.RunOutcome:
-    """``runner.run`` for one rank of a launch; every rank returns the same outcome."""
+def run(config: Config, console: Console) -> step.RunOutcome:
+    """``run.run`` for one rank of a launch; every rank returns the same outcome."""
     ranks = setup()
     assert ranks is not None, "distributed.run needs WORLD_SIZE > 1"
-    outcome = runner.RunOutcome(store=config.store, run_id=config.effective_run_id)
+    outcome = step.RunOutcome(store=config.store, run_id=config.effective_run_id)
     session, plan = _open(ranks, config, console, outcome)
     shards = [shard(session.specimens, ranks.world_size, r) for r in range(ranks.world_size)]
     device = rank_device(config.device, ranks.local_rank)
@@ -221,9 +166,7 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
     mine = [session.specimens[i] for i in shards[ranks.rank]]
     # this rank's own session; `session` (all specimens, the config as given) is the one
     # rank 0 parses, scores and commits with, so config hashes match a one-process run
-    worker = runner.Session(
-        config.model_copy(update={"device": device}), mine, session.dataset_version
-    )
+    worker = Session(config.model_copy(update={"device": device}), mine, session.dataset_version)
     console.print(
         f"[bold]ranks[/] {ranks.world_size} processes, specimens per rank "
         f"{[len(s) for s in shards]}"
@@ -247,7 +190,7 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
 
             def work(ckpt=ckpt, following=following, bar=bar):
                 return _generate_shard(
-                    worker, ckpt, following, ranks, console, lambda n: progress.advance(bar, n)
+                    worker, ckpt, following, console, lambda n: progress.advance(bar, n)
                 )
 
             def finish_main(parts, ckpt=ckpt, digest=digest, started=started):
@@ -260,9 +203,9 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
                 }
                 timings["ranks"] = ranks.world_size
                 if session.loaded is None:  # output format and coords follow the family
-                    runner.attach_model(session, worker.loaded)
+                    attach_model(session, worker.loaded)
                 extra = {"device": _device_label(worker, ranks)}
-                runner.finish_step(session, ckpt, digest, generated, timings, started, extra)
+                step.finish_step(session, ckpt, digest, generated, timings, started, extra)
 
             error = run_step(ranks, work, finish_main)
             if error is None:
@@ -271,25 +214,9 @@ def run(config: Config, console: Console) -> runner.RunOutcome:
                 outcome.failed[ckpt.step] = error
                 progress.console.print(f"[red]step {ckpt.step} failed[/]: {error}")
                 if ranks.is_main:
-                    _record_failure(session, worker, ckpt, digest, error, ranks)
+                    device = _device_label(worker, ranks)
+                    step.record_failure(session, ckpt, digest, error, device=device)
             progress.remove_task(bar)
             progress.advance(overall)
-    throughput.wait_for_saving(worker)  # this rank's prepared inputs, kept for later runs
+    overlap.wait_for_saving(worker)  # this rank's prepared inputs, kept for later runs
     return outcome
-
-
-def _record_failure(
-    session: runner.Session,
-    worker: runner.Session,
-    ckpt: ckpts.Checkpoint,
-    digest: str,
-    error: str,
-    ranks: Ranks,
-) -> None:
-    log.error("step %s (%s) failed: %s", ckpt.step, ckpt.path, error)
-    row = results.evaluation_row(session, ckpt, digest, "failed", error)
-    row["device"] = _device_label(worker, ranks)
-    try:
-        store.record_failed_evaluation(session.config.store, row)
-    except Exception:  # e.g. the disk is full: the console and log still say it
-        log.exception("could not record the failure of step %s in the store", ckpt.step)

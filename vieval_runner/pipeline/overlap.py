@@ -25,25 +25,30 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from vieval_runner.checkpoints import Checkpoint
+
+if TYPE_CHECKING:
+    from vieval_runner.generate.embedding_cache import VisionCache
 
 log = logging.getLogger("vieval")
 
 
-_UNKNOWN = object()  # State.following before the runner says which checkpoint comes next
-
-
 @dataclass
 class State:
-    """Per-session throughput state (kept on ``Session.throughput``)."""
+    """Per-session state of the overlapped work (``Session.overlap``)."""
 
-    vision_cache: object = None  # embedding_cache.VisionCache
+    vision_cache: VisionCache | None = None  # image embeddings of frozen vision towers
     prefetch: tuple[Path, Future] | None = None  # (checkpoint path, future CheckpointTensors)
     prepare_s: float | None = None  # preparing (or reusing) the split's processor outputs
     prepare_reused: bool = False  # they came from an earlier run (prepared_reuse)
     committer: Committer | None = None
-    following: object = _UNKNOWN  # the checkpoint evaluated next (None: there is none)
+    # the checkpoint evaluated next (None: there is none); unknown until the runner says
+    following: Checkpoint | None = None
+    following_known: bool = False
     memo: dict = field(default_factory=dict)  # batch size found by the auto probe
     noted: set = field(default_factory=set)
     first_chunk: list | None = None  # the split's first prepared specimens (early check)
@@ -51,9 +56,8 @@ class State:
 
 
 def state(session) -> State:
-    if session.throughput is None:
-        session.throughput = State()
-    return session.throughput
+    """The session's overlap state (``Session.overlap``)."""
+    return session.overlap
 
 
 def prepare(session) -> None:
@@ -65,7 +69,7 @@ def prepare(session) -> None:
 def prepare_inputs(session, loaded, cancel=None) -> None:
     """``session.prepared``: the split's processor outputs (needs only ``loaded``'s processor
     and family, so it can run while the weights load; ``cancel`` stops it)."""
-    from vieval_runner.generate import batches as generation
+    from vieval_runner.prepare import inputs
 
     config = session.config
     st = state(session)
@@ -86,7 +90,7 @@ def prepare_inputs(session, loaded, cancel=None) -> None:
         log.info(line)
         state(session).prepare_reused = line.startswith("prepared inputs reused")
     else:
-        session.prepared = generation.prepare(
+        session.prepared = inputs.prepare(
             loaded,
             session.specimens,
             template=config.prompt_template,
@@ -127,8 +131,11 @@ def install_caches(session) -> None:
     session.loaded.hash_vision = config.cache_vision  # hashing only feeds the cache
     if config.cache_vision and state(session).vision_cache is None:
         from vieval_runner.generate.embedding_cache import VisionCache
+        from vieval_runner.model.vision_hash import current_vision_hash
 
-        state(session).vision_cache = VisionCache(session.loaded, config.vision_cache_ram_mb)
+        state(session).vision_cache = VisionCache(
+            session.loaded, current_vision_hash, config.vision_cache_ram_mb
+        )
 
 
 def start_prefetch(session, ckpt, first: bool = False) -> None:
@@ -141,7 +148,7 @@ def start_prefetch(session, ckpt, first: bool = False) -> None:
     from vieval_runner.model import prefetch
 
     st = state(session)
-    st.following = ckpt
+    st.following, st.following_known = ckpt, True
     if not session.config.prefetch or ckpt is None or ckpt.kind != "full":
         return
     if st.prefetch is not None and st.prefetch[0] == Path(ckpt.path):
@@ -184,10 +191,14 @@ def vision_cache_for_step(session):
     return cache
 
 
-def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[list, list]:
+def generate_and_parse(
+    session, advance, timings: dict[str, float], parse: bool = True
+) -> tuple[list, list | None]:
     """``(generated, predictions)`` aligned with ``session.specimens``.
 
-    Parsing of each batch runs on the decoding thread while the next batch generates.
+    Parsing of each batch runs on the decoding thread while the next batch generates
+    (``parse=False``: no parsing, predictions None; ranks leave it to rank 0). With
+    ``batch_size: auto`` the first call probes and later calls reuse what fitted (``memo``).
     """
     from vieval_runner.generate import batches as generation
     from vieval_runner.pipeline.results import parse_one
@@ -209,6 +220,8 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
     hits = cache.hits if cache is not None else 0
     t0 = time.perf_counter()
     batch_size = st.memo.get("batch_size", config.batch_size)
+    if batch_size == "auto":
+        log.info("batch_size auto: probing the largest batch that fits")
     threads, previous = generation_threads(config, session.loaded), torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -219,7 +232,7 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
             batch_size=batch_size,
             max_new_tokens=config.max_new_tokens,
             progress=advance,
-            on_batch=parse_batch,
+            on_batch=parse_batch if parse else None,
             options=options,
             memo=st.memo,
         )
@@ -227,6 +240,8 @@ def generate_and_parse(session, advance, timings: dict[str, float]) -> tuple[lis
         if threads is not None:  # the caller's setting (e.g. a Trainer's) comes back
             torch.set_num_threads(previous)
     timings["generate_s"] = time.perf_counter() - t0
+    if not parse:
+        return generated, None
     timings["parse_s"] = parse_time[0]  # overlapped with generation
     if cache is not None:  # a count, not a time: logged, kept out of the timings
         log.info("vision embeddings reused for %d specimens", cache.hits - hits)
@@ -239,7 +254,7 @@ def embeddings_wanted(session) -> bool:
     one's prefetched vision part hashes differently. Unknown (not read yet) counts as yes."""
     st = state(session)
     following = st.following
-    if following is _UNKNOWN:
+    if not st.following_known:
         return True
     if following is None:
         return session.open_ended

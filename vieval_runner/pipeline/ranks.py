@@ -158,7 +158,7 @@ def all_gather(obj: Any, ranks: Ranks) -> list[Any]:
     return out
 
 
-def _portable(exc: BaseException | None) -> BaseException | None:
+def portable(exc: BaseException | None) -> BaseException | None:
     """The exception itself if it survives pickling (so other ranks raise the same type and
     the CLI maps it to the same exit status), else a RuntimeError with its message."""
     if exc is None:
@@ -170,7 +170,7 @@ def _portable(exc: BaseException | None) -> BaseException | None:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _with_rank(exc: BaseException, rank: int) -> BaseException:
+def with_rank(exc: BaseException, rank: int) -> BaseException:
     try:
         return type(exc)(f"rank {rank}: {exc}")
     except Exception:  # an exception type whose constructor wants other arguments

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config
-from vieval_runner.model.families import default_coords
+from vieval_runner.families import default_coords
 from vieval_runner.pipeline.results import parse_text, prediction_rows, score_predictions
 from vieval_runner.records import Box, Prediction, Specimen
 

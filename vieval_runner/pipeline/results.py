@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from vieval_runner import __version__, parsing, scoring, store
 from vieval_runner import checkpoints as ckpts
+from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config, dump_config
 from vieval_runner.pipeline.resume import config_hash, resolved
 from vieval_runner.records import Box, Prediction, Specimen
+from vieval_runner.version import __version__
 
 
 def evaluation_row(

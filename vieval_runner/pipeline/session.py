@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,7 +19,8 @@ from vieval_runner import checkpoints as ckpts
 from vieval_runner import data as data_mod
 from vieval_runner import store
 from vieval_runner.config import Config
-from vieval_runner.records import Specimen
+from vieval_runner.pipeline.overlap import State
+from vieval_runner.records import LoadedModel, Specimen
 
 log = logging.getLogger("vieval")
 
@@ -32,7 +34,7 @@ class Session:
     config: Config
     specimens: list[Specimen]
     dataset_version: str
-    loaded: object = None  # models.LoadedModel, loaded lazily (nothing to do -> no model load)
+    loaded: LoadedModel | None = None  # loaded lazily (nothing to do -> no model load)
     prepared: list | None = None
     output_format: str | None = None
     coords: str | None = None  # plain_xyxy convention: config, else the family's default
@@ -40,8 +42,9 @@ class Session:
     specimens_written: Future | None = None  # the background specimens-table write
     processor_loading: Future | None = None  # models.load_base_processor, started by ``run``
     open_ended: bool = False  # more checkpoints may come later (``watch``, the callback)
-    specimens_pending: object = None  # that write, until it starts (``start_specimens``)
-    throughput: object = None  # throughput.State: vision cache, prefetch, committer
+    # that write, until it starts (``start_specimens``)
+    specimens_pending: Callable[[], None] | None = None
+    overlap: State = field(default_factory=State)  # vision cache, prefetch, committer, memo
     step_timings: list[dict] = field(default_factory=list)  # each step's (commit_s filled late)
     newest_checkpoint: ckpts.Checkpoint | None = None  # its trainer state: the longest log
     training_log_until: int | None = None  # highest stored training-log step (None: unread)
@@ -108,7 +111,7 @@ def wait_for_specimens(session: Session) -> None:
 
 def attach_model(session: Session, loaded) -> None:
     """Make ``loaded`` the session's model; output format and coords default from its family."""
-    from vieval_runner.model.families import FAMILIES, default_coords
+    from vieval_runner.families import FAMILIES, default_coords
 
     facts = FAMILIES[loaded.family]
     session.loaded = loaded

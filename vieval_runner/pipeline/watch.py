@@ -13,12 +13,9 @@ from rich.console import Console
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config
-from vieval_runner.pipeline.run import (
-    RunOutcome,
-    evaluate_checkpoints,
-    open_session,
-    select_checkpoints,
-)
+from vieval_runner.pipeline.run import evaluate_checkpoints
+from vieval_runner.pipeline.session import open_session
+from vieval_runner.pipeline.step import RunOutcome, select_checkpoints
 
 
 def training_finished(checkpoints: list[ckpts.Checkpoint]) -> bool:

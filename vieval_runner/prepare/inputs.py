@@ -13,38 +13,20 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from vieval_runner.model.loading import FAMILIES, LoadedModel
-from vieval_runner.records import Specimen
+from vieval_runner.families import FAMILIES
+from vieval_runner.records import SEQ_KEYS, LoadedModel, PreparedSpecimen, Specimen
 
 if TYPE_CHECKING:
     from vieval_runner.prepare.ram_budget import PreparedSet
 
 log = logging.getLogger("vieval")
 
-# processor outputs aligned with the token sequence: padded per batch; the rest are concatenated
-SEQ_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
 _DROP_KEYS = {"labels"}
-
-
-@dataclass
-class PreparedSpecimen:
-    """One specimen's processor outputs (batch dim removed for sequence tensors)."""
-
-    specimen_id: str
-    input_ids: torch.Tensor  # (seq,)
-    # every other processor output, as the processor gave it (pixels, grids, type ids)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    input_size: tuple[int, int] | None = None
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.input_ids.shape[0])
 
 
 def build_prompt(

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, overload
 import torch
 
 if TYPE_CHECKING:
-    from vieval_runner.prepare.inputs import PreparedSpecimen
+    from vieval_runner.records import PreparedSpecimen
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ class PreparedSet(Sequence):
         (a reused entry: read once instead of once per batch and checkpoint); how many."""
         from safetensors import safe_open
 
-        from vieval_runner.prepare.inputs import PreparedSpecimen
+        from vieval_runner.records import PreparedSpecimen
 
         by_chunk: dict[int, list[int]] = {}
         for index, meta in enumerate(self._meta):
@@ -320,7 +320,7 @@ class PreparedSet(Sequence):
     def _load(self, index: int) -> PreparedSpecimen:
         from safetensors import safe_open
 
-        from vieval_runner.prepare.inputs import PreparedSpecimen
+        from vieval_runner.records import PreparedSpecimen
 
         meta = self._meta[index]
         with safe_open(str(self._chunks[meta.chunk]), framework="pt") as f:

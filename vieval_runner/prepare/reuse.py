@@ -30,7 +30,7 @@ from pathlib import Path
 
 import xxhash
 
-from vieval_runner.model.families import FAMILIES
+from vieval_runner.families import FAMILIES
 from vieval_runner.prepare.ram_budget import PreparedSet
 from vieval_runner.prepare.reuse_entries import (
     FORMAT_VERSION,
@@ -114,7 +114,7 @@ def split_key(
     import torch
     import transformers
 
-    from vieval_runner import __version__
+    from vieval_runner.version import __version__
 
     source = processor_source(loaded)
     if source is None or not specimens:

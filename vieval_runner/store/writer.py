@@ -81,7 +81,7 @@ def _append(root: str, table: str, data: pa.Table, storage_options: Options) -> 
 
 
 def _eval_defaults(eval_row: Mapping, status: str) -> dict:
-    from vieval_runner import __version__
+    from vieval_runner.version import __version__
 
     row = dict(eval_row)
     run_id, step = row.get("run_id"), row.get("step")

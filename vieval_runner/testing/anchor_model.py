@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from vieval_runner.testing import tiny_models as tm
+from vieval_runner.testing.tiny_run import trainer_state
 
 ANCHOR_IMAGE_PX = 448  # 448 / 14 = 32 patches a side, merged 2 x 2 -> 256 visual tokens
 
@@ -95,7 +96,7 @@ def anchor_tokenizer(vocab_size: int):
     """
     from tokenizers import Tokenizer
 
-    base = tm._qwen_tokenizer()
+    base = tm.qwen_tokenizer()
     # whole words of the chat template, so prompts are ~30 tokens as with the real tokenizer
     base.add_tokens(list(_PROMPT_WORDS))
     tree = json.loads(base.backend_tokenizer.to_str())
@@ -148,7 +149,7 @@ def anchor_config(processor, shrink: bool = False):
         text_config=text,
         vision_config=vision,
         tie_word_embeddings=True,  # as Qwen2-VL-2B
-        **tm._qwen_token_ids(tok),
+        **tm.qwen_token_ids(tok),
     )
 
 
@@ -228,7 +229,7 @@ def write_anchor_run(
         ckpt = out_dir / "run" / f"checkpoint-{step}"
         model.save_pretrained(ckpt)
         processor.save_pretrained(ckpt)
-        state = tm._trainer_state(step, steps, seed)
+        state = trainer_state(step, steps, seed)
         (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     save_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())

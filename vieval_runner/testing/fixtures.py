@@ -56,7 +56,7 @@ def make_specimens(task: str = "grounding") -> list[Specimen]:
 def model_batch(loaded, specimens):
     """A real 3-specimen batch (images of different sizes), padded by the processor; used by
     the weight-swap tests of full checkpoints and of LoRA adapters."""
-    from vieval_runner.generate.batches import build_prompt
+    from vieval_runner.prepare.inputs import build_prompt
 
     chosen = specimens[:3]
     texts = [build_prompt(loaded, s) for s in chosen]
@@ -78,7 +78,8 @@ def logits_of(model, inputs):
 
 def load_at_200(run, device: str = "cpu", dtype: str = "auto"):
     """A fresh LoadedModel of ``run``'s base with checkpoint-200's weights swapped in."""
-    from vieval_runner.model.loading import load_base, swap_weights
+    from vieval_runner.model.loading import load_base
+    from vieval_runner.model.swap import swap_weights
 
     loaded = load_base(run.base_model_dir, device=device, dtype=dtype)
     swap_weights(loaded, run.run_dir / "checkpoint-200")
@@ -134,7 +135,7 @@ def quiet_console() -> Console:
 
 def decoder_only_families() -> list[str]:
     """The buildable tiny families that decode with a decoder only (not Florence-2)."""
-    from vieval_runner.model.families import FAMILIES
+    from vieval_runner.families import FAMILIES
     from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
     return [f for f in FAMILIES_BUILDABLE if not FAMILIES[f]["encoder_decoder"]]
@@ -143,7 +144,8 @@ def decoder_only_families() -> list[str]:
 def padded_batch(loaded, specimens):
     """The nine mixed-size specimens as one left-padded batch (longest prompt first)."""
     from vieval_runner.generate import decoding
-    from vieval_runner.generate.batches import collate, prepare
+    from vieval_runner.generate.batches import collate
+    from vieval_runner.prepare.inputs import prepare
 
     prepared = sorted(prepare(loaded, specimens), key=lambda p: -p.prompt_len)
     assert prepared[0].prompt_len > prepared[-1].prompt_len  # real padding in the batch

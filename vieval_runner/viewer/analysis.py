@@ -48,7 +48,8 @@ FALLBACK_ACTIONS = {
 
 
 @functools.cache
-def _scoring() -> Any:
+def scoring_module() -> Any:
+    """``vieval_runner.scoring``, imported on first use (it pulls in torch)."""
     try:
         import vieval_runner.scoring as scoring
     except Exception:  # absent or broken: fall back to the local definitions below
@@ -58,12 +59,12 @@ def _scoring() -> Any:
 
 def warm_up() -> None:
     """Import scoring now (it pulls in torch: seconds) rather than on the first request."""
-    _scoring()
+    scoring_module()
 
 
 def failure_actions() -> dict[str, str]:
     """Suggested action per failure category."""
-    scoring = _scoring()
+    scoring = scoring_module()
     actions = dict(FALLBACK_ACTIONS)
     if scoring is not None:
         actions.update({str(k): str(v) for k, v in scoring.FAILURE_ACTIONS.items()})
@@ -135,7 +136,7 @@ def box_matches(pred: list[list], ref: list[list]) -> list[list | None]:
     if not pred or not ref:
         return [None] * len(pred)
     iou = _iou_matrix(pred, ref)
-    scoring = _scoring()
+    scoring = scoring_module()
     if scoring is not None:
         pairs = scoring.match_boxes(iou, MATCH_IOU)
     else:  # greedy by IoU: the same result in all but contrived cases
@@ -155,7 +156,7 @@ def box_matches(pred: list[list], ref: list[list]) -> list[list | None]:
 def best_and_overfit(aggs: list[dict], metric: str) -> tuple[dict | None, dict | None]:
     """Best step by ``metric`` and the overfitting signal (an earlier step clearly better)."""
     by_step = {a["step"]: a for a in aggs if a.get("step") is not None}
-    scoring = _scoring()
+    scoring = scoring_module()
     if scoring is not None:
         best_step = scoring.best_step(by_step, metric)
         overfit = scoring.overfitting_signal(by_step, metric)

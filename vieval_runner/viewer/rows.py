@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vieval_runner.viewer.analysis import MATCH_IOU, _scoring, box_matches, clean
+from vieval_runner.viewer.analysis import MATCH_IOU, box_matches, clean, scoring_module
 
 BOX_FIELDS = ("x1", "y1", "x2", "y2", "label", "score")
 # Columns the step document leaves out of each row (the document says run and step once).
@@ -113,7 +113,7 @@ def all_box_matches(preds: list[list[list]], refs: list[list[list]]) -> list[lis
     Rows with no pair at IoU >= ``MATCH_IOU`` match nothing without calling the matcher;
     the rest go through scoring's ``match_boxes`` exactly as ``box_matches`` does.
     """
-    scoring = _scoring()
+    scoring = scoring_module()
     if scoring is None:  # rare: no scoring module, keep the one definition of the fallback
         return [box_matches(p, r) for p, r in zip(preds, refs, strict=True)]
     iou, off, pair_row = _pair_ious(preds, refs)

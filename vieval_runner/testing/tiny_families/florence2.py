@@ -10,10 +10,10 @@ def processor():
     """Florence2Processor: it expands the task token and adds image tokens, <s> and </s> itself."""
     from transformers import CLIPImageProcessor, Florence2Processor, PreTrainedTokenizerFast
 
-    from vieval_runner.testing.tiny_models import _train_tokenizer
+    from vieval_runner.testing.tiny_tokenizer import train_tokenizer
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(_SPECIALS),
+        tokenizer_object=train_tokenizer(_SPECIALS),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",

@@ -28,11 +28,11 @@ def processor():
         PreTrainedTokenizerFast,
     )
 
-    from vieval_runner.testing.tiny_models import _QWEN_SPECIALS, _train_tokenizer
+    from vieval_runner.testing.tiny_tokenizer import QWEN_SPECIALS, train_tokenizer
 
-    specials = _QWEN_SPECIALS + _EXTRA_SPECIALS  # Qwen2 tokenizer + InternVL's image/box tags
+    specials = QWEN_SPECIALS + _EXTRA_SPECIALS  # Qwen2 tokenizer + InternVL's image/box tags
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(specials),
+        tokenizer_object=train_tokenizer(specials),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(specials[1:]),

@@ -23,9 +23,9 @@ def processor():
     from tokenizers import processors
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    from vieval_runner.testing.tiny_models import _train_tokenizer
+    from vieval_runner.testing.tiny_tokenizer import train_tokenizer
 
-    raw = _train_tokenizer(_SPECIALS)
+    raw = train_tokenizer(_SPECIALS)
     bos = raw.token_to_id("<s>")
     raw.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]

@@ -8,10 +8,10 @@ _SPECIALS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
 def processor():
     from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
 
-    from vieval_runner.testing.tiny_models import _train_tokenizer
+    from vieval_runner.testing.tiny_tokenizer import train_tokenizer
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(_SPECIALS),
+        tokenizer_object=train_tokenizer(_SPECIALS),
         pad_token="<pad>",
         eos_token="<eos>",
         bos_token="<bos>",

@@ -24,10 +24,10 @@ def processor():
     )
     from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
-    from vieval_runner.testing.tiny_models import _train_tokenizer
+    from vieval_runner.testing.tiny_tokenizer import train_tokenizer
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(_SPECIALS, vocab_size=460),
+        tokenizer_object=train_tokenizer(_SPECIALS, vocab_size=460),
         bos_token="<|im_start|>",
         eos_token="<end_of_utterance>",
         pad_token="<|endoftext|>",

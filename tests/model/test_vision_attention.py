@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vieval_runner.generate import vision_attention
-from vieval_runner.generate.batches import generate, prepare
-from vieval_runner.generate.vision_attention import PACKED_SDPA, pack_vision_attention
-from vieval_runner.generate.vision_attention import unpack_vision_attention as unpack
+from vieval_runner.generate.batches import generate
+from vieval_runner.model import vision_attention
 from vieval_runner.model.loading import load_base
+from vieval_runner.model.vision_attention import PACKED_SDPA, pack_vision_attention
+from vieval_runner.model.vision_attention import unpack_vision_attention as unpack
+from vieval_runner.prepare.inputs import prepare
 from vieval_runner.testing.fixtures import make_specimens
 from vieval_runner.testing.tiny_models import build_tiny_model
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from vieval_runner.testing.tiny_models import write_base
+from vieval_runner.testing.tiny_run import TinyRun, trainer_state
+
 # attention projections every tiny family has (Qwen2, Gemma, Llama, BART, SigLIP, CLIP)
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "v_proj")
 
@@ -30,8 +33,6 @@ def write_tiny_lora_run(
     """
     from peft import LoraConfig, get_peft_model
 
-    from vieval_runner.testing.tiny_models import TinyRun, _trainer_state, write_base
-
     out_dir = Path(out_dir)
     steps = tuple(sorted(int(s) for s in steps))
     model, processor, base = write_base(out_dir, family, seed)
@@ -51,6 +52,6 @@ def write_tiny_lora_run(
                     param.copy_(noise * (0.3 * math.sqrt(step / 100)))
         ckpt = run_dir / f"checkpoint-{step}"
         peft_model.save_pretrained(ckpt)
-        state = _trainer_state(step, steps, seed)
+        state = trainer_state(step, steps, seed)
         (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     return TinyRun(base_model_dir=base, run_dir=run_dir, steps=steps, family=family)
