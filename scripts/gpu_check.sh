@@ -11,7 +11,7 @@
 #   5. static-cache decoding, CUDA-graph steps vs HF static, tiny models           (45 s)
 #   6. the vision tower alone: packed attention vs HF's per-image loop (Qwen2-VL)  (45 s)
 #   7. lean greedy loop vs HF generate, tiny models                                (45 s)
-#   8. SmolVLM batching diagnosis, stage by stage (issue 3)                        (45 s)
+#   8. SmolVLM batching diagnosis, stage by stage                                 (45 s)
 #   9. the vision tower alone, Qwen2.5-VL's windowed layers                        (45 s)
 # Full log: $OUT/gpu_check.log; figures: $OUT/throughput.json. Summary table printed LAST.
 #
@@ -89,21 +89,21 @@ else
         --json "$OUT/throughput.json"
 fi
 
-# issue 7: where one batch's time goes (vision, rope positions, prefill, decoding 3 ways)
+# where one batch's time goes (vision, rope positions, prefill, decoding 3 ways)
 optional profile 50 python3 scripts/gpu_profile_batch.py "${PROFILE[@]}" \
     --device "$DEVICE" --dtype "$DTYPE"
 GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086
 optional gpu_tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider $GPU_TESTS
-# issue 7: static cache, decoding steps from CUDA graphs vs HF generate's static cache
+# static cache, decoding steps from CUDA graphs vs HF generate's static cache
 optional decoding_static 45 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5 \
     --static-cache qwen2_vl paligemma llava
-# issue 7: the vision tower alone, HF's per-image attention loop vs one call per image size
+# the vision tower alone, HF's per-image attention loop vs one call per image size
 optional vision_plain 45 python3 scripts/bench_vision.py "${VISION[@]}" \
     --device "$DEVICE" --dtype "$DTYPE"
-# issue 7: the lean greedy loop vs HF generate per family (tiny models: per-step overhead)
+# the lean greedy loop vs HF generate per family (tiny models: per-step overhead)
 optional decoding 45 python3 scripts/bench_decoding.py --device "$DEVICE" --repeats 5
-# issue 3: which stage of SmolVLM's batched forward leaves the single one on CUDA
+# which stage of SmolVLM's batched forward leaves the single one on CUDA
 optional smolvlm_diag 45 env DEV="$DEVICE" python3 scripts/gpu_diag_smolvlm.py
 optional vision_windowed 45 python3 scripts/bench_vision.py --windowed "${VISION[@]}" \
     --device "$DEVICE" --dtype "$DTYPE"

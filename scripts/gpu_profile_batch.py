@@ -1,4 +1,4 @@
-"""Where one batch's generation time goes, on the Qwen2-VL-2B-shaped model (issue 7 diagnosis).
+"""Where one batch's generation time goes, on the Qwen2-VL-2B-shaped model (a diagnosis of where GPU time goes).
 
 One batch of ``--batch`` specimens (448 x 448 images, the anchor's prompt), prepared and
 collated by vieval's own code, then timed stage by stage with the device synchronised around

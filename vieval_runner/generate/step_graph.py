@@ -1,8 +1,9 @@
 """One-token decoding steps replayed from a CUDA graph (static KV cache only).
 
-A decoding step of a 2 B model at batch 256 is ~1-2 ms of GPU work but, by session 1's H200
-figures, ~30 ms of Python and kernel launches through the HF model (hundreds of small kernels
-per step), so an eager greedy loop leaves the GPU mostly idle (estimated, not yet measured). With a static KV cache every step of a batch has the same
+A decoding step of a 2 B model at batch 256 is ~1-2 ms of GPU work but, by the H200 figures
+in docs/benchmarks.md, ~30 ms of Python and kernel launches through the HF model (hundreds of
+small kernels per step), so an eager greedy loop leaves the GPU mostly idle (an estimate,
+not yet measured). With a static KV cache every step of a batch has the same
 shapes and reads and writes the same buffers (transformers' ``StaticLayer`` keeps its write
 position in a device tensor and advances it in place), so the model's forward can be captured
 once per batch as a CUDA graph and replayed: the step's inputs, as the model's own

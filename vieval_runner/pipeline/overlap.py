@@ -240,11 +240,11 @@ def generate_and_parse(
         if threads is not None:  # the caller's setting (e.g. a Trainer's) comes back
             torch.set_num_threads(previous)
     timings["generate_s"] = time.perf_counter() - t0
+    if cache is not None:  # a count, not a time: logged, kept out of the timings
+        log.info("vision embeddings reused for %d specimens", cache.hits - hits)
     if not parse:
         return generated, None
     timings["parse_s"] = parse_time[0]  # overlapped with generation
-    if cache is not None:  # a count, not a time: logged, kept out of the timings
-        log.info("vision embeddings reused for %d specimens", cache.hits - hits)
     return generated, predictions
 
 

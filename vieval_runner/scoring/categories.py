@@ -1,4 +1,4 @@
-"""Failure categories per specimen and the suggested action for each (DESIGN section 7)."""
+"""Failure categories per specimen and the suggested action for each (docs/metrics.md)."""
 
 from __future__ import annotations
 
