@@ -30,6 +30,10 @@ class Box:
     # the box to the tokens that wrote it (per-box scores); not part of equality, hashing or
     # the store's box struct.
     span: tuple[int, int] | None = field(default=None, compare=False)
+    # the four numbers as the output wrote them (x1, y1, x2, y2 in the format's own units,
+    # before scaling, ordering and clamping), for formats whose numbers are free text: the
+    # coordinate-frame check re-maps them under other frames. Not stored, not compared.
+    raw: tuple[float, float, float, float] | None = field(default=None, compare=False)
 
     def as_list(self) -> list[float]:
         return [self.x1, self.y1, self.x2, self.y2]
