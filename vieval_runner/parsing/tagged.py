@@ -152,7 +152,9 @@ _INNER_LIST = re.compile(r"\[([^\[\]]*)\]")
 # A box list without tags, as decoding with skip_special_tokens=True leaves it: "[[x1, y1, x2,
 # y2], ...]" or a bare "[x1, y1, x2, y2]", with the phrase (if any) written before it.
 _STRIPPED_LIST = re.compile(
-    rf"\[\s*\[[^\[\]]*\](?:\s*,\s*\[[^\[\]]*\])*\s*\]|\[\s*{NUM}(?:\s*,\s*{NUM}){{3}}\s*\]", re.I
+    rf"\[\s*\[[^\[\]]*\](?:\s*,\s*\[[^\[\]]*\])*\s*\]"
+    rf"|\[\s*(?:{NUM})(?:\s*,\s*(?:{NUM})){{3}}\s*\]",
+    re.I,
 )
 _STRIPPED_CUT = re.compile(r"\[[\[\d\s,.\]-]*\Z")
 
