@@ -122,3 +122,6 @@ class Prediction:
     # where it ends, so box scores can be re-derived from re-parsed text (``vieval rescore``)
     token_logprobs: list[float] | None = None
     token_ends: list[int] | None = None
+    # generation hit max_new_tokens (None: unknown, e.g. rows stored before it was kept);
+    # the parser uses it to tell a cut-off output (truncated) from a badly formed one
+    truncated: bool | None = None
