@@ -65,21 +65,27 @@ def _scales(frame: str, size: np.ndarray, input_size: np.ndarray) -> np.ndarray:
     return size / _DIVISORS[frame]
 
 
-def _matches(iou: np.ndarray, threshold: float) -> int:
-    """One-to-one greedy matches (highest IoU first) with IoU >= threshold in an (n, m) matrix."""
-    pairs = np.argwhere(iou >= threshold)
-    if len(pairs) == 0:
+def _greedy_matches(iou: np.ndarray, pred: np.ndarray, ref: np.ndarray, threshold: float) -> int:
+    """One-to-one greedy matches (highest IoU first) among candidate pairs with IoU >=
+    ``threshold`` (``pred``/``ref``: each pair's global box indices)."""
+    keep = np.nonzero(iou >= threshold)[0]
+    if len(keep) == 0:
         return 0
-    if len(pairs) == 1:
-        return 1
-    order = np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")
+    order = keep[np.argsort(-iou[keep], kind="stable")]
     used_p, used_r, n = set(), set(), 0
-    for p, r in pairs[order]:
+    for p, r in zip(pred[order].tolist(), ref[order].tolist(), strict=True):
         if p not in used_p and r not in used_r:
             used_p.add(p)
             used_r.add(r)
             n += 1
     return n
+
+
+def _flat(boxes: Sequence[Sequence[Sequence[float]]]) -> tuple[np.ndarray, np.ndarray]:
+    """All specimens' boxes as one (N, 4) array, and each specimen's count."""
+    counts = np.array([len(b) for b in boxes], dtype=np.int64)
+    rows = [v for b in boxes for v in b]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4), counts
 
 
 def fit_frames(
@@ -102,43 +108,40 @@ def fit_frames(
     least ``margin`` with at least ``min_boxes`` reference boxes.
     """
     frames = [configured] + [f for f in CANDIDATE_FRAMES if f != configured]
-    resized = any(
-        s is not None and tuple(map(float, s)) != tuple(map(float, i))
-        for s, i in zip(input_sizes, image_sizes, strict=True)
-    )
-    if not resized and configured != "input_pixel":
+    sizes = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)
+    inputs = np.array(
+        [s if i is None else i for s, i in zip(image_sizes, input_sizes, strict=True)],
+        dtype=np.float64,
+    ).reshape(-1, 2)
+    if configured != "input_pixel" and np.array_equal(sizes, inputs):
         frames.remove("input_pixel")
-    fit = FrameFit(configured=configured)
-    tp = np.zeros(len(frames), dtype=np.int64)
-    for raw, refs, size, insize in zip(raw_boxes, ref_boxes, image_sizes, input_sizes, strict=True):
-        r = np.asarray(refs, dtype=np.float64).reshape(-1, 4)
-        p = np.asarray(raw, dtype=np.float64).reshape(-1, 4)
-        fit.n_ref += len(r)
-        fit.n_pred += len(p)
-        if not len(r) or not len(p):
-            continue
-        wh = np.asarray(size, dtype=np.float64)
-        iwh = np.asarray(insize if insize is not None else size, dtype=np.float64)
-        scale = np.stack([_scales(f, wh[None], iwh[None])[0] for f in frames])  # (F, 2)
-        boxes = p[None] * np.tile(scale, 2)[:, None, :]  # (F, n, 4) in pixels
-        x = np.sort(np.clip(boxes[..., 0::2], 0, wh[0]), axis=-1)
-        y = np.sort(np.clip(boxes[..., 1::2], 0, wh[1]), axis=-1)
-        iw = np.clip(np.minimum(x[..., None, 1], r[None, None, :, 2])
-                     - np.maximum(x[..., None, 0], r[None, None, :, 0]), 0, None)  # fmt: skip
-        ih = np.clip(np.minimum(y[..., None, 1], r[None, None, :, 3])
-                     - np.maximum(y[..., None, 0], r[None, None, :, 1]), 0, None)  # fmt: skip
-        inter = iw * ih  # (F, n, m)
-        area_p = ((x[..., 1] - x[..., 0]) * (y[..., 1] - y[..., 0]))[..., None]
-        area_r = ((r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1]))[None, None, :]
-        union = area_p + area_r - inter
-        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        best = iou.max(axis=(1, 2))
-        for k in np.nonzero(best >= iou_threshold)[0]:
-            tp[k] += _matches(iou[k], iou_threshold)
+    preds, n_pred = _flat(raw_boxes)
+    refs, n_ref = _flat(ref_boxes)
+    fit = FrameFit(configured=configured, n_pred=int(n_pred.sum()), n_ref=int(n_ref.sum()))
     total = fit.n_pred + fit.n_ref
-    fit.f1 = {f: (2.0 * int(t) / total if total else 0.0) for f, t in zip(frames, tp, strict=True)}
     if not total:
         return fit
+    # every (prediction, reference) pair of the same specimen, without padding
+    pairs = n_pred * n_ref
+    spec = np.repeat(np.arange(len(pairs)), pairs)
+    k = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    p_idx = (np.cumsum(n_pred) - n_pred)[spec] + k // np.maximum(n_ref[spec], 1)
+    r_idx = (np.cumsum(n_ref) - n_ref)[spec] + k % np.maximum(n_ref[spec], 1)
+    wh = sizes[spec]  # (P, 2) each pair's image size
+    scale = np.stack([_scales(f, wh, inputs[spec]) for f in frames])  # (F, P, 2)
+    boxes = preds[p_idx][None] * np.tile(scale, 2)  # (F, P, 4) in pixels
+    x = np.sort(np.clip(boxes[..., 0::2], 0, wh[None, :, :1]), axis=-1)
+    y = np.sort(np.clip(boxes[..., 1::2], 0, wh[None, :, 1:]), axis=-1)
+    r = refs[r_idx]
+    iw = np.clip(np.minimum(x[..., 1], r[:, 2]) - np.maximum(x[..., 0], r[:, 0]), 0, None)
+    ih = np.clip(np.minimum(y[..., 1], r[:, 3]) - np.maximum(y[..., 0], r[:, 1]), 0, None)
+    inter = iw * ih
+    area_p = (x[..., 1] - x[..., 0]) * (y[..., 1] - y[..., 0])
+    union = area_p + (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1]) - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)  # (F, P)
+    for f, frame in enumerate(frames):
+        tp = _greedy_matches(iou[f], p_idx, r_idx, iou_threshold)
+        fit.f1[frame] = 2.0 * tp / total
     fit.best = max(frames, key=lambda f: fit.f1[f])  # first (configured) wins ties
     gain = fit.f1[fit.best] - fit.f1[configured]
     fit.fires = fit.best != configured and gain >= margin and fit.n_ref >= min_boxes
