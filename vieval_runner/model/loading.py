@@ -17,6 +17,7 @@ import torch
 from vieval_runner.generate.vision_attention import pack_vision_attention
 from vieval_runner.model.families import (
     FAMILIES,  # the registry lives there; models.FAMILIES stays importable
+    OUTPUT_FORMAT_ONLY,
 )
 from vieval_runner.model.vision_hash import vision_modules
 
@@ -71,8 +72,15 @@ def family_for_model_type(model_type: str, source: str = "config.json") -> str:
         if model_type in facts["model_types"]:
             return family
     supported = sorted(t for f in FAMILIES.values() for t in f["model_types"])
+    fmt = OUTPUT_FORMAT_ONLY.get(model_type)
+    hint = (
+        f" (vieval reads this model's output as output_format={fmt}, e.g. with `vieval parse`, "
+        "but cannot load it: its code is not in transformers)"
+        if fmt
+        else ""
+    )
     raise ValueError(
-        f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported)}"
+        f"{source}: unsupported model_type {model_type!r}{hint}; supported: {', '.join(supported)}"
     )
 
 
