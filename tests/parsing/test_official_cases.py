@@ -223,3 +223,10 @@ def test_bare_comma_numbers_and_resized_input_pixels():
     assert boxes == [[86, 756, 1992, 1914]]
     assert len(got("1,234,567,890 people live there", "plain_xyxy")[1]) == 1
     assert got("a population of 1,234,567,890,123", "plain_xyxy")[1] == []
+
+
+def test_phrase_tags_without_box_tags_read_as_tagless():
+    status, boxes, labels = got("<ref>the dog</ref>[[0, 0, 500, 500]]", "internvl")
+    assert (status, labels, boxes) == ("ok", ["the dog"], [[0, 0, 320, 240]])
+    status, _, labels = got("<|ref|>cat<|/ref|>[[0, 0, 999, 999]]", "deepseek_vl2")
+    assert (status, labels) == ("ok", ["cat"])

@@ -22,6 +22,7 @@ from vieval_runner.parsing.common import (
     ParseContext,
     clean_text_map,
     floats,
+    remove_map,
 )
 from vieval_runner.records import ParseResult
 
@@ -201,14 +202,28 @@ def parse_internvl(text: str, ctx: ParseContext) -> ParseResult:
     ``phrase[[...]]``; that form is read too. Scene-graph relations
     (``<pred>p</pred><box>[subject]</box><box>[object]</box>``) repeat boxes already given
     after their phrases: skipped."""
+    return _tagged_or_stripped(text, ctx, _INTERN_TAGS, ("ref", "box", "/box"), 1000.0, "pred")
+
+
+def _tagged_or_stripped(
+    text: str,
+    ctx: ParseContext,
+    tags: re.Pattern,
+    names: tuple[str, str, str],
+    grid: float,
+    relation_tag: str | None = None,
+) -> ParseResult:
+    """Walk the box tags; without any box tag, read tagless ``phrase[[...]]`` (phrase tags
+    that survived decoding are dropped from the label)."""
     text, where = clean_text_map(text)
-    col = Collector(ctx, where)
     w, h = ctx.image_size
-    sx, sy = w / 1000, h / 1000
-    if _INTERN_TAGS.search(text):
-        on_box = _box_lists(sx, sy)
-        _walk(text, _INTERN_TAGS, ("ref", "box", "/box"), on_box, col, relation_tag="pred")
+    sx, sy = w / grid, h / grid
+    if any(m.group(1) == names[1] for m in tags.finditer(text)):
+        col = Collector(ctx, where)
+        _walk(text, tags, names, _box_lists(sx, sy), col, relation_tag)
     else:
+        text, where = remove_map(text, where, tags)
+        col = Collector(ctx, where)
         _stripped(text, col, sx, sy)
     return col.result(text)
 
@@ -217,15 +232,7 @@ def parse_deepseek_vl2(text: str, ctx: ParseContext) -> ParseResult:
     """DeepSeek-VL2: ``<|ref|>phrase<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>``, each
     ``v / 999 * size`` (``deepseek_vl2/serve/app_modules/utils.py`` ``parse_ref_bbox``);
     without tags (decoded with ``skip_special_tokens=True``) read as ``phrase[[...]]``."""
-    text, where = clean_text_map(text)
-    col = Collector(ctx, where)
-    w, h = ctx.image_size
-    sx, sy = w / 999, h / 999
-    if _DEEPSEEK_TAGS.search(text):
-        _walk(text, _DEEPSEEK_TAGS, ("ref", "det", "/det"), _box_lists(sx, sy), col)
-    else:
-        _stripped(text, col, sx, sy)
-    return col.result(text)
+    return _tagged_or_stripped(text, ctx, _DEEPSEEK_TAGS, ("ref", "det", "/det"), 999.0)
 
 
 # ---------------------------------------------------------------- kosmos2
