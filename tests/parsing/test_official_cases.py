@@ -230,3 +230,14 @@ def test_phrase_tags_without_box_tags_read_as_tagless():
     assert (status, labels, boxes) == ("ok", ["the dog"], [[0, 0, 320, 240]])
     status, _, labels = got("<|ref|>cat<|/ref|>[[0, 0, 999, 999]]", "deepseek_vl2")
     assert (status, labels) == ("ok", ["cat"])
+
+
+def test_jsonl_records_carry_the_truncated_verdict():
+    from vieval_runner.parsing import parse_record
+
+    base = {"text": '[{"bbox_2d": [1, 2, 3, 4]}, {"bbox_2d": [5', "format": "qwen3_vl_json",
+            "image_size": [1000, 1000]}  # fmt: skip
+    assert parse_record(base)["status"] == "malformed"  # default: the text is complete
+    assert parse_record({**base, "truncated": True})["status"] == "truncated"
+    bad = parse_record({**base, "truncated": "yes"})
+    assert bad["status"] == "error" and "truncated" in bad["error"]
