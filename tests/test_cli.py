@@ -48,6 +48,15 @@ def test_parse_one_output_from_stdin():
     assert result["boxes"] == [{"label": "cat", "box": [20.0, 40.0, 220.0, 440.0]}]
 
 
+def test_parse_says_malformed_for_a_complete_text_and_truncated_with_the_flag():
+    text = '[{"bbox_2d": [1, 2, 3, 4]}, {"bbox_2d": [5, 6'  # an unclosed list
+    args = ("parse", "--format", "qwen3_vl_json", "--image-size", "1000,1000")
+    complete = json.loads(_vieval(*args, stdin=text).stdout)
+    cut = json.loads(_vieval(*args, "--truncated", stdin=text).stdout)
+    assert (complete["status"], cut["status"]) == ("malformed", "truncated")
+    assert complete["boxes"] == cut["boxes"] == [{"label": "", "box": [1.0, 2.0, 3.0, 4.0]}]
+
+
 def test_parse_jsonl_is_fast_and_imports_no_model_library():
     lines = [
         {

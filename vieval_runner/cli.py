@@ -77,9 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=_size, help="resized model-input W,H (qwen25_vl_json)")
     p.add_argument("--coords", help="coordinate convention for plain_xyxy")
     p.add_argument(
+        "--truncated",
+        action="store_true",
+        help="the text was cut at max_new_tokens (default: it is complete, so an unclosed "
+        "structure is malformed)",
+    )
+    p.add_argument(
         "--jsonl",
         action="store_true",
-        help="one JSON object per line: text, format, image_size, input_size",
+        help="one JSON object per line: text, format, image_size, input_size (optional: "
+        "coords, default_label, truncated)",
     )
     return parser
 
@@ -109,7 +116,12 @@ def cmd_parse(args) -> int:
         print(f"vieval parse: unknown format {args.fmt!r} (allowed: {allowed})", file=sys.stderr)
         return EXIT_BAD_INPUT
     result = parsing.parse_grounding(
-        sys.stdin.read(), args.fmt, args.image_size, input_size=args.input_size, coords=args.coords
+        sys.stdin.read(),
+        args.fmt,
+        args.image_size,
+        input_size=args.input_size,
+        coords=args.coords,
+        truncated=args.truncated,
     )
     print(json.dumps(parsing.result_to_json(result)))
     return EXIT_OK

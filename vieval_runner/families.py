@@ -126,3 +126,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
 def default_coords(family: str | None, configured: str | None = None) -> str | None:
     """The ``plain_xyxy`` coordinate convention: the configured one, else the family's."""
     return configured or FAMILIES.get(family or "", {}).get("coords")
+
+
+#: Families whose grounding output vieval reads but whose models it cannot load (their code
+#: is not in transformers: ``trust_remote_code`` checkpoints): config ``model_type`` -> the
+#: output format. Their stored or exported outputs are read with ``vieval parse`` /
+#: ``output_format``. DeepSeek-VL2 (``deepseek-ai/deepseek-vl2*`` config.json); Moondream 2
+#: (``vikhyatk/moondream2`` config.json: ``moondream1``) and Moondream 3.
+OUTPUT_FORMAT_ONLY: dict[str, str] = {
+    "deepseek_vl_v2": "deepseek_vl2",
+    "moondream1": "moondream",
+    "moondream3": "moondream",
+}
+
+
+def output_format_for_model_type(model_type: str | None) -> str | None:
+    """The output format a config ``model_type`` writes (loadable family or format-only)."""
+    for facts in FAMILIES.values():
+        if model_type in facts["model_types"]:
+            return facts["output_format"]
+    return OUTPUT_FORMAT_ONLY.get(model_type or "")

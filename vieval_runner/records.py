@@ -38,6 +38,10 @@ class Box:
     # the box to the tokens that wrote it (per-box scores); not part of equality, hashing or
     # the store's box struct.
     span: tuple[int, int] | None = field(default=None, compare=False)
+    # the four numbers as the output wrote them (x1, y1, x2, y2 in the format's own units,
+    # before scaling, ordering and clamping), for formats whose numbers are free text: the
+    # coordinate-frame check re-maps them under other frames. Not stored, not compared.
+    raw: tuple[float, float, float, float] | None = field(default=None, compare=False)
 
     def as_list(self) -> list[float]:
         return [self.x1, self.y1, self.x2, self.y2]
@@ -131,6 +135,9 @@ class Prediction:
     # where it ends, so box scores can be re-derived from re-parsed text (``vieval rescore``)
     token_logprobs: list[float] | None = None
     token_ends: list[int] | None = None
+    # generation hit max_new_tokens (None: unknown, e.g. rows stored before it was kept);
+    # the parser uses it to tell a cut-off output (truncated) from a badly formed one
+    truncated: bool | None = None
 
 
 @dataclass

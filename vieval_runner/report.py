@@ -65,9 +65,20 @@ def summarize(reader, run_id: str | None = None) -> list[dict]:
                 "best_step": scoring.best_step(by_step, metric) if by_step else None,
                 "overfitting": scoring.overfitting_signal(by_step, metric) if by_step else None,
                 "notes": {"bertscore": scoring.BERTSCORE_NOTE} if task == "vqa" else {},
+                "coords_advice": coords_advice([by_step[s] for s in sorted(by_step)]),
             }
         )
     return summaries
+
+
+def coords_advice(steps: list[dict]) -> str | None:
+    """One line from the coordinate-frame check (the newest step's advice, with the steps
+    where it fired), or None when the configured frame fits."""
+    fired = [row for row in steps if row.get("coords_advice")]
+    if not fired:
+        return None
+    where = ", ".join(str(row["step"]) for row in fired)
+    return f"{fired[-1]['coords_advice']} (step{'s' if len(fired) > 1 else ''} {where})"
 
 
 def _fmt(value) -> str:
@@ -115,6 +126,8 @@ def print_summary(summaries: list[dict], console: Console) -> None:
                 f"{signal['best_value']:.3f} {summary['metric']}, the last step {signal['last_step']} "
                 f"only {signal['last_value']:.3f} (drop {signal['drop']:.3f})"
             )
+        if summary.get("coords_advice"):
+            console.print(f"[yellow]{summary['coords_advice']}[/]", soft_wrap=True)
         if summary["task"] == "vqa":
             console.print(f"[dim]bertscore: {scoring.BERTSCORE_NOTE}[/]")
         for failure in summary["failed"]:

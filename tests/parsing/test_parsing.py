@@ -259,7 +259,7 @@ def test_truncated_json_keeps_the_closed_entries():
         ),
         ("qwen2_vl", "<|object_ref_start|>a dog", 0),
         ("paligemma_loc", "<loc0001><loc0002><loc0003><loc0004> a ; <loc0005><loc0006>", 1),
-        ("florence2_loc", "a<loc_1><loc_2><loc_3><loc_4>b<loc_5><loc_6><loc_7>", 1),
+        ("florence2_loc", "dog<loc_1><loc_2><loc_3><loc_4>cat<loc_5><loc_6><loc_7>", 1),
         ("internvl", "<ref>a</ref><box>[[1, 2, 3, 4], [5, 6, 7", 1),
         (
             "kosmos2",
@@ -350,8 +350,11 @@ def test_broken_entries_are_malformed_but_good_ones_kept():
 
 def test_json_variants():
     ctx = {"image_size": (W, H), "default_label": "d"}
-    single = 'The answer is {"bbox": [1, 2, 3, 4], "label": "a"}.'
+    single = 'The answer is {"bbox_2d": [1, 2, 3, 4], "label": "a"}.'
     assert boxes(single, "qwen25_vl_json", **ctx) == ("ok", [[1, 2, 3, 4]], ["a"])
+    # "bbox" is no Qwen key (COCO writes [x, y, w, h] under it): refused, not guessed
+    other = 'The answer is {"bbox": [1, 2, 3, 4], "label": "a"}.'
+    assert boxes(other, "qwen25_vl_json", **ctx) == ("malformed", [], [])
     lenient = "[{'bbox_2d': [1, 2, 3, 4], 'label': 'a'},]"
     assert boxes(lenient, "qwen25_vl_json", **ctx) == ("ok", [[1, 2, 3, 4]], ["a"])
     lines = '{"bbox_2d": [1, 2, 3, 4], "label": "a"}\n{"bbox_2d": [5, 6, 7, 8], "label": "b"}'
@@ -484,6 +487,10 @@ SAMPLES = {
     "internvl": "<ref>dog</ref><box>[[100, 200, 300, 400], [500, 600, 700, 800]]</box>",
     "kosmos2": "<phrase> a dog</phrase><object><patch_index_0044><patch_index_0863></object>",
     "plain_xyxy": "dog [10, 20, 30, 40], cat (1.5, 2, 3e2, 4)",
+    "florence2_ocr": "</s><s>OPEN<loc_10><loc_20><loc_90><loc_20><loc_90><loc_60><loc_10><loc_60></s>",
+    "gemini_json": '```json\n[{"box_2d": [200, 100, 400, 300], "label": "cat"}]\n```',
+    "deepseek_vl2": "<|ref|>dog<|/ref|><|det|>[[100, 200, 300, 400], [5, 6, 7, 8]]<|/det|>",
+    "moondream": '{"objects": [{"x_min": 0.1, "y_min": 0.2, "x_max": 0.5, "y_max": 0.9}]}',
 }
 PIECES = [*'[]{}",()<>-;\n', "1e999", "NaN", "0", "9999", "<|box_end|>", "</box>", "<loc_7>"]
 
@@ -550,6 +557,35 @@ def spans(text: str, fmt: str, **kw) -> tuple[str, list[str]]:
 
 
 SPAN_CASES = {
+    "florence2_ocr": (
+        "</s><s>OPEN<loc_10><loc_20><loc_90><loc_20><loc_90><loc_60><loc_10><loc_60>"
+        "EXIT<loc_1><loc_2><loc_3><loc_2><loc_3><loc_4><loc_1><loc_4></s>",
+        [
+            "OPEN<loc_10><loc_20><loc_90><loc_20><loc_90><loc_60><loc_10><loc_60>",
+            "EXIT<loc_1><loc_2><loc_3><loc_2><loc_3><loc_4><loc_1><loc_4>",
+        ],
+    ),
+    "gemini_json": (
+        '```json\n[{"box_2d": [20, 10, 400, 300], "label": "dog"}, {"box_2d": [1, 2, 3, 4]}]\n```',
+        ['{"box_2d": [20, 10, 400, 300], "label": "dog"}', '{"box_2d": [1, 2, 3, 4]}'],
+    ),
+    "deepseek_vl2": (
+        "<|ref|>dog<|/ref|><|det|>[[10, 20, 300, 400]]<|/det|> and "
+        "<|ref|>cat<|/ref|><|det|>[[30, 40, 50, 60], [70, 80, 90, 99]]<|/det|>",
+        [
+            "<|ref|>dog<|/ref|><|det|>[[10, 20, 300, 400]]<|/det|>",
+            "<|ref|>cat<|/ref|><|det|>[[30, 40, 50, 60]",
+            ", [70, 80, 90, 99]]<|/det|>",
+        ],
+    ),
+    "moondream": (
+        '{"objects": [{"x_min": 0.1, "y_min": 0.2, "x_max": 0.5, "y_max": 0.9}, '
+        '{"x_min": 0, "y_min": 0, "x_max": 1, "y_max": 1}]}',
+        [
+            '{"x_min": 0.1, "y_min": 0.2, "x_max": 0.5, "y_max": 0.9}',
+            '{"x_min": 0, "y_min": 0, "x_max": 1, "y_max": 1}',
+        ],
+    ),
     "qwen2_vl": (
         "<|im_start|>assistant\n<|object_ref_start|>dog<|object_ref_end|>"
         "<|box_start|>(10,20),(300,400)<|box_end|> and <|object_ref_start|>cat<|object_ref_end|>"

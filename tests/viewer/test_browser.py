@@ -157,6 +157,9 @@ def test_grounding_boxes_at_true_scale_slider_keys_and_two_runs(page, server):
         "#step-slider", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }"
     )
     wait_step(page, 0)
+    # the coordinate-frame check fired on run B's step 0: its advice is one note line
+    notes = page.locator("#step-summary .coords-advice").all_inner_texts()
+    assert len(notes) == 1 and "set output_format=qwen25_vl_json" in notes[0]
     rows = api(server, f"api/step?run={kb}&step=0")["rows"]
     pred = next(r for r in rows if r["i"] == spec_i)["pred_boxes"]
     drawn, k, _ = boxes_on_screen(page, kb, "good loose fp")

@@ -23,6 +23,7 @@ from vieval_runner.store import (
     write_specimens,
 )
 from vieval_runner.testing.stores import (  # noqa: F401
+    FRAME_ADVICE,
     GROUNDING,
     STEPS,
     VQA,
@@ -101,6 +102,9 @@ def test_meta_lists_runs_steps_aggregates_best_and_overfitting(server, grounding
     )
     assert set(a["eval_ids"]) == {str(s) for s in STEPS}
     assert "missed" in meta["failure_actions"] and meta["failure_actions"]["missed"]
+    # the coordinate-frame check's advice rides with the step's aggregates
+    advice = {g["step"]: g.get("coords_advice") for g in b["aggregates"]}
+    assert advice[0] == FRAME_ADVICE and not any(advice[s] for s in STEPS if s != 0)
 
 
 def test_specimens_steps_and_images_match_the_store(server, grounding_store):

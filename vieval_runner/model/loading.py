@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vieval_runner.families import FAMILIES
+from vieval_runner.families import FAMILIES, OUTPUT_FORMAT_ONLY
 from vieval_runner.model.keys import state_targets, vision_modules, weight_files
 from vieval_runner.model.lora import swap_adapter
 from vieval_runner.model.swap import restore_base, swap_weights
@@ -38,8 +38,15 @@ def family_for_model_type(model_type: str, source: str = "config.json") -> str:
         if model_type in facts["model_types"]:
             return family
     supported = sorted(t for f in FAMILIES.values() for t in f["model_types"])
+    fmt = OUTPUT_FORMAT_ONLY.get(model_type)
+    hint = (
+        f" (vieval reads this model's output as output_format={fmt}, e.g. with `vieval parse`, "
+        "but cannot load it: its code is not in transformers)"
+        if fmt
+        else ""
+    )
     raise ValueError(
-        f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported)}"
+        f"{source}: unsupported model_type {model_type!r}{hint}; supported: {', '.join(supported)}"
     )
 
 

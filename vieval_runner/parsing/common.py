@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 from vieval_runner.records import Box, ParseResult
 
-#: ``plain_xyxy`` coordinate systems -> (divisor of x, divisor of y) relative to W, H.
-#: ``pixel``: absolute original-image pixels; ``relative_1000``: 0-1000 of the image size;
-#: ``relative_1024``: 0-1024; ``normalized_1``: 0-1; ``percent``: 0-100.
+#: ``plain_xyxy`` coordinate systems -> the divisor of the numbers relative to W, H (None:
+#: pixels). ``pixel``: absolute original-image pixels; ``input_pixel``: pixels of the resized
+#: model input (Qwen2.5-VL), scaled by ``image_size / input_size``; ``relative_1000``: 0-1000
+#: of the image size; ``relative_1024``: 0-1024; ``normalized_1``: 0-1; ``percent``: 0-100.
 COORDS: dict[str, float | None] = {
     "pixel": None,
+    "input_pixel": None,
     "relative_1000": 1000.0,
     "relative_1024": 1024.0,
     "normalized_1": 1.0,
@@ -136,12 +138,16 @@ class ParseContext:
     None means the same as ``image_size``.
     ``coords``: coordinate system of ``plain_xyxy``, a key of ``COORDS`` (None = ``pixel``).
     ``default_label``: label for boxes whose output names none (the prompt's phrase).
+    ``truncated``: whether generation stopped at ``max_new_tokens`` (True: the text was cut;
+    False: it is complete, so an unclosed structure is ``malformed``; None: unknown, the
+    parser judges from the text alone).
     """
 
     image_size: tuple[float, float]
     input_size: tuple[float, float] | None = None
     coords: str | None = None
     default_label: str = ""
+    truncated: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _check_size("image_size", self.image_size))
@@ -153,6 +159,18 @@ class ParseContext:
             raise ValueError(f"unknown coords {self.coords!r}; allowed: {', '.join(COORDS)}")
         if not isinstance(self.default_label, str):
             object.__setattr__(self, "default_label", str(self.default_label))
+        if self.truncated is not None:
+            object.__setattr__(self, "truncated", bool(self.truncated))
+
+
+def coords_scale(coords: str | None, ctx: ParseContext) -> tuple[float, float]:
+    """(sx, sy) that turn numbers in ``coords`` units into original-image pixels."""
+    w, h = ctx.image_size
+    if coords == "input_pixel":
+        iw, ih = ctx.input_size or ctx.image_size
+        return w / iw, h / ih
+    div = COORDS[coords or "pixel"]
+    return (1.0, 1.0) if div is None else (w / div, h / div)
 
 
 class Collector:
@@ -173,6 +191,7 @@ class Collector:
         xyxy: list[float | None] | tuple,
         label: object = None,
         span: tuple[int, int] | None = None,
+        raw: tuple[float, float, float, float] | None = None,
     ) -> None:
         """Add a box given in original-image pixels; order corners, clamp, note problems.
 
@@ -192,13 +211,38 @@ class Collector:
         text = label.strip() if isinstance(label, str) else ("" if label is None else str(label))
         if span is not None and self.where is not None:
             span = raw_span(self.where, *span)
-        box = Box(x1, y1, x2, y2, label=text or self.ctx.default_label, span=span)
+        box = Box(x1, y1, x2, y2, label=text or self.ctx.default_label, span=span, raw=raw)
         self.boxes.append(box)
 
+    def add_scaled(
+        self,
+        raw: list[float | None] | tuple,
+        sx: float,
+        sy: float,
+        label: object = None,
+        span: tuple[int, int] | None = None,
+    ) -> None:
+        """Add a box written as free-text numbers ``raw`` (x1, y1, x2, y2 in the format's
+        units), scaled by ``(sx, sy)`` into pixels; the numbers are kept in ``Box.raw``."""
+        if len(raw) != 4:
+            self.add(raw, label, span)
+            return
+        xyxy = [None if v is None else v * s for v, s in zip(raw, (sx, sy, sx, sy), strict=True)]
+        finite = all(v is not None and math.isfinite(v) for v in raw)
+        self.add(xyxy, label, span, tuple(raw) if finite else None)  # type: ignore[arg-type]
+
     def result(self, text: str) -> ParseResult:
-        """Status precedence: truncated > malformed > empty > out_of_range > ok."""
+        """Status precedence: truncated > malformed > empty > out_of_range > ok.
+
+        With ``ctx.truncated`` known, ``truncated`` means the generation was cut at
+        ``max_new_tokens`` (whatever the text looks like) and a structure left open in a
+        complete output is ``malformed``; unknown (None), an open structure at the end of the
+        text is taken as a cut."""
         f = self.flags
-        if "truncated" in f:
+        cut = self.ctx.truncated
+        if cut is False and "truncated" in f:
+            f = (f - {"truncated"}) | {"malformed"}
+        if cut is True or (cut is None and "truncated" in f):
             status = "truncated"
         elif "malformed" in f:
             status = "malformed"

@@ -1,8 +1,8 @@
 """Parsers for formats whose boxes are special tokens or tags.
 
-``qwen2_vl``, ``internvl`` and ``kosmos2`` write ``phrase-tag ... box-tag``: a box takes the most
-recent phrase (or the default label). ``paligemma_loc`` and ``florence2_loc`` write runs of
-location tokens: PaliGemma's label follows its run, Florence-2's precedes it.
+``qwen2_vl``, ``internvl``, ``deepseek_vl2`` and ``kosmos2`` write ``phrase-tag ... box-tag``:
+a box takes the most recent phrase (or the default label). Location-token runs (PaliGemma,
+Florence-2) are in ``locations``.
 
 Box spans (``Box.span``, raw-text positions): a box tag's boxes split the group from its
 phrase tag (if no earlier box used that phrase) to its closing tag, each box ending where its
@@ -38,17 +38,32 @@ def _walk(
     names: tuple[str, str, str],
     on_box: BoxHandler,
     col: Collector,
+    relation_tag: str | None = None,
 ) -> None:
     """Walk ``text`` tag by tag; call ``on_box`` for each box tag. ``names``: the phrase-open,
     box-open and box-close tag names (``tags`` group 1).
 
     ``complete`` is False when the text ends inside the box (cut off by ``max_new_tokens``).
+    ``relation_tag`` (InternVL's scene-graph ``pred``): the two box tags right after it
+    repeat the relation's subject and object, already boxed after their own phrases, so
+    they are skipped rather than counted again.
     """
     ref_tag, box_tag, close_tag = names
     marks = list(tags.finditer(text))
     ref: str | None = None
     ref_start: int | None = None  # a phrase no box has used yet starts the next box's span
+    repeats = 0  # box tags still to skip after a relation tag
     for i, m in enumerate(marks):
+        if relation_tag is not None and m.group(1) == relation_tag:
+            repeats, ref_start = 2, None
+            continue
+        if m.group(1) == ref_tag:
+            repeats = 0
+        elif m.group(1) == box_tag and repeats:
+            repeats -= 1
+            if i + 1 == len(marks):
+                col.flags.add("truncated")  # cut inside a repeated relation box
+            continue
         nxt = marks[i + 1] if i + 1 < len(marks) else None
         content_end = nxt.start() if nxt else len(text)
         content = text[m.end() : content_end]
@@ -96,11 +111,7 @@ def _groups_of_four(
     for k in range(0, len(nums), 4):
         x1, y1, x2, y2 = nums[k : k + 4]
         span = spans[k // 4] if spans and k // 4 < len(spans) else None
-        col.add([_mul(x1, sx), _mul(y1, sy), _mul(x2, sx), _mul(y2, sy)], ref, span)
-
-
-def _mul(v: float | None, s: float) -> float | None:
-    return None if v is None else v * s
+        col.add_scaled([x1, y1, x2, y2], sx, sy, ref, span)
 
 
 # ---------------------------------------------------------------- qwen2_vl
@@ -135,17 +146,22 @@ def parse_qwen2_vl(text: str, ctx: ParseContext) -> ParseResult:
     return col.result(text)
 
 
-# ---------------------------------------------------------------- internvl
-_INTERN_TAGS = re.compile(r"<(/?ref|/?box)>")
+# ---------------------------------------------------------------- internvl, deepseek_vl2
+_INTERN_TAGS = re.compile(r"<(/?ref|/?box|/?pred)>")
+_DEEPSEEK_TAGS = re.compile(r"<\|(/?ref|/?det)\|>")
 _INNER_LIST = re.compile(r"\[([^\[\]]*)\]")
+# A box list without tags, as decoding with skip_special_tokens=True leaves it: "[[x1, y1, x2,
+# y2], ...]" or a bare "[x1, y1, x2, y2]", with the phrase (if any) written before it.
+_STRIPPED_LIST = re.compile(
+    rf"\[\s*\[[^\[\]]*\](?:\s*,\s*\[[^\[\]]*\])*\s*\]"
+    rf"|\[\s*(?:{NUM})(?:\s*,\s*(?:{NUM})){{3}}\s*\]",
+    re.I,
+)
+_STRIPPED_CUT = re.compile(r"\[[\[\d\s,.\]-]*\Z")
 
 
-def parse_internvl(text: str, ctx: ParseContext) -> ParseResult:
-    """``<ref>phrase</ref><box>[[x1, y1, x2, y2], ...]</box>``, 0-1000 relative."""
-    text, where = clean_text_map(text)
-    col = Collector(ctx, where)
-    w, h = ctx.image_size
-    sx, sy = w / 1000, h / 1000
+def _box_lists(sx: float, sy: float) -> BoxHandler:
+    """A box tag holding ``[[x1, y1, x2, y2], ...]`` (or bare numbers), scaled by sx, sy."""
 
     def on_box(content: str, at: int, ref, complete: bool, group: Span, col: Collector) -> None:
         inner = list(_INNER_LIST.finditer(content))
@@ -162,8 +178,61 @@ def parse_internvl(text: str, ctx: ParseContext) -> ParseResult:
             mine = [next(spans) for _ in quads] if not len(nums) % 4 else None
             _groups_of_four(nums, col, ref, sx, sy, mine)
 
-    _walk(text, _INTERN_TAGS, ("ref", "box", "/box"), on_box, col)
+    return on_box
+
+
+def _stripped(text: str, col: Collector, sx: float, sy: float) -> None:
+    """``phrase[[x1, y1, x2, y2], ...]`` without tags: each list's label is the text since the
+    previous list (the default label when that is blank)."""
+    on_box = _box_lists(sx, sy)
+    prev = 0
+    for m in _STRIPPED_LIST.finditer(text):
+        label = text[prev : m.start()].strip(" \t\n:,.;") or None
+        on_box(m.group(0), m.start(), label, True, (prev, m.end()), col)
+        prev = m.end()
+    if _STRIPPED_CUT.search(text[prev:]):
+        col.flags.add("truncated")
+
+
+def parse_internvl(text: str, ctx: ParseContext) -> ParseResult:
+    """``<ref>phrase</ref><box>[[x1, y1, x2, y2], ...]</box>``, 0-1000 relative.
+
+    InternVL's own ``chat()`` decodes with ``skip_special_tokens=True``, so real output (and
+    its RefCOCO evaluator's input) often has no tags: ``[[x1, y1, x2, y2]]`` or
+    ``phrase[[...]]``; that form is read too. Scene-graph relations
+    (``<pred>p</pred><box>[subject]</box><box>[object]</box>``) repeat boxes already given
+    after their phrases: skipped."""
+    return _tagged_or_stripped(text, ctx, _INTERN_TAGS, ("ref", "box", "/box"), 1000.0, "pred")
+
+
+def _tagged_or_stripped(
+    text: str,
+    ctx: ParseContext,
+    tags: re.Pattern,
+    names: tuple[str, str, str],
+    grid: float,
+    relation_tag: str | None = None,
+) -> ParseResult:
+    """Walk the box tags; without any box tag, read tagless ``phrase[[...]]`` (phrase tags
+    that survived decoding are dropped from the label)."""
+    text, where = clean_text_map(text)
+    w, h = ctx.image_size
+    sx, sy = w / grid, h / grid
+    if any(m.group(1) == names[1] for m in tags.finditer(text)):
+        col = Collector(ctx, where)
+        _walk(text, tags, names, _box_lists(sx, sy), col, relation_tag)
+    else:
+        text, where = remove_map(text, where, tags)
+        col = Collector(ctx, where)
+        _stripped(text, col, sx, sy)
     return col.result(text)
+
+
+def parse_deepseek_vl2(text: str, ctx: ParseContext) -> ParseResult:
+    """DeepSeek-VL2: ``<|ref|>phrase<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>``, each
+    ``v / 999 * size`` (``deepseek_vl2/serve/app_modules/utils.py`` ``parse_ref_bbox``);
+    without tags (decoded with ``skip_special_tokens=True``) read as ``phrase[[...]]``."""
+    return _tagged_or_stripped(text, ctx, _DEEPSEEK_TAGS, ("ref", "det", "/det"), 999.0)
 
 
 # ---------------------------------------------------------------- kosmos2
@@ -205,70 +274,4 @@ def parse_kosmos2(text: str, ctx: ParseContext) -> ParseResult:
             col.add([x1 * w, y1 * h, x2 * w, y2 * h], ref, span)
 
     _walk(text, _KOSMOS_TAGS, ("phrase", "object", "/object"), on_box, col)
-    return col.result(text)
-
-
-# ---------------------------------------------------------------- location-token runs
-_SEG = re.compile(r"<seg\d+>")
-_PALI_RUN = re.compile(r"(?:<loc(\d{1,6})>)+")
-_FLOR_RUN = re.compile(r"(?:<loc_(\d{1,6})>)+")
-_ANY_TAG = re.compile(r"<[^<>]*>")
-
-
-def _loc_runs(text: str, run_re: re.Pattern, prefix: str, col: Collector):
-    """Yield (run index, complete quads, their spans, runs) per location run; flag broken
-    runs. A quad's span covers its four location tokens."""
-    token = re.compile(re.escape(prefix) + r"(\d{1,6})>")
-    runs = list(run_re.finditer(text))
-    for i, run in enumerate(runs):
-        locs = list(token.finditer(text, run.start(), run.end()))
-        if len(locs) % 4:
-            at_end = i == len(runs) - 1 and not text[run.end() :].strip()
-            col.flags.add("truncated" if at_end else "malformed")
-        whole = range(0, len(locs) - len(locs) % 4, 4)
-        quads = [[int(m.group(1)) for m in locs[k : k + 4]] for k in whole]
-        spans = [(locs[k].start(), locs[k + 3].end()) for k in whole]
-        yield i, quads, spans, runs
-
-
-def parse_paligemma_loc(text: str, ctx: ParseContext) -> ParseResult:
-    """``<locY1><locX1><locY2><locX2> label ; ...``: y first, each ``bin / 1024 * size``."""
-    text, where = remove_map(text, list(range(len(text))), _SEG)
-    text, where = clean_text_map(text, where)
-    col = Collector(ctx, where)
-    w, h = ctx.image_size
-    for i, quads, spans, runs in _loc_runs(text, _PALI_RUN, "<loc", col):
-        tail_end = runs[i + 1].start() if i + 1 < len(runs) else len(text)
-        label = text[runs[i].end() : tail_end].split(";")[0]
-        label_end = runs[i].end() + len(label.rstrip())  # the run's last box owns its label
-        for k, ((y1, x1, y2, x2), span) in enumerate(zip(quads, spans, strict=True)):
-            if k == len(quads) - 1:
-                span = (span[0], label_end)
-            col.add([x1 / 1024 * w, y1 / 1024 * h, x2 / 1024 * w, y2 / 1024 * h], label, span)
-    return col.result(text)
-
-
-def parse_florence2_loc(text: str, ctx: ParseContext) -> ParseResult:
-    """``label<loc_x1><loc_y1><loc_x2><loc_y2>...``: 1000 bins, dequantized at bin + 0.5."""
-    text, where = clean_text_map(text)
-    col = Collector(ctx, where)
-    w, h = ctx.image_size
-    for i, quads, spans, runs in _loc_runs(text, _FLOR_RUN, "<loc_", col):
-        head_start = runs[i - 1].end() if i else 0
-        head = text[head_start : runs[i].start()]
-        label = _ANY_TAG.sub("", head)
-        head_start += len(head) - len(head.lstrip())
-        for k, ((x1, y1, x2, y2), span) in enumerate(zip(quads, spans, strict=True)):
-            if k == 0:
-                span = (head_start, span[1])  # the run's first box owns the label before it
-            col.add(
-                [
-                    (x1 + 0.5) * w / 1000,
-                    (y1 + 0.5) * h / 1000,
-                    (x2 + 0.5) * w / 1000,
-                    (y2 + 0.5) * h / 1000,
-                ],
-                label,
-                span,
-            )
     return col.result(text)

@@ -12,7 +12,12 @@ from rich.console import Console
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config
 from vieval_runner.families import default_coords
-from vieval_runner.pipeline.results import parse_text, prediction_rows, score_predictions
+from vieval_runner.pipeline.results import (
+    frame_columns,
+    parse_text,
+    prediction_rows,
+    score_predictions,
+)
 from vieval_runner.records import Box, Prediction, Specimen
 
 
@@ -69,8 +74,13 @@ def rescore_store(
                 predictions.append(_reparse(row, specimen, previous, config))
             aggregates = score_predictions(config, step_specimens, predictions, device="cpu")
             now = datetime.now(UTC)
-            eval_row = {k: v for k, v in previous.items() if k not in store.AGGREGATE_METRICS}
+            recomputed = (*store.AGGREGATE_METRICS, *store.FRAME_CHECK_COLUMNS)
+            eval_row = {k: v for k, v in previous.items() if k not in recomputed}
             eval_row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
+            coords = default_coords(previous.get("model_family"), config.coords)
+            eval_row.update(
+                frame_columns(step_specimens, predictions, previous["output_format"], coords)
+            )
             eval_row.update(
                 {
                     "eval_id": uuid.uuid4().hex,
@@ -107,4 +117,5 @@ def _reparse(row: dict, specimen: Specimen, evaluation: dict, config: Config) ->
         confidence=row.get("confidence"),
         token_logprobs=row.get("token_logprobs"),
         token_ends=row.get("token_ends"),
+        truncated=row.get("truncated"),  # null in rows stored before it was kept: unknown
     )

@@ -67,6 +67,7 @@ def parse_one(session, specimen: Specimen, out) -> Prediction:
         confidence=getattr(out, "confidence", None),
         token_logprobs=getattr(out, "token_logprobs", None),
         token_ends=getattr(out, "token_ends", None),
+        truncated=getattr(out, "truncated", None),
     )
 
 
@@ -112,8 +113,12 @@ def parse_text(
     confidence: float | None = None,
     token_logprobs: Sequence[float] | None = None,
     token_ends: Sequence[int] | None = None,
+    truncated: bool | None = None,
 ) -> Prediction:
     """Raw text -> Prediction (never raises: junk output is data); also used by rescore.
+
+    ``truncated``: whether generation hit ``max_new_tokens`` (None: not known); the parser's
+    ``truncated`` status then means cut off, and ``malformed`` badly formed.
 
     With the generation's scores (``box_scores: true``), each parsed box's score is the
     exp(mean log-probability) of the tokens that wrote it (``box_token_scores``), falling
@@ -128,6 +133,7 @@ def parse_text(
             input_size=input_size,
             coords=coords,
             default_label=specimen.prompt,
+            truncated=truncated,
         )
     else:
         result = parsing.parse_answer(text)
@@ -150,6 +156,7 @@ def parse_text(
         confidence=confidence,
         token_logprobs=logprobs,
         token_ends=ends,
+        truncated=truncated,
     )
 
 
@@ -189,6 +196,35 @@ def score_predictions(
         prediction.failure_category = metrics.pop("failure_category", "")
         prediction.metrics = metrics
     return aggregates
+
+
+def frame_columns(
+    specimens: list[Specimen],
+    predictions: list[Prediction],
+    output_format: str | None,
+    coords: str | None,
+) -> dict:
+    """The coordinate-frame check's evaluation columns (``store.FRAME_CHECK_COLUMNS``): the
+    frame that fits the references best, its F1, and one line of advice when it beats the
+    configured frame clearly. Empty for VQA and for formats whose numbers are tokens."""
+    configured = parsing.native_frame(output_format, coords)
+    if configured is None or not specimens or specimens[0].task != "grounding":
+        return {}
+    raw = [[b.raw for b in p.pred_boxes if b.raw is not None] for p in predictions]
+    refs = [[b.as_list() for b in s.ref_boxes] for s in specimens]
+    sizes = [(s.width, s.height) for s in specimens]
+    inputs = [p.input_size for p in predictions]
+    fit = scoring.fit_frames(raw, refs, sizes, inputs, configured)
+    if fit.best is None:
+        return {}
+    advice = None
+    if fit.fires:
+        advice = (
+            f"coordinate frame: the boxes fit the references as {fit.best} "
+            f"(F1@0.5 {fit.best_f1:.2f}) far better than as the configured {configured} "
+            f"({fit.configured_f1:.2f}); set {parsing.frame_setting(output_format, fit.best)}"
+        )
+    return {"coords_best_fit": fit.best, "coords_best_fit_f1": fit.best_f1, "coords_advice": advice}
 
 
 def prediction_rows(

@@ -79,17 +79,39 @@ def open_session(
     console.print(
         f"      {len(loaded.specimens)} specimens, dataset version {loaded.dataset_version[:12]}"
     )
+    report_data_warnings(loaded.warnings, console)
     session = Session(config, loaded.specimens, loaded.dataset_version)
     if write:
         store.create_store(config.store)
         args = (config.store, loaded.specimens, loaded.dataset_version)
+        kwargs = {"thumb_px": config.thumb_px, "warnings": loaded.warnings}
         if background:  # on a helper thread once the split is prepared; commits wait for it
-            session.specimens_pending = functools.partial(
-                store.write_specimens, *args, thumb_px=config.thumb_px
-            )
+            session.specimens_pending = functools.partial(store.write_specimens, *args, **kwargs)
         else:
-            store.write_specimens(*args, thumb_px=config.thumb_px)
+            store.write_specimens(*args, **kwargs)
     return session
+
+
+def _warning_kind(message: str) -> str:
+    """What a loader warning did ("kept one", "skipped", ...): the text after its last colon."""
+    return message.rsplit(": ", 1)[-1].strip() or message
+
+
+def report_data_warnings(warnings: list[str], console: Console) -> None:
+    """Every change the loader made to the ground truth: a count per kind (with one example)
+    on the console, each warning in full in the log file."""
+    if not warnings:
+        return
+    kinds: dict[str, list[str]] = {}
+    for message in warnings:
+        kinds.setdefault(_warning_kind(message), []).append(message)
+        log.warning("data: %s", message)
+    console.print(
+        f"[yellow]{len(warnings)} data warning(s)[/]: the loader changed the ground truth "
+        "(each one in the log file and stored with the dataset version):"
+    )
+    for kind, messages in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        console.print(f"  {len(messages)} x {kind}, e.g. {messages[0]}", soft_wrap=True)
 
 
 def start_specimens(session: Session) -> None:

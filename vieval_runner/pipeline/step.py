@@ -174,6 +174,12 @@ def finish_step(
 
     row = results.evaluation_row(session, ckpt, digest, "ok", None)
     row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
+    frames = results.frame_columns(
+        session.specimens, predictions, session.output_format, session.coords
+    )
+    row.update(frames)
+    if frames.get("coords_advice"):
+        log.warning("step %s: %s", ckpt.step, frames["coords_advice"])
     row["started_at"], row["finished_at"] = started, datetime.now(UTC)
     row.update(row_extra or {})
     row["timings"] = json.dumps(timings)  # the commit's own time goes to the log only

@@ -12,6 +12,7 @@ from vieval_runner.scoring.categories import (
     VQA_CATEGORIES,
 )
 from vieval_runner.scoring.coco_ap import coco_average_precision
+from vieval_runner.scoring.frames import CANDIDATE_FRAMES, FrameFit, fit_frames
 from vieval_runner.scoring.grounding import aggregate_grounding, match_boxes, score_grounding
 from vieval_runner.scoring.iou import batched_box_iou, pad_boxes, step_ious
 from vieval_runner.scoring.steps import LOWER_IS_BETTER, best_step, overfitting_signal
@@ -28,11 +29,13 @@ from vieval_runner.scoring.vqa import (
 
 # Bump when any metric definition or convention changes: stored evaluations carry it, and
 # `vieval rescore` uses it to tell stale scores from current ones.
-SCORER_VERSION = "1.0.0"
+SCORER_VERSION = "1.1.0"  # 1.1: token F1/EM drop references that normalise to ""
 
 __all__ = [
     "BERTSCORE_NOTE",
+    "CANDIDATE_FRAMES",
     "FAILURE_ACTIONS",
+    "FrameFit",
     "GROUNDING_CATEGORIES",
     "LOWER_IS_BETTER",
     "PARSE_FAILURE_STATUSES",
@@ -44,6 +47,7 @@ __all__ = [
     "batched_box_iou",
     "best_step",
     "coco_average_precision",
+    "fit_frames",
     "match_boxes",
     "normalize_squad",
     "normalize_vqa",

@@ -122,9 +122,13 @@ def vqa_category(
     hallucination_share: float = 0.5,
 ) -> str:
     """Category of one VQA specimen; rules are checked in the order of docs/metrics.md."""
+    pred_norm = normalize_vqa(pred)
+    if not pred_norm and any(normalize_vqa(r) for r in refs):
+        # nothing answered where a reference says something: checked before "good", since an
+        # empty answer equals a reference that normalises to "" (an article, punctuation)
+        return "format_mismatch"
     if exact_match >= 1.0 or token_f1 >= good_f1:
         return "good"
-    pred_norm = normalize_vqa(pred)
     if not pred_norm:
         return "format_mismatch"  # nothing answered at all
     ref_shapes = {_shape(normalize_vqa(r)) for r in refs}

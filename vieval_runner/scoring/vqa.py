@@ -32,6 +32,15 @@ def vqa_accuracy(pred: str | None, refs: list[str]) -> float | None:
     return sum(min(1.0, (hits - (r == p)) / 3) for r in norm) / len(norm)
 
 
+def answerable_refs(refs: list[str]) -> list[str]:
+    """The references that say something: those normalising (SQuAD) to "" are dropped unless
+    all do, then the one reference is "" (the official SQuAD 2.0 ``evaluate-v2.0.py``,
+    ``get_raw_scores``: ``gold_answers = [a for a in answers if normalize_answer(a)]`` or
+    ``['']``). Without this an empty prediction scores F1 1.0 against ``["a", "dog"]``."""
+    kept = [r for r in refs if normalize_squad(r)]
+    return kept or [""]
+
+
 def squad_f1(pred: str | None, ref: str) -> float:
     """SQuAD token F1 between one prediction and one reference."""
     p, g = normalize_squad(pred).split(), normalize_squad(ref).split()
@@ -92,8 +101,9 @@ def score_vqa(
             name = specimen_ids[i] if specimen_ids else f"#{i}"
             raise ValueError(f"score_vqa: specimen {name} has no reference answers")
         p = normalize_vqa(pred)
-        em = float(pred is not None and any(p == normalize_vqa(r) for r in refs))
-        f1 = max(squad_f1(pred, r) for r in refs)
+        gold = answerable_refs(refs)
+        em = float(pred is not None and any(p == normalize_vqa(r) for r in gold))
+        f1 = max(squad_f1(pred, r) for r in gold)
         category = vqa_category(
             pred,
             refs,

@@ -63,6 +63,9 @@ SPECIMENS_SCHEMA = pa.schema(
         ("ref_boxes", BOXES),
         ("ref_answers", pa.list_(pa.string())),
         ("written_at", TIMESTAMP),
+        # every change the loader made to the ground truth (duplicate box dropped, image
+        # skipped ...): the whole list on the dataset version's first row (by specimen_id)
+        ("dataset_warnings", pa.list_(pa.string())),
     ]
 )
 
@@ -92,6 +95,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         # in raw_text where the token ends; per-box scores are re-derived from them
         ("token_logprobs", pa.list_(pa.float32())),
         ("token_ends", pa.list_(pa.int32())),
+        ("truncated", pa.bool_()),  # generation hit max_new_tokens; null: not recorded
     ]
 )
 
@@ -134,8 +138,17 @@ EVALUATIONS_SCHEMA = pa.schema(
             pa.string(),
         ),
         ("predictions_version", pa.int64()),
+        # coordinate-frame check (scoring/frames.py): the frame whose reading of the boxes
+        # fits the references best, its micro F1@0.5, and a one-line advice when it beats
+        # the configured frame clearly (null otherwise)
+        ("coords_best_fit", pa.string()),
+        ("coords_best_fit_f1", pa.float64()),
+        ("coords_advice", pa.string()),
     ]
 )
+
+#: Evaluation columns the frame check fills (besides ``AGGREGATE_METRICS``).
+FRAME_CHECK_COLUMNS: tuple[str, ...] = ("coords_best_fit", "coords_best_fit_f1", "coords_advice")
 
 TRAINING_LOG_SCHEMA = pa.schema(
     [

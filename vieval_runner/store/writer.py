@@ -143,6 +143,7 @@ def prediction_row(prediction: Prediction) -> dict:
     row["confidence"] = prediction.confidence
     row["token_logprobs"] = prediction.token_logprobs
     row["token_ends"] = prediction.token_ends
+    row["truncated"] = prediction.truncated
     return row
 
 
@@ -207,9 +208,11 @@ def write_specimens(
     dataset_version: str,
     thumb_px: int = 768,
     storage_options: Options = None,
+    warnings: Sequence[str] = (),
 ) -> bool:
     """Store the split once per dataset version, with a JPEG thumbnail (longest side
-    ``thumb_px``) so the store is portable. Returns False if that version was present."""
+    ``thumb_px``) so the store is portable; ``warnings`` (the loader's changes to the ground
+    truth) go on the version's first row. Returns False if that version was present."""
     root = str(root)
     if thumb_px < 1:
         raise StoreError(f"thumb_px must be >= 1, got {thumb_px}")
@@ -238,6 +241,7 @@ def write_specimens(
                 "ref_boxes": list(s.ref_boxes),
                 "ref_answers": list(s.ref_answers),
                 "written_at": written_at,
+                "dataset_warnings": None if rows else list(warnings),
             }
         )
     data = rows_to_table(rows, SPECIMENS_SCHEMA, f"specimens of dataset {dataset_version!r}")

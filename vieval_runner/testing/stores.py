@@ -110,12 +110,20 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+FRAME_ADVICE = (
+    "coordinate frame: the boxes fit the references as input_pixel (F1@0.5 0.90) far better "
+    "than as the configured relative_1000 (0.10); set output_format=qwen25_vl_json"
+)
+
+
 def commit_grounding_step(root: Path, run: str, step: int) -> None:
     rows = [grounding_prediction(spec, step, run) for spec in GROUNDING]
     ev = {"run_id": run, "step": step, "task": "grounding", "checkpoint_path": f"ckpt-{step}",
           "f1": _mean(rows, "f1"), "precision": _mean(rows, "precision"),
           "recall": _mean(rows, "recall"), "iou_mean": _mean(rows, "iou_mean"),
           "parse_failure_rate": sum(r["parse_status"] == "malformed" for r in rows) / len(rows)}  # fmt: skip
+    if run == "run-b" and step == 0:  # the coordinate-frame check fired on this step
+        ev.update(coords_best_fit="input_pixel", coords_best_fit_f1=0.9, coords_advice=FRAME_ADVICE)
     commit_step(str(root), ev, rows)
 
 

@@ -53,7 +53,9 @@ def run_meta(
     except StoreUnavailable:
         log = []
     log = [{k: row.get(k) for k in LOG_KEYS} for row in log if row.get("step") is not None]
-    keep = ("step", "eval_id", "n_specimens", *AGGREGATE_KEYS)
+    # the coordinate-frame check's verdict rides along: the page shows its advice line
+    frame_check = ("coords_best_fit", "coords_best_fit_f1", "coords_advice")
+    keep = ("step", "eval_id", "n_specimens", *AGGREGATE_KEYS, *frame_check)
     aggs = sorted(
         ({k: a.get(k) for k in keep if k in a} for a in aggs), key=lambda a: a.get("step", 0)
     )

@@ -126,6 +126,8 @@
         notes.append(h("div", { class: "overfit", text: `⚠ ${who}step ${o.best_step} (${fmt(o.best_value)}) is clearly better than the last step ${o.last_step} (${fmt(o.last_value)}): possible overfitting — consider the earlier checkpoint.` }));
       }
       for (const f of run.failed || []) notes.append(h("div", { class: "failed", text: `✗ ${who}step ${f.step} failed: ${f.error}` }));
+      // the coordinate-frame check: another frame of the box numbers fits far better
+      if (agg && agg.coords_advice) notes.append(h("div", { class: "overfit coords-advice", text: `⚠ ${who}${agg.coords_advice}` }));
     }
     box.append(table, notes);
   }
