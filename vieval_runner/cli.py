@@ -53,8 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("view", help="serve the viewer on 127.0.0.1")
     p.add_argument("stores", nargs="+")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; off loopback (e.g. 0.0.0.0) a token is required",
+    )
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--token",
+        help="access token every request must carry (generated when --host is not loopback)",
+    )
 
     p = sub.add_parser("export", help="write the viewer as static files")
     p.add_argument("stores", nargs="+")
@@ -199,7 +207,14 @@ def cmd_rescore(args) -> int:
 def cmd_view(args) -> int:
     from vieval_runner.viewer import serve
 
-    server = serve(args.stores, host=args.host, port=args.port)
+    server = serve(args.stores, host=args.host, port=args.port, token=args.token)
+    if not server.loopback:
+        print(
+            f"warning: the viewer on {args.host} has no accounts: anyone who can reach this "
+            "machine and has the URL below (its token) can read these evaluations",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"viewer: {server.url}  (Ctrl+C to stop)", flush=True)
     server.serve_until_interrupted()
     return EXIT_OK
