@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_CHECKPOINTS_FAILED = 0, 1, 2, 3
 
@@ -131,14 +130,18 @@ def cmd_run(args, watch: bool = False) -> int:
     from vieval_runner.pipeline import distributed
     from vieval_runner.pipeline import run as runner
     from vieval_runner.pipeline.logfile import attach_run_log
+    from vieval_runner.pipeline.preflight import validate_setup
 
     overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
     config = load_config(args.config, overrides)
     if watch and distributed.world_size() > 1:
         raise ConfigError("vieval watch runs in one process; launch `vieval run` on several")
+    notes = validate_setup(config, watch=watch)  # before the store or its log folder exist
     ranks = distributed.setup()  # None unless started by accelerate launch / torchrun
     main_rank = ranks is None or ranks.is_main
     console = Console(quiet=not main_rank)  # one set of progress bars and messages: rank 0's
+    for note in notes:
+        console.print(f"[yellow]{note}[/]")
     log_path = attach_run_log(config)
     distributed.tag_logs(ranks)
     if log_path:
@@ -159,6 +162,7 @@ def cmd_run(args, watch: bool = False) -> int:
         console.print(f"[red]{len(outcome.failed)} checkpoint(s) failed[/]: {steps}")
     console.print(
         f"evaluated steps {outcome.evaluated}, skipped (already stored) {outcome.skipped}"
+        + (f", not complete yet {outcome.incomplete}" if outcome.incomplete else "")
     )
     if outcome.timings.get("samples"):
         console.print(_time_line(outcome.timings, config.overlap), soft_wrap=True)
@@ -221,10 +225,15 @@ def cmd_view(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from vieval_runner import store
     from vieval_runner.viewer import export_html
 
-    out = export_html(args.stores, args.html)
-    print(f"exported: {Path(out) / 'index.html'}")
+    for (
+        root
+    ) in args.stores:  # unlike `view`, nothing would ever arrive: a missing store is an error
+        store.open_store(root)  # StoreError naming the root when it is no store
+    index = export_html(args.stores, args.html)
+    print(f"exported: {index}")
     return EXIT_OK
 
 
@@ -273,6 +282,14 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``kill`` send), handled the way Ctrl+C is."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -284,11 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_BAD_INPUT
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted; the store keeps every step committed so far", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}; the store keeps every step committed so far", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     except Exception as exc:
         if isinstance(exc, _bad_input_errors()):
             print(f"vieval {args.command}: {exc}", file=sys.stderr)
@@ -300,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             f"vieval {args.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr
         )
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,20 @@ class Config(_Strict):
             raise ValueError("must be an integer >= 1 or 'auto'")
         return value
 
+    @field_validator("steps")
+    @classmethod
+    def _steps_some(cls, value: list[int] | None) -> list[int] | None:
+        if value == []:
+            raise ValueError("an empty list selects nothing; leave 'steps' out to take every step")
+        return value
+
+    @field_validator("step_range")
+    @classmethod
+    def _range_ordered(cls, value):
+        if value is not None and None not in value and value[0] > value[1]:
+            raise ValueError(f"first step {value[0]} is after last step {value[1]}")
+        return value
+
     @field_validator("device")
     @classmethod
     def _device_ok(cls, value: str) -> str:
@@ -273,6 +287,8 @@ def _describe(error: dict, source: str) -> str:
         return f"{source}: unknown key '{loc}' (allowed here: {allowed})"
     if kind == "missing":
         return f"{source}: missing required key '{loc}'"
+    if not loc:  # a rule across keys: its message names them
+        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
     if kind == "literal_error":
         return f"{source}: '{loc}' {error['msg'].lower()} (got {error.get('input')!r})"
     return f"{source}: '{loc}': {error['msg']} (got {error.get('input')!r})"

@@ -94,6 +94,8 @@ def plan_checkpoints(
     for ckpt in checkpoints:
         if not ckpt.complete:
             console.print(f"[dim]step {ckpt.step}: not complete yet ({ckpt.reason}), skipped[/]")
+            if ckpt.step not in outcome.incomplete:
+                outcome.incomplete.append(ckpt.step)
             continue
         if lazy and ckpt.step not in comparable:
             todo.append((ckpt, _HASHER.submit(_content_hash, config, ckpt)))

@@ -46,6 +46,7 @@ class RunOutcome:
     evaluated: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    incomplete: list[int] = field(default_factory=list)  # still being written: left for later
     # where the time went (``vieval run``; empty elsewhere): wall_s, prepare_s, load_s
     # (weights), generate_s, commit_s (overlapped with the next step), samples
     timings: dict[str, float] = field(default_factory=dict)
@@ -311,9 +312,9 @@ def run(config: Config, console: Console | None = None) -> RunOutcome:
     outcome = RunOutcome(store=config.store, run_id=config.effective_run_id)
     checkpoints = select_checkpoints(config)  # cheap checks first: nothing written on bad input
     if not checkpoints:
-        raise ckpts.CheckpointError(
-            f"{config.run_dir}: no checkpoints found (and include_base is false)"
-        )
+        from vieval_runner.pipeline.preflight import empty_selection
+
+        raise ckpts.CheckpointError(empty_selection(config))
     from vieval_runner.model import loading as models
 
     # the processor (no weights) loads while the split is read and the store created
