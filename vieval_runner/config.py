@@ -43,6 +43,12 @@ class DataConfig(_Strict):
     limit: int | None = Field(
         None, ge=1, description="Evaluate only the first N specimens (quick looks)."
     )
+    max_image_pixels: int = Field(
+        1024 * 1024 * 1024 // 4 // 3,
+        ge=1,
+        description="Images with more pixels (width x height, read before decoding) are bad "
+        "rows; default PIL's decompression-bomb limit, 89,478,485 (about 9459 x 9459).",
+    )
 
 
 class ScoringConfig(_Strict):

@@ -64,6 +64,7 @@ def open_session(
         images_root=data_cfg.images_root,
         columns=data_cfg.columns,
         limit=data_cfg.limit,
+        max_image_pixels=data_cfg.max_image_pixels,
     )
     if loaded.skipped:
         console.print(f"[yellow]skipped {len(loaded.skipped)} bad rows[/] (data.strict=false):")
