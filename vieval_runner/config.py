@@ -83,6 +83,14 @@ class WatchConfig(_Strict):
     )
 
 
+class LoraSettings(_Strict):
+    require_same_base: bool = Field(
+        False,
+        description="A LoRA adapter whose recorded base_model_name_or_path is not base_model "
+        "fails its checkpoint (false: evaluated, with a stored warning).",
+    )
+
+
 class Config(_Strict):
     run_dir: str = Field(description="Training output folder holding checkpoint-<step>/ folders.")
     base_model: str = Field(
@@ -213,6 +221,9 @@ class Config(_Strict):
         default_factory=ScoringConfig, description="Thresholds for metrics and failure categories."
     )
     watch: WatchConfig = Field(default_factory=WatchConfig, description="Watch-mode timing.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="Checks on LoRA adapter checkpoints."
+    )
 
     @field_validator("batch_size", mode="before")
     @classmethod

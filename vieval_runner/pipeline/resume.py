@@ -36,6 +36,7 @@ def config_hash(config: Config) -> str:
         "include_base",
         "force",
         "watch",
+        "lora",  # checks only: a checkpoint that runs predicts the same
         "run_id",
         # throughput knobs: predictions are the same with any of them
         "preprocess_workers",

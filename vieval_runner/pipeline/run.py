@@ -23,6 +23,7 @@ from vieval_runner import store
 from vieval_runner.config import Config
 from vieval_runner.pipeline import overlap as throughput
 from vieval_runner.pipeline import results, resume
+from vieval_runner.pipeline.adapter_base import check_adapter_base
 from vieval_runner.pipeline.session import (
     Session,
     attach_model,
@@ -208,6 +209,7 @@ def evaluate_one(
         prefetched = throughput.take_prefetched(session, ckpt)  # waits for the read
     finally:  # even when this checkpoint is bad, the next one is read meanwhile
         throughput.start_prefetch(session, following)
+    check_adapter_base(session, ckpt, console)  # trained on this base? (a warning or a failure)
     # base, full weights (from the prefetched tensors if any) or LoRA adapter
     models.apply_checkpoint(session.loaded, ckpt, prefetched)
     timings["load_s"] = time.perf_counter() - t0

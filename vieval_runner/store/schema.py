@@ -134,6 +134,9 @@ EVALUATIONS_SCHEMA = pa.schema(
             pa.string(),
         ),
         ("predictions_version", pa.int64()),
+        # JSON list of what the evaluation should be read with (e.g. a LoRA adapter trained
+        # on another base); null when none. Added later: older stores gain it on first write.
+        ("warnings", pa.string()),
     ]
 )
 
