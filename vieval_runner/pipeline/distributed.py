@@ -121,9 +121,9 @@ def _open(
         if ranks.is_main:
             checkpoints = runner.select_checkpoints(config)
             if not checkpoints:
-                raise ckpts.CheckpointError(
-                    f"{config.run_dir}: no checkpoints found (and include_base is false)"
-                )
+                from vieval_runner.pipeline.preflight import empty_selection
+
+                raise ckpts.CheckpointError(empty_selection(config))
             session = runner.open_session(config, console)
             runner.note_checkpoints(session, checkpoints)
             steps = [c.step for c in checkpoints]
