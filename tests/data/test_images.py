@@ -86,6 +86,20 @@ def test_10000_square_png_is_rejected_from_its_header_without_pil_warnings(tmp_p
     assert "big.png is 10000x10000 = 100,000,000 pixels, over data.max_image_pixels" in bad.problem
 
 
+def test_a_raised_limit_accepts_the_image_and_pil_stays_quiet(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    (tmp_path / "data").mkdir()
+    big = write_blank_png(tmp_path / "data" / "big.png", 10000, 10000)
+    split = write_split(tmp_path / "data", big)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_specimens(split, task="grounding", max_image_pixels=100_000_000)
+        with Image.open(big) as img:  # what decoding it later opens: no bomb warning either
+            assert img.size == (10000, 10000)
+    assert [s.specimen_id for s in loaded.specimens] == ["a", "bomb", "c"]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_the_pixel_limit_is_configurable(tmp_path):
     (tmp_path / "data").mkdir()
     mid = write_blank_png(tmp_path / "data" / "mid.png", 60, 50)  # 3000 pixels
