@@ -209,8 +209,17 @@ def cmd_rescore(args) -> int:
 
 
 def cmd_view(args) -> int:
+    import re
+
     from vieval_runner.viewer import serve
 
+    if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{8,}", args.token):
+        print(
+            "vieval view: --token must be at least 8 letters, digits or - _ . ~ "
+            "(it travels in a URL and a cookie)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     server = serve(args.stores, host=args.host, port=args.port, token=args.token)
     if not server.loopback:
         print(

@@ -409,3 +409,11 @@ def test_cli_view_on_all_addresses_warns_and_prints_the_token_url(grounding_stor
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert "warning" in err and "no accounts" in err
+
+
+@pytest.mark.parametrize("token", ["short", "has space", "semi;colon"])
+def test_cli_view_refuses_a_token_unfit_for_urls_and_cookies(grounding_store, token, capsys):
+    from vieval_runner import cli
+
+    assert cli.main(["view", str(grounding_store), "--port", "0", "--token", token]) == 2
+    assert "--token must be" in capsys.readouterr().err
