@@ -237,9 +237,8 @@ def cmd_export(args) -> int:
     from vieval_runner import store
     from vieval_runner.viewer import export_html
 
-    for (
-        root
-    ) in args.stores:  # unlike `view`, nothing would ever arrive: a missing store is an error
+    # unlike `view`, which waits for a store's first step, an export of no store is an error
+    for root in args.stores:
         store.open_store(root)  # StoreError naming the root when it is no store
     index = export_html(args.stores, args.html)
     print(f"exported: {index}")

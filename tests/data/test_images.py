@@ -67,7 +67,9 @@ def test_20000_square_png_is_a_bad_row_naming_file_row_and_size(tmp_path):
         load_specimens(split, task="grounding")
     message = str(info.value)
     assert str(split) in message and "line 2" in message and "'bomb'" in message
-    assert "bomb.png is too large" in message and "data.max_image_pixels=89,478,485" in message
+    assert "bomb.png is too large: 400,000,000 pixels, over data.max_image_pixels=89,478,485" in (
+        message
+    )
     loaded = load_specimens(split, task="grounding", strict=False)
     assert [s.specimen_id for s in loaded.specimens] == ["a", "c"]
     (bad,) = loaded.skipped

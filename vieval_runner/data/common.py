@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ class Ctx:
 
 def allow_image_pixels(max_pixels: int) -> None:
     """Let PIL open images up to ``max_pixels`` (a limit raised in the config) without its
-    decompression-bomb warning; bigger ones never get that far (``header_problem``)."""
+    decompression-bomb warning; bigger ones are bad rows before that (``_open_header``)."""
     from PIL import Image
 
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
@@ -115,8 +116,13 @@ def _open_header(source, what: str, max_pixels: int) -> tuple[int, int] | str:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 w, h = img.size
-    except Image.DecompressionBombError as e:  # more than twice PIL's limit: no size given
-        return f"image {what} is too large ({e}); the limit is data.max_image_pixels={max_pixels:,}"
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: only a pixel count
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        return (
+            f"image {what} is too large: {size}, over data.max_image_pixels={max_pixels:,} "
+            "(a decompression bomb, or raise the limit to accept it)"
+        )
     except (UnidentifiedImageError, OSError, ValueError) as e:
         detail = "" if what in str(e) else f": {e}"  # PIL often repeats the path
         return f"unreadable or corrupt image {what} ({type(e).__name__}{detail})"
