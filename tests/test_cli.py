@@ -234,6 +234,8 @@ def test_untaken_checkpoint_folders_and_incomplete_steps_are_reported(tmp_path, 
     assert "folder step_1200x not taken: '1200x' is not a step number" in out
     assert "runs not taken" not in out
     assert "evaluated steps [100, 200], skipped (already stored) [], not complete yet [300]" in out
+    (log,) = (tmp_path / "store" / "logs").glob("vieval-*.log")
+    assert "folder checkpoint-final not taken" in log.read_text()  # kept for later, too
 
 
 def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, tiny_run):

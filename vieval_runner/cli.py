@@ -123,6 +123,8 @@ def cmd_parse(args) -> int:
 
 
 def cmd_run(args, watch: bool = False) -> int:
+    import logging
+
     from rich.console import Console
 
     from vieval_runner import report, store
@@ -140,9 +142,10 @@ def cmd_run(args, watch: bool = False) -> int:
     ranks = distributed.setup()  # None unless started by accelerate launch / torchrun
     main_rank = ranks is None or ranks.is_main
     console = Console(quiet=not main_rank)  # one set of progress bars and messages: rank 0's
+    log_path = attach_run_log(config)
     for note in notes:
         console.print(f"[yellow]{note}[/]")
-    log_path = attach_run_log(config)
+        logging.getLogger("vieval").warning(note)
     distributed.tag_logs(ranks)
     if log_path:
         console.print(f"[dim]log: {log_path}[/]")

@@ -8,19 +8,17 @@ what is wrong; it reads only the file system and the device list.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config, ConfigError
 
-log = logging.getLogger("vieval")
-
 
 def validate_setup(config: Config, *, watch: bool = False) -> list[str]:
-    """Raise ``ConfigError`` for a setting that cannot work; return notes worth saying
-    (checkpoint-like folders that are not taken, and why).
+    """Raise ``ConfigError`` (``CheckpointError`` for the run folder and the step selection)
+    for a setting that cannot work; return notes worth saying and logging once a log is
+    attached (checkpoint-like folders that are not taken, and why).
 
     ``watch``: the run folder and its checkpoints may not exist yet.
     """
@@ -35,8 +33,6 @@ def validate_setup(config: Config, *, watch: bool = False) -> list[str]:
     ]
     if not watch:
         check_selection(config)
-    for note in notes:
-        log.warning(note)
     return notes
 
 
