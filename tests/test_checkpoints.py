@@ -310,3 +310,18 @@ def test_read_trainer_state(tmp_path: Path):
     (tmp_path / "trainer_state.json").write_text('{"global_step": 40,')
     with pytest.raises(CheckpointError, match=r"trainer_state\.json: malformed"):
         read_trainer_state(tmp_path)
+
+
+def test_untaken_folders_names_checkpoint_like_entries_and_why(tmp_path):
+    from vieval_runner.checkpoints import available_steps, untaken_folders
+
+    for name in ("checkpoint-100", "checkpoint-final", "step_1200x", "global_step7", "runs"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-200").write_text("a file")
+    got = dict(untaken_folders(tmp_path))
+    assert set(got) == {"checkpoint-final", "step_1200x", "checkpoint-200"}
+    assert got["checkpoint-final"].startswith("'final' is not a step number")
+    assert got["step_1200x"].startswith("'1200x' is not a step number")
+    assert got["checkpoint-200"] == "a file, not a folder"
+    assert available_steps(tmp_path) == [7, 100]
+    assert untaken_folders(tmp_path / "missing") == [] and available_steps(tmp_path / "x") == []

@@ -198,4 +198,80 @@ def test_no_checkpoints_found_exits_2(tmp_path, tiny_run, capsys):
     config = _config_file(tmp_path, tiny_run("qwen25_vl"), run_dir=str(empty), include_base=False)
     assert cli.main(["run", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "no checkpoints found" in err and str(empty) in err
+    assert "holds no checkpoint folders" in err and str(empty) in err
+
+
+def test_export_of_a_missing_store_exits_2_and_export_prints_one_index_path(
+    tmp_path, tiny_run, capsys
+):
+    missing = tmp_path / "no-store"
+    assert cli.main(["export", str(missing), "--html", str(tmp_path / "html")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "not a vieval store" in err
+    assert not (tmp_path / "html").exists()
+    # a real store: the printed path is the index.html that was written, once
+    config = _config_file(tmp_path, tiny_run("qwen25_vl"), steps=[0])
+    assert cli.main(["run", str(config)]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "store"), "--html", str(tmp_path / "html")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == f"exported: {tmp_path / 'html' / 'index.html'}"
+    assert (tmp_path / "html" / "index.html").is_file()
+
+
+def _copy_run(tmp_path: Path, source):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(source.run_dir, run_dir)
+    return type(source)(source.base_model_dir, run_dir, source.steps, source.family), run_dir
+
+
+def test_untaken_checkpoint_folders_and_incomplete_steps_are_reported(tmp_path, tiny_run, capsys):
+    import shutil
+
+    run, run_dir = _copy_run(tmp_path, tiny_run("qwen25_vl"))
+    shutil.copytree(run_dir / "checkpoint-100", run_dir / "checkpoint-final")
+    shutil.copytree(run_dir / "checkpoint-100", run_dir / "step_1200x")
+    (run_dir / "runs").mkdir()  # TensorBoard logs: not checkpoint-like, not mentioned
+    # step 300 still being written: no trainer state yet and files just changed
+    (run_dir / "checkpoint-300" / "trainer_state.json").unlink()
+    config = _config_file(tmp_path, run, step_range=[100, 300], include_base=False)
+    assert cli.main(["run", str(config), "watch.settle_seconds=3600"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "folder checkpoint-final not taken: 'final' is not a step number" in out
+    assert "folder step_1200x not taken: '1200x' is not a step number" in out
+    assert "runs not taken" not in out
+    assert "evaluated steps [100, 200], skipped (already stored) [], not complete yet [300]" in out
+    (log,) = (tmp_path / "store" / "logs").glob("vieval-*.log")
+    assert "folder checkpoint-final not taken" in log.read_text()  # kept for later, too
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, tiny_run):
+    import signal
+    import time
+
+    config = _config_file(tmp_path, tiny_run("qwen25_vl"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vieval_runner", "run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        for line in proc.stdout:  # the run has started working on its checkpoints
+            if line.startswith("run "):
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # 128 + SIGTERM, the shell's convention; the same message as Ctrl+C, no traceback
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM); the store keeps every step committed so far" in err
+    assert "Traceback" not in err

@@ -2,7 +2,8 @@
 
 Folder names accepted under ``run_dir``: ``checkpoint-<step>`` (Hugging Face Trainer),
 ``step_<n>``, ``step-<n>`` and ``global_step<n>``. Anything else (``runs/``,
-``checkpoint-final``, ``checkpoint-100.tmp``, plain files) is ignored. Step 0 is the base model
+``checkpoint-final``, ``checkpoint-100.tmp``, plain files) is not taken; ``untaken_folders``
+lists the checkpoint-like ones and why, so a run can say so. Step 0 is the base model
 (``base_model``: a local folder or a hub name) unless the run holds a real step-0 folder, which
 then wins because it holds the actual step-0 weights.
 """
@@ -24,6 +25,7 @@ from vieval_runner.records import CheckpointError
 CheckpointKind = Literal["base", "full", "lora"]
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|step_|step-|global_step)(\d+)$")
+_CHECKPOINT_LIKE = re.compile(r"^(?:checkpoint|global_step|step)[-_]?(.*)$", re.IGNORECASE)
 _INDEX = "model.safetensors.index.json"
 _FULL = "model.safetensors"
 _ADAPTER_CONFIG = "adapter_config.json"
@@ -147,6 +149,36 @@ def _scan(run_dir: Path) -> dict[int, Path]:
             )
         found[step] = p
     return found
+
+
+def untaken_folders(run_dir: str | Path) -> list[tuple[str, str]]:
+    """``(name, why)`` for each entry of ``run_dir`` named like a checkpoint but not taken."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(run_dir.iterdir()):
+        like = _CHECKPOINT_LIKE.match(p.name)
+        if not like:
+            continue
+        if _STEP_DIR.match(p.name):
+            if not p.is_dir():
+                out.append((p.name, "a file, not a folder"))
+            continue
+        out.append(
+            (
+                p.name,
+                f"{like.group(1)!r} is not a step number (names taken: checkpoint-<step>, "
+                "step_<n>, step-<n>, global_step<n>)",
+            )
+        )
+    return out
+
+
+def available_steps(run_dir: str | Path) -> list[int]:
+    """The steps of the checkpoint folders under ``run_dir`` (the base model not counted)."""
+    run_dir = Path(run_dir)
+    return sorted(_scan(run_dir)) if run_dir.is_dir() else []
 
 
 def find_checkpoints(

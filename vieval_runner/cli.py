@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_CHECKPOINTS_FAILED = 0, 1, 2, 3
 
@@ -53,8 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("view", help="serve the viewer on 127.0.0.1")
     p.add_argument("stores", nargs="+")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; off loopback (e.g. 0.0.0.0) a token is required",
+    )
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--token",
+        help="access token every request must carry (generated when --host is not loopback)",
+    )
 
     p = sub.add_parser("export", help="write the viewer as static files")
     p.add_argument("stores", nargs="+")
@@ -128,6 +135,8 @@ def cmd_parse(args) -> int:
 
 
 def cmd_run(args, watch: bool = False) -> int:
+    import logging
+
     from rich.console import Console
 
     from vieval_runner import report, store
@@ -135,15 +144,20 @@ def cmd_run(args, watch: bool = False) -> int:
     from vieval_runner.pipeline import ranks as process_group
     from vieval_runner.pipeline import run as runner
     from vieval_runner.pipeline.logfile import attach_run_log
+    from vieval_runner.pipeline.preflight import validate_setup
 
     overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
     config = load_config(args.config, overrides)
     if watch and process_group.world_size() > 1:
         raise ConfigError("vieval watch runs in one process; launch `vieval run` on several")
+    notes = validate_setup(config, watch=watch)  # before the store or its log folder exist
     ranks = process_group.setup()  # None unless started by accelerate launch / torchrun
     main_rank = ranks is None or ranks.is_main
     console = Console(quiet=not main_rank)  # one set of progress bars and messages: rank 0's
     log_path = attach_run_log(config)
+    for note in notes:
+        console.print(f"[yellow]{note}[/]")
+        logging.getLogger("vieval").warning(note)
     process_group.tag_logs(ranks)
     if log_path:
         console.print(f"[dim]log: {log_path}[/]")
@@ -163,6 +177,7 @@ def cmd_run(args, watch: bool = False) -> int:
         console.print(f"[red]{len(outcome.failed)} checkpoint(s) failed[/]: {steps}")
     console.print(
         f"evaluated steps {outcome.evaluated}, skipped (already stored) {outcome.skipped}"
+        + (f", not complete yet {outcome.incomplete}" if outcome.incomplete else "")
     )
     if outcome.timings.get("samples"):
         console.print(_time_line(outcome.timings, config.overlap), soft_wrap=True)
@@ -209,19 +224,39 @@ def cmd_rescore(args) -> int:
 
 
 def cmd_view(args) -> int:
+    import re
+
     from vieval_runner.viewer import serve
 
-    server = serve(args.stores, host=args.host, port=args.port)
+    if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{8,}", args.token):
+        print(
+            "vieval view: --token must be at least 8 letters, digits or - _ . ~ "
+            "(it travels in a URL and a cookie)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    server = serve(args.stores, host=args.host, port=args.port, token=args.token)
+    if not server.loopback:
+        print(
+            f"warning: the viewer on {args.host} has no accounts: anyone who can reach this "
+            "machine and has the URL below (its token) can read these evaluations",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"viewer: {server.url}  (Ctrl+C to stop)", flush=True)
     server.serve_until_interrupted()
     return EXIT_OK
 
 
 def cmd_export(args) -> int:
+    from vieval_runner import store
     from vieval_runner.viewer import export_html
 
-    out = export_html(args.stores, args.html)
-    print(f"exported: {Path(out) / 'index.html'}")
+    # unlike `view`, which waits for a store's first step, an export of no store is an error
+    for root in args.stores:
+        store.open_store(root)  # StoreError naming the root when it is no store
+    index = export_html(args.stores, args.html)
+    print(f"exported: {index}")
     return EXIT_OK
 
 
@@ -270,6 +305,14 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``kill`` send), handled the way Ctrl+C is."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -281,11 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_BAD_INPUT
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted; the store keeps every step committed so far", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}; the store keeps every step committed so far", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     except Exception as exc:
         if isinstance(exc, _bad_input_errors()):
             print(f"vieval {args.command}: {exc}", file=sys.stderr)
@@ -297,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             f"vieval {args.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr
         )
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ class DataConfig(_Strict):
     limit: int | None = Field(
         None, ge=1, description="Evaluate only the first N specimens (quick looks)."
     )
+    max_image_pixels: int = Field(
+        1024 * 1024 * 1024 // 4 // 3,
+        ge=1,
+        description="Images with more pixels (width x height, read before decoding) are bad "
+        "rows; default PIL's decompression-bomb limit, 89,478,485 (about 9459 x 9459).",
+    )
 
 
 class ScoringConfig(_Strict):
@@ -74,6 +80,14 @@ class WatchConfig(_Strict):
     idle_timeout: float | None = Field(
         3600.0,
         description="Watch mode exits after this many seconds without a new checkpoint (null: never).",
+    )
+
+
+class LoraSettings(_Strict):
+    require_same_base: bool = Field(
+        False,
+        description="A LoRA adapter whose recorded base_model_name_or_path is not base_model "
+        "fails its checkpoint (false: evaluated, with a stored warning).",
     )
 
 
@@ -207,6 +221,9 @@ class Config(_Strict):
         default_factory=ScoringConfig, description="Thresholds for metrics and failure categories."
     )
     watch: WatchConfig = Field(default_factory=WatchConfig, description="Watch-mode timing.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="Checks on LoRA adapter checkpoints."
+    )
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -214,6 +231,20 @@ class Config(_Strict):
         # before the union's own checks, so an error names 'batch_size', not a union branch
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError("must be an integer >= 1 or 'auto'")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_some(cls, value: list[int] | None) -> list[int] | None:
+        if value == []:
+            raise ValueError("an empty list selects nothing; leave 'steps' out to take every step")
+        return value
+
+    @field_validator("step_range")
+    @classmethod
+    def _range_ordered(cls, value):
+        if value is not None and None not in value and value[0] > value[1]:
+            raise ValueError(f"first step {value[0]} is after last step {value[1]}")
         return value
 
     @field_validator("device")
@@ -273,6 +304,8 @@ def _describe(error: dict, source: str) -> str:
         return f"{source}: unknown key '{loc}' (allowed here: {allowed})"
     if kind == "missing":
         return f"{source}: missing required key '{loc}'"
+    if not loc:  # a rule across keys: its message names them
+        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
     if kind == "literal_error":
         return f"{source}: '{loc}' {error['msg'].lower()} (got {error.get('input')!r})"
     return f"{source}: '{loc}': {error['msg']} (got {error.get('input')!r})"

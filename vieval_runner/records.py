@@ -91,7 +91,8 @@ class Specimen:
         """The image as an RGB ``PIL.Image`` (decoded on demand, never cached here).
 
         ``DataError`` naming the specimen and the file when it cannot be decoded (a truncated
-        file passes the header check on load and fails only here)."""
+        file passes the header check on load and fails only here). An RGB file is decoded
+        once and returned as is: ``convert("RGB")`` would copy it, twice the peak memory."""
         import io
 
         from PIL import Image
@@ -99,9 +100,14 @@ class Specimen:
         if self.image_bytes is None and self.image_path is None:
             raise DataError(f"specimen {self.specimen_id!r} has neither image_path nor image_bytes")
         try:
-            source = self.image_path if self.image_bytes is None else io.BytesIO(self.image_bytes)
-            with Image.open(source) as img:
-                return img.convert("RGB")
+            if self.image_bytes is None:
+                with open(self.image_path, "rb") as file:
+                    img = Image.open(file)
+                    img.load()  # every pixel read while the file is open
+            else:
+                img = Image.open(io.BytesIO(self.image_bytes))
+                img.load()
+            return img if img.mode == "RGB" else img.convert("RGB")
         except Exception as exc:  # any decode or IO failure of this one image
             raise DataError(
                 f"specimen {self.specimen_id!r}: cannot load image "

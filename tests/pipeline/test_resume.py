@@ -53,3 +53,15 @@ def test_lazy_plan_hashes_in_the_background_only_when_nothing_is_stored(tmp_path
         assert resume.resolved(digest) == expected
     eager = resume.plan_checkpoints(config, found, Console(quiet=True), outcome)
     assert all(isinstance(d, str) for _, d in eager)
+
+
+def test_config_hash_ignores_the_setup_checks(tmp_path, tiny_run):
+    # lora.require_same_base and data.max_image_pixels decide whether a step runs or which
+    # images are specimens (the dataset version), not what a prediction is: a stored step
+    # stays done, and stores written before these settings existed keep their hashes
+    run = tiny_run("qwen25_vl")
+    base = resume.config_hash(_config(run, tmp_path))
+    data = {"path": str(tmp_path / "val.jsonl"), "max_image_pixels": 1000}
+    assert resume.config_hash(_config(run, tmp_path, data=data)) == base
+    lora = {"require_same_base": True}
+    assert resume.config_hash(_config(run, tmp_path, lora=lora)) == base

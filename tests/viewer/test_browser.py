@@ -297,3 +297,26 @@ def test_export_opens_from_file_url(page, stores, tmp_path):
         "[...document.querySelectorAll('#specimen-list img')].every(i => i.complete)"
     )
     assert page.eval_on_selector("#specimen-list img", "i => i.naturalWidth") > 0
+
+
+def test_token_url_opens_the_page_and_its_own_requests_carry_the_cookie(page, stores):
+    # a shared machine: bound to every address, the printed URL carries the token once;
+    # the page's API calls and images then pass on the HttpOnly cookie alone
+    srv = serve([str(stores[0])], host="0.0.0.0", port=0, poll_seconds=0.3).start()
+    try:
+        url = srv.url.replace("0.0.0.0", "127.0.0.1")
+        open_page(page, url)
+        assert step_of(page) == 300
+        page.wait_for_function(
+            "[...document.querySelectorAll('#specimen-list img')].some("
+            "(i) => i.complete && i.naturalWidth > 0)"
+        )
+        bare = page.request.get(url.split("?")[0] + "api/meta")  # the context's cookie jar
+        assert bare.status == 200
+        other = page.context.browser.new_context()  # no cookie, no token: refused
+        try:
+            assert other.request.get(url.split("?")[0] + "api/meta").status == 403
+        finally:
+            other.close()
+    finally:
+        srv.shutdown()

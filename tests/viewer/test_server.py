@@ -297,3 +297,127 @@ def test_box_matches_agree_with_scoring(server):
                 if matched:
                     mean = sum(m[1] for m in matched) / len(matched)
                     assert mean == pytest.approx(ref["iou_mean"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- access control
+def host_get(srv, path: str, host: str, cookie: str | None = None):
+    """GET ``path`` through http.client with exactly this Host header (and cookie)."""
+    address, port = srv.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(address, port, timeout=10)
+    conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+    conn.putheader("Host", host)
+    if cookie:
+        conn.putheader("Cookie", cookie)
+    conn.endheaders()
+    resp = conn.getresponse()
+    body = resp.read()
+    headers = dict(resp.getheaders())
+    conn.close()
+    return resp.status, headers, body
+
+
+@pytest.mark.parametrize("path", ["/api/meta", "/api/specimens", "/", "/app.js", "/img/0"])
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.evil:{port}"])
+def test_foreign_host_header_is_refused_on_every_endpoint(server, path, host):
+    # DNS rebinding: a page on evil.example resolves its name to 127.0.0.1; the browser
+    # then sends Host: evil.example[:port]. None of the store may come back.
+    port = server.httpd.server_address[1]
+    status, _, body = host_get(server, path, host.format(port=port))
+    assert status == 403
+    assert b"Host header not allowed" in body
+    assert b"runs" not in body and b"specimen" not in body
+
+
+@pytest.mark.parametrize("name", ["127.0.0.1", "localhost", "LOCALHOST"])
+def test_loopback_host_names_with_the_port_are_answered(server, name):
+    port = server.httpd.server_address[1]
+    status, _, body = host_get(server, "/api/meta", f"{name}:{port}")
+    assert status == 200, body[:200]
+    # another port on the same name is another origin
+    assert host_get(server, "/api/meta", f"{name}:{port + 1}")[0] == 403
+
+
+def test_ipv6_loopback_answers_bracketed_host(grounding_store):
+    try:
+        srv = serve([str(grounding_store)], host="::1", port=0, poll_seconds=0.2).start()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        port = srv.httpd.server_address[1]
+        assert srv.url == f"http://[::1]:{port}/"
+        assert host_get(srv, "/api/meta", f"[::1]:{port}")[0] == 200
+        assert host_get(srv, "/api/meta", f"evil.example:{port}")[0] == 403
+    finally:
+        srv.shutdown()
+
+
+def test_off_loopback_a_token_is_generated_and_required(grounding_store):
+    # bound to every address: any Host may reach it, so the token is what guards it
+    srv = serve([str(grounding_store)], host="0.0.0.0", port=0, poll_seconds=0.2).start()
+    try:
+        port = srv.httpd.server_address[1]
+        assert srv.token and len(srv.token) >= 24
+        assert srv.url.endswith(f":{port}/?token={srv.token}")
+        status, _, body = host_get(srv, "/api/meta", f"myhost:{port}")
+        assert status == 403 and b"token" in body
+        assert host_get(srv, "/api/meta?token=wrong", f"myhost:{port}")[0] == 403
+        # the printed URL opens the page and sets the cookie the page's own requests carry
+        status, headers, _ = host_get(srv, f"/?token={srv.token}", f"myhost:{port}")
+        assert status == 200
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert cookie == f"vieval_token_{port}={srv.token}"
+        assert "HttpOnly" in headers["Set-Cookie"]
+        status, _, body = host_get(srv, "/api/meta", f"myhost:{port}", cookie=cookie)
+        assert status == 200 and json.loads(body)["runs"]
+        assert host_get(srv, "/img/0", f"myhost:{port}", cookie=f"vieval_token_{port}=x")[0] == 403
+    finally:
+        srv.shutdown()
+
+
+def test_given_token_is_required_on_loopback_too(grounding_store):
+    srv = serve([str(grounding_store)], port=0, poll_seconds=0.2, token="s3cret").start()
+    try:
+        port = srv.httpd.server_address[1]
+        assert host_get(srv, "/api/meta", f"127.0.0.1:{port}")[0] == 403
+        assert host_get(srv, "/api/meta?token=s3cret", f"127.0.0.1:{port}")[0] == 200
+        # the Host check still holds with the token
+        assert host_get(srv, "/api/meta?token=s3cret", f"evil.example:{port}")[0] == 403
+    finally:
+        srv.shutdown()
+
+
+def test_cli_view_on_all_addresses_warns_and_prints_the_token_url(grounding_store):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vieval_runner",
+            "view",
+            str(grounding_store),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "?token=" in line, line
+        url = line.split()[1]
+        status, _, body = get(url.replace("0.0.0.0", "127.0.0.1").replace("/?", "/api/meta?"))
+        assert status == 200, body[:200]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "warning" in err and "no accounts" in err
+
+
+@pytest.mark.parametrize("token", ["short", "has space", "semi;colon"])
+def test_cli_view_refuses_a_token_unfit_for_urls_and_cookies(grounding_store, token, capsys):
+    from vieval_runner import cli
+
+    assert cli.main(["view", str(grounding_store), "--port", "0", "--token", token]) == 2
+    assert "--token must be" in capsys.readouterr().err

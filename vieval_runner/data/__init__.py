@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vieval_runner.data.coco import clean_category_name, load_coco
-from vieval_runner.data.common import BadRow, Ctx, DataError, Item, LoadResult
+from vieval_runner.data.common import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadRow,
+    Ctx,
+    DataError,
+    Item,
+    LoadResult,
+    allow_image_pixels,
+)
 from vieval_runner.data.hf import is_hf_path, load_hf
 from vieval_runner.data.jsonl import load_jsonl
 from vieval_runner.data.refcoco import is_refcoco_row, load_refcoco
@@ -154,6 +162,7 @@ def load_specimens(
     limit: int | None = None,
     unannotated: str = "skip",
     clean_names: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> LoadResult:
     """Load a validation split as specimens.
 
@@ -163,6 +172,8 @@ def load_specimens(
     rows without one (captions, HF datasets without a question column). ``split``: a
     ``<path>/<split>`` subfolder, an HF split, or the rows' ``split`` field. ``limit``: first N
     specimens. COCO options: ``unannotated`` (``skip`` | ``error``), ``clean_names``.
+    ``max_image_pixels``: an image with more pixels (read from its header, before any pixel
+    is decoded) is a bad row; PIL may open images up to it from then on.
 
     With ``strict`` a bad row raises `DataError` naming the file, the row and the problem;
     without, it is listed in ``skipped``. Explicit ids that repeat are bad rows; ids derived
@@ -195,7 +206,9 @@ def load_specimens(
         split=split,
         unannotated=unannotated,
         clean_names=clean_names,
+        max_pixels=max_image_pixels,
     )
+    allow_image_pixels(max_image_pixels)
 
     good: list[Item] = []
     skipped: list[BadRow] = []

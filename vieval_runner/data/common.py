@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from vieval_runner.records import Box, DataError, Specimen
 __all__ = ["DataError"]  # defined with the records: loading a specimen's image raises it too
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image (annotation tools round up)
+# PIL's own default decompression-bomb limit, Image.MAX_IMAGE_PIXELS (about 9459 x 9459)
+DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
 class RowProblem(Exception):
@@ -71,6 +74,7 @@ class Ctx:
     split: str | None = None
     unannotated: str = "skip"
     clean_names: bool = True
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     warnings: list[str] = field(default_factory=list)
     _sizes: dict[Path, tuple[int, int] | str] = field(default_factory=dict)
 
@@ -85,38 +89,67 @@ class Ctx:
     def image_size(self, path: Path) -> tuple[int, int]:
         """(width, height) from the file header, cached per path; never decodes pixels."""
         if path not in self._sizes:
-            self._sizes[path] = _header_size(path)
+            self._sizes[path] = _header_size(path, self.max_pixels)
         got = self._sizes[path]
         if isinstance(got, str):
             raise RowProblem(got)
         return got
 
 
-def _header_size(path: Path) -> tuple[int, int] | str:
+def allow_image_pixels(max_pixels: int) -> None:
+    """Let PIL open images up to ``max_pixels`` (a limit raised in the config) without its
+    decompression-bomb warning; bigger ones are bad rows before that (``_open_header``)."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _open_header(source, what: str, max_pixels: int) -> tuple[int, int] | str:
+    """(width, height) from the header (no pixel decoded), or why the image is unusable."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
-    if not path.is_file():
-        return f"image file not found: {path}"
     try:
-        with Image.open(path) as img:
-            w, h = img.size
+        with warnings.catch_warnings():  # over the limit is reported below, as a bad row
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                w, h = img.size
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: only a pixel count
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        return (
+            f"image {what} is too large: {size}, over data.max_image_pixels={max_pixels:,} "
+            "(a decompression bomb, or raise the limit to accept it)"
+        )
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        detail = "" if str(path) in str(e) else f": {e}"  # PIL often repeats the path
-        return f"unreadable or corrupt image {path} ({type(e).__name__}{detail})"
+        detail = "" if what in str(e) else f": {e}"  # PIL often repeats the path
+        return f"unreadable or corrupt image {what} ({type(e).__name__}{detail})"
     if w <= 0 or h <= 0:
-        return f"image {path} has no pixels ({w}x{h})"
+        return f"image {what} has no pixels ({w}x{h})"
+    if w * h > max_pixels:
+        return (
+            f"image {what} is {w}x{h} = {w * h:,} pixels, over data.max_image_pixels="
+            f"{max_pixels:,} (raise it to accept such images)"
+        )
     return w, h
 
 
-def bytes_image_size(data: bytes, what: str) -> tuple[int, int]:
-    """(width, height) of an encoded image held in memory (HF datasets)."""
-    from PIL import Image, UnidentifiedImageError
+def _header_size(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | str:
+    if not path.is_file():
+        return f"image file not found: {path}"
+    return _open_header(path, str(path), max_pixels)
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise RowProblem(f"unreadable or corrupt image {what} ({type(e).__name__}: {e})") from e
+
+def bytes_image_size(
+    data: bytes, what: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[int, int]:
+    """(width, height) of an encoded image held in memory (HF datasets)."""
+    got = _open_header(io.BytesIO(data), what, max_pixels)
+    if isinstance(got, str):
+        raise RowProblem(got)
+    return got
 
 
 def check_box(coords: Any, width: int, height: int, label: str = "") -> Box:

@@ -164,7 +164,9 @@ def load_hf(path: Path, ctx: Ctx) -> Iterator[Item]:
             try:
                 data, img_path = _image(row[cols["image"]], ctx, base, f"column {cols['image']!r}")
                 if data is not None:
-                    width, height = bytes_image_size(data, f"bytes in column {cols['image']!r}")
+                    width, height = bytes_image_size(
+                        data, f"bytes in column {cols['image']!r}", ctx.max_pixels
+                    )
                 else:
                     width, height = ctx.image_size(img_path)
                 prompt = row.get(cols["prompt"]) if cols["prompt"] else ctx.prompt

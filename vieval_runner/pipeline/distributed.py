@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config
 from vieval_runner.pipeline import overlap, resume, step
+from vieval_runner.pipeline.preflight import empty_selection
 from vieval_runner.pipeline.ranks import (
     Ranks,
     all_gather,
@@ -92,9 +93,7 @@ def _open(
         if ranks.is_main:
             checkpoints = step.select_checkpoints(config)
             if not checkpoints:
-                raise CheckpointError(
-                    f"{config.run_dir}: no checkpoints found (and include_base is false)"
-                )
+                raise CheckpointError(empty_selection(config))
             session = open_session(config, console)
             note_checkpoints(session, checkpoints)
             steps = [c.step for c in checkpoints]

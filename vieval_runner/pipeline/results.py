@@ -53,6 +53,7 @@ def evaluation_row(
         "config": json.dumps(dump_config(config)),
         "device": str(getattr(session.loaded, "device", config.device)),
         "vieval_version": __version__,
+        "warnings": json.dumps(notes) if (notes := session.warnings.get(ckpt.step)) else None,
     }
 
 

@@ -36,6 +36,7 @@ def config_hash(config: Config) -> str:
         "include_base",
         "force",
         "watch",
+        "lora",  # checks only: a checkpoint that runs predicts the same
         "run_id",
         # throughput knobs: predictions are the same with any of them
         "preprocess_workers",
@@ -49,6 +50,8 @@ def config_hash(config: Config) -> str:
         "compile",
     ):
         relevant.pop(key, None)
+    # which images the limit lets in shows in the dataset version, not in each prediction
+    relevant.get("data", {}).pop("max_image_pixels", None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -94,6 +97,8 @@ def plan_checkpoints(
     for ckpt in checkpoints:
         if not ckpt.complete:
             console.print(f"[dim]step {ckpt.step}: not complete yet ({ckpt.reason}), skipped[/]")
+            if ckpt.step not in outcome.incomplete:
+                outcome.incomplete.append(ckpt.step)
             continue
         if lazy and ckpt.step not in comparable:
             todo.append((ckpt, _HASHER.submit(_content_hash, config, ckpt)))

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config
 from vieval_runner.pipeline import overlap, resume, step
+from vieval_runner.pipeline.preflight import empty_selection
 from vieval_runner.pipeline.session import (
     Session,
     note_checkpoints,
@@ -144,7 +145,7 @@ def run(config: Config, console: Console | None = None) -> step.RunOutcome:
         config
     )  # cheap checks first: nothing written on bad input
     if not checkpoints:
-        raise CheckpointError(f"{config.run_dir}: no checkpoints found (and include_base is false)")
+        raise CheckpointError(empty_selection(config))
     from vieval_runner.model import loading as models
 
     # the processor (no weights) loads while the split is read and the store created

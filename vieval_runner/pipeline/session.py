@@ -49,6 +49,7 @@ class Session:
     newest_checkpoint: ckpts.Checkpoint | None = None  # its trainer state: the longest log
     training_log_until: int | None = None  # highest stored training-log step (None: unread)
     training_logs_read: set = field(default_factory=set)  # trainer states already read
+    warnings: dict[int, list[str]] = field(default_factory=dict)  # step -> stored with its row
 
 
 def open_session(
@@ -67,6 +68,7 @@ def open_session(
         images_root=data_cfg.images_root,
         columns=data_cfg.columns,
         limit=data_cfg.limit,
+        max_image_pixels=data_cfg.max_image_pixels,
     )
     if loaded.skipped:
         console.print(f"[yellow]skipped {len(loaded.skipped)} bad rows[/] (data.strict=false):")

@@ -19,6 +19,7 @@ from vieval_runner import checkpoints as ckpts
 from vieval_runner import store
 from vieval_runner.config import Config
 from vieval_runner.pipeline import overlap, results
+from vieval_runner.pipeline.adapter_base import check_adapter_base
 from vieval_runner.pipeline.session import (
     Session,
     attach_model,
@@ -40,6 +41,7 @@ class RunOutcome:
     evaluated: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    incomplete: list[int] = field(default_factory=list)  # still being written: left for later
     # where the time went (``vieval run``; empty elsewhere): wall_s, prepare_s, load_s
     # (weights), generate_s, commit_s (overlapped with the next step), samples
     timings: dict[str, float] = field(default_factory=dict)
@@ -136,6 +138,7 @@ def make_resident(
         prefetched = overlap.take_prefetched(session, ckpt)  # waits for the read
     finally:  # even when this checkpoint is bad, the next one is read meanwhile
         overlap.start_prefetch(session, following)
+    check_adapter_base(session, ckpt, console)  # trained on this base? (a warning or a failure)
     loading.apply_checkpoint(session.loaded, ckpt, prefetched)
     timings = {"load_s": time.perf_counter() - t0}
     say_processor_once(session, ckpt, console)

@@ -144,6 +144,9 @@ EVALUATIONS_SCHEMA = pa.schema(
         ("coords_best_fit", pa.string()),
         ("coords_best_fit_f1", pa.float64()),
         ("coords_advice", pa.string()),
+        # JSON list of what the evaluation should be read with (e.g. a LoRA adapter trained
+        # on another base); null when none. Added later: older stores gain it on first write.
+        ("warnings", pa.string()),
     ]
 )
 
