@@ -1,0 +1,167 @@
+"""COCO AP with specimen weights and an area range: bootstrap intervals and AP by box size.
+
+pycocotools ``COCOeval`` (bbox, one class, no crowd) re-stated so that each image can carry
+a weight (how often a bootstrap resample drew it): per-image matching is done once, and every
+resample only re-weights the score-sorted detections' cumulative sums. With all weights 1 it
+is COCOeval with ``areaRng`` (small < 32^2 <= medium < 96^2 <= large, boxes' w*h in original
+pixels; a reference outside the range is ignored, and so is an unmatched detection outside
+it), tested equal to pycocotools to 1e-6. pycocotools has no weighted form, hence this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vieval_runner.records import Box
+from vieval_runner.scoring.iou import step_ious
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+AREA_RANGES: dict[str, tuple[float, float]] = {
+    "all": (0.0, 1e5**2),
+    "small": (0.0, 32.0**2),
+    "medium": (32.0**2, 96.0**2),
+    "large": (96.0**2, 1e5**2),
+}
+
+
+def _area(boxes: Sequence[Box]) -> np.ndarray:
+    return np.array([(b.x2 - b.x1) * (b.y2 - b.y1) for b in boxes], dtype=np.float64)
+
+
+def _match_image(iou: np.ndarray, g_ignored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """COCOeval.evaluateImg's greedy matching for one image: ``(matched, ignored)`` ``[T, D]``.
+
+    ``iou`` rows are score-sorted detections, columns references with non-ignored first.
+    """
+    n_det, n_ref = iou.shape
+    matched = np.zeros((len(IOU_THRESHOLDS), n_det), dtype=bool)
+    ignored = np.zeros_like(matched)
+    if n_det == 0 or n_ref == 0:
+        return matched, ignored
+    if n_ref == 1:  # the first detection over the threshold takes the one reference
+        over = iou[:, 0][None, :] >= np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[:, None]
+        first = np.argmax(over, axis=1)
+        rows = np.flatnonzero(over.any(axis=1))
+        matched[rows, first[rows]] = True
+        ignored[rows, first[rows]] = bool(g_ignored[0])
+        return matched, ignored
+    for ti, t in enumerate(IOU_THRESHOLDS):
+        taken = np.zeros(n_ref, dtype=bool)
+        for d in range(n_det):
+            best, m = min(t, 1 - 1e-10), -1
+            for g in range(n_ref):
+                if taken[g]:
+                    continue
+                if m > -1 and not g_ignored[m] and g_ignored[g]:
+                    break
+                if iou[d, g] < best:
+                    continue
+                best, m = iou[d, g], g
+            if m > -1:
+                taken[m] = True
+                matched[ti, d] = True
+                ignored[ti, d] = g_ignored[m]
+    return matched, ignored
+
+
+@dataclass
+class DetectionTable:
+    """A step's detections matched once for one area range, ready to be re-weighted."""
+
+    image: np.ndarray  # [D] image index of each detection, in global score order
+    tps: np.ndarray  # [T, D] counted true positive
+    fps: np.ndarray  # [T, D] counted false positive
+    refs: np.ndarray  # [N] non-ignored references per image
+    n_images: int
+
+
+def detection_table(
+    pred_boxes: list[list[Box]],
+    ref_boxes: list[list[Box]],
+    area_range: tuple[float, float] = AREA_RANGES["all"],
+    *,
+    max_dets: int = 100,
+    ious: list[np.ndarray] | None = None,
+) -> DetectionTable | None:
+    """Match every image once (COCOeval's rules); None when some predicted box has no score."""
+    if any(b.score is None for bs in pred_boxes for b in bs):
+        return None
+    if ious is None:
+        ious = step_ious(pred_boxes, ref_boxes)
+    lo, hi = area_range
+    images, scores, tps, fps, refs = [], [], [], [], []
+    for i, (preds, gts, iou) in enumerate(zip(pred_boxes, ref_boxes, ious, strict=True)):
+        g_area = _area(gts)
+        g_ig = (g_area < lo) | (g_area > hi)
+        g_order = np.argsort(g_ig, kind="mergesort")
+        refs.append(int(np.sum(~g_ig)))
+        if not preds:
+            continue
+        s = np.array([b.score for b in preds], dtype=np.float64)
+        d_order = np.argsort(-s, kind="mergesort")[:max_dets]
+        m, ig = _match_image(np.asarray(iou)[d_order][:, g_order], g_ig[g_order])
+        d_area = _area([preds[k] for k in d_order])
+        ig |= ~m & ((d_area < lo) | (d_area > hi))[None, :]
+        images.append(np.full(len(d_order), i))
+        scores.append(s[d_order])
+        tps.append(m & ~ig)
+        fps.append(~m & ~ig)
+    n_t = len(IOU_THRESHOLDS)
+    if not scores:
+        empty = np.zeros((n_t, 0), dtype=bool)
+        return DetectionTable(np.zeros(0, int), empty, empty, np.array(refs), len(ref_boxes))
+    order = np.argsort(-np.concatenate(scores), kind="mergesort")
+    return DetectionTable(
+        np.concatenate(images)[order],
+        np.concatenate(tps, axis=1)[:, order],
+        np.concatenate(fps, axis=1)[:, order],
+        np.array(refs, dtype=np.float64),
+        len(ref_boxes),
+    )
+
+
+def weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"ap", "ap50", "ap75"}`` per row of ``weights [B, N]``; NaN where no reference counts."""
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    n_b, n_t, n_d = weights.shape[0], len(IOU_THRESHOLDS), table.tps.shape[1]
+    n_ref = weights @ table.refs
+    precision = np.zeros((n_b, n_t, len(RECALL_THRESHOLDS)))
+    if n_d:
+        w = weights[:, table.image][:, None, :]  # [B, 1, D]
+        tp = np.cumsum(w * table.tps[None], axis=-1)
+        fp = np.cumsum(w * table.fps[None], axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rc = tp / n_ref[:, None, None]
+        pr = tp / (fp + tp + np.spacing(1))
+        pr = np.maximum.accumulate(pr[..., ::-1], axis=-1)[..., ::-1]  # COCO's envelope
+        for b in range(n_b):
+            for t in range(n_t):
+                idx = np.searchsorted(rc[b, t], RECALL_THRESHOLDS, side="left")
+                ok = idx < n_d
+                precision[b, t, ok] = pr[b, t, idx[ok]]
+    undefined = n_ref <= 0
+    ap = precision.mean(axis=(1, 2))
+    out = {"ap": ap, "ap50": precision[:, 0].mean(axis=1), "ap75": precision[:, 5].mean(axis=1)}
+    return {k: np.where(undefined, np.nan, v) for k, v in out.items()}
+
+
+def area_range_ap(
+    pred_boxes: list[list[Box]],
+    ref_boxes: list[list[Box]],
+    area: str = "all",
+    *,
+    max_dets: int = 100,
+) -> dict[str, float] | None:
+    """COCO AP / AP50 / AP75 over one area range ("all", "small", "medium", "large"); None
+    when it is undefined (an unscored box, or no reference box in the range)."""
+    table = detection_table(pred_boxes, ref_boxes, AREA_RANGES[area], max_dets=max_dets)
+    if table is None or not any(len(p) for p in pred_boxes):
+        return None
+    got = weighted_ap(table, np.ones((1, table.n_images)))
+    if np.isnan(got["ap"][0]):
+        return None
+    return {k: float(v[0]) for k, v in got.items()}
