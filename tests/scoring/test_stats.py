@@ -35,21 +35,35 @@ def _f1(tp, fp, fn, axis=-1):
 @pytest.mark.parametrize("n", [40, 301])
 def test_micro_f1_interval_equals_scipy_bootstrap(n):
     tp, fp, fn = _counts(n, n)
-    cols = np.stack([tp, fp, fn, np.zeros(n), np.zeros(n), np.zeros(n)], axis=1)
-    got = stats.bootstrap_sums(cols, intervals.finish_grounding, n_resamples=999, seed=7, batch=100)
+    cols = np.stack([tp, fp, fn, np.zeros(n), np.zeros(n)], axis=1)
+    got = stats.bootstrap_sums(cols, intervals.finish_grounding, n_resamples=999, seed=7,
+                               batch=100, method="draws")  # fmt: skip
     # reference: scipy's paired percentile bootstrap with the same generator and batch size
     ref = sps.bootstrap((tp, fp, fn), _f1, paired=True, vectorized=True, n_resamples=999,
                         batch=100, method="percentile", rng=np.random.default_rng(7))  # fmt: skip
-    assert got["f1"] == pytest.approx(
-        [ref.confidence_interval.low, ref.confidence_interval.high], abs=1e-12
-    )
+    ci = [ref.confidence_interval.low, ref.confidence_interval.high]
+    assert got["f1"] == pytest.approx(ci, abs=1e-12)
+
+
+def test_grouped_resampling_matches_scipy_distribution():
+    # integer counts take few distinct rows: "auto" draws a multinomial over them instead of
+    # n indices; the same resampling distribution, so the intervals agree up to Monte Carlo
+    # error (~7e-4 here with 20,000 resamples each)
+    tp, fp, fn = _counts(0, 2000)
+    cols = np.stack([tp, fp, fn, np.zeros(2000), np.zeros(2000)], axis=1)
+    got = stats.bootstrap_sums(cols, intervals.finish_grounding, n_resamples=20000)
+    ref = sps.bootstrap((tp, fp, fn), _f1, paired=True, vectorized=True, n_resamples=20000,
+                        method="percentile", rng=np.random.default_rng(1))  # fmt: skip
+    ci = [ref.confidence_interval.low, ref.confidence_interval.high]
+    assert got["f1"] == pytest.approx(ci, abs=3e-3)
+    assert ci[1] - ci[0] > 0.02  # wide enough for the tolerance to mean something
 
 
 def test_mean_interval_equals_scipy_bootstrap():
     rng = np.random.default_rng(3)
     em = (rng.uniform(size=250) < 0.6).astype(float)
     rows = {name: list(em) for name in intervals.VQA_INTERVAL_METRICS}
-    got = intervals.step_intervals("vqa", rows, n_resamples=500, seed=11)
+    got = intervals.step_intervals("vqa", rows, n_resamples=500, seed=11, method="draws")
     ref = sps.bootstrap((em,), np.mean, n_resamples=500, batch=stats.DEFAULT_BATCH,
                         method="percentile", rng=np.random.default_rng(11))  # fmt: skip
     ci = ref.confidence_interval
@@ -62,7 +76,7 @@ def test_paired_difference_interval_equals_scipy_bootstrap():
     b = a + rng.normal(0.05, 0.1, 120)
     got = stats.paired_difference(
         np.stack([a, np.ones(120)], 1), np.stack([b, np.ones(120)], 1),
-        lambda s: s[:, 0] / s[:, 1], n_resamples=600, seed=2, batch=200,
+        lambda s: s[:, 0] / s[:, 1], n_resamples=600, seed=2, batch=200, method="draws",
     )  # fmt: skip
     ref = sps.bootstrap((a, b), lambda x, y, axis=-1: y.mean(axis) - x.mean(axis), paired=True,
                         vectorized=True, n_resamples=600, batch=200, method="percentile",
@@ -112,9 +126,23 @@ def test_permutation_p_sampled_agrees_with_scipy():
     assert got["p_value"] == pytest.approx(ref.pvalue, abs=0.02)  # two Monte Carlo estimates
 
 
+def test_grouped_permutation_p_agrees_with_scipy():
+    rng = np.random.default_rng(4)
+    a = (rng.uniform(size=400) < 0.5).astype(float)
+    b = np.where(rng.uniform(size=400) < 0.1, 1 - a, a)
+    b[:6] = 1.0
+    cols_a, cols_b = np.stack([a, np.ones(400)], 1), np.stack([b, np.ones(400)], 1)
+    got = stats.paired_difference(cols_a, cols_b, lambda s: s[:, 0] / s[:, 1], n_resamples=20000)
+    ref = sps.permutation_test((a, b), lambda x, y, axis=-1: y.mean(axis) - x.mean(axis),
+                               permutation_type="samples", vectorized=True, n_resamples=20000,
+                               rng=np.random.default_rng(1))  # fmt: skip
+    assert 0.001 < ref.pvalue < 0.999
+    assert got["p_value"] == pytest.approx(ref.pvalue, abs=0.02)
+
+
 def test_all_equal_steps_give_p_one():
     tp, fp, fn = _counts(1, 50)
-    cols = np.stack([tp, fp, fn, np.zeros(50), np.zeros(50), np.zeros(50)], 1)
+    cols = np.stack([tp, fp, fn, np.zeros(50), np.zeros(50)], 1)
     got = stats.paired_difference(cols, cols, lambda s: intervals.finish_grounding(s)["f1"])
     assert got["difference"] == 0.0 and got["p_value"] == 1.0 and got["ci95"] == [0.0, 0.0]
     assert stats.mcnemar_exact(np.ones(5), np.ones(5))["p_value"] == 1.0

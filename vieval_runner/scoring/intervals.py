@@ -30,12 +30,12 @@ from vieval_runner.scoring.stats import (
 from vieval_runner.scoring.weighted_ap import AREA_RANGES, detection_table, weighted_ap
 
 AP_RESAMPLES = 200
-GROUNDING_INTERVAL_METRICS = ("f1", "precision", "recall", "acc_at_50", "iou_mean")
+GROUNDING_INTERVAL_METRICS = ("f1", "precision", "recall", "acc_at_50")
 VQA_INTERVAL_METRICS = ("exact_match", "vqa_accuracy", "token_f1", "rouge_l", "anls")
 AP_METRICS = ("ap50", "ap")
 # Per-specimen outcomes that are 0/1: two steps are compared with the exact McNemar test.
 BINARY_METRICS = frozenset({"acc_at_50", "exact_match"})
-GROUNDING_COLUMNS = ("tp", "fp", "fn", "acc_sum", "acc_n", "iou_sum")
+GROUNDING_COLUMNS = ("tp", "fp", "fn", "acc_sum", "acc_n")
 
 
 def _num(values: Sequence) -> np.ndarray:
@@ -44,29 +44,30 @@ def _num(values: Sequence) -> np.ndarray:
 
 
 def grounding_columns(rows: Mapping[str, Sequence]) -> np.ndarray:
-    """``[n, 6]`` per-specimen sums: tp, fp, fn, acc@0.5 (value, present), IoU sum of matches."""
+    """``[n, 5]`` per-specimen sums: tp, fp, fn, acc@0.5 (value, present).
+
+    All small integers, so a step has few distinct rows and resampling is a multinomial over
+    them (`stats.resample_sums`); mean IoU (continuous) gets no interval for that reason.
+    """
     tp, fp, fn = (np.nan_to_num(_num(rows[k])) for k in ("tp", "fp", "fn"))
     acc = _num(rows["acc_at_50"])
-    iou = np.nan_to_num(_num(rows["iou_mean"])) * tp
-    return np.stack([tp, fp, fn, np.nan_to_num(acc), ~np.isnan(acc), iou], axis=1)
+    return np.stack([tp, fp, fn, np.nan_to_num(acc), ~np.isnan(acc)], axis=1)
 
 
 def finish_grounding(sums: np.ndarray) -> dict[str, np.ndarray]:
-    """Micro P/R/F1 (scoring's empty-case rules), acc@0.5 and mean matched IoU from sums."""
-    tp, fp, fn, acc, acc_n, iou = (sums[:, k] for k in range(6))
+    """Micro P/R/F1 (scoring's empty-case rules) and acc@0.5 from summed columns."""
+    tp, fp, fn, acc, acc_n = (sums[:, k] for k in range(5))
     empty = (tp + fp == 0) & (tp + fn == 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(empty, 1.0, np.where(tp + fp > 0, tp / (tp + fp), 0.0))
         recall = np.where(empty, 1.0, np.where(tp + fn > 0, tp / (tp + fn), 0.0))
         f1 = np.where(empty, 1.0, 2 * tp / (2 * tp + fp + fn))
         acc_at_50 = np.where(acc_n > 0, acc / acc_n, np.nan)
-        iou_mean = np.where(tp > 0, iou / tp, np.nan)
     return {
         "f1": f1,
         "precision": precision,
         "recall": recall,
         "acc_at_50": acc_at_50,
-        "iou_mean": iou_mean,
     }
 
 
@@ -106,6 +107,7 @@ def step_intervals(
     seed: int = DEFAULT_SEED,
     confidence: float = CONFIDENCE,
     area: str = "all",
+    method: str = "auto",
 ) -> dict[str, list[float | None]]:
     """``{metric: [low, high]}`` specimen-level percentile bootstrap intervals of one step.
 
@@ -118,6 +120,7 @@ def step_intervals(
         n_resamples=n_resamples,
         seed=seed,
         confidence=confidence,
+        method=method,
     )
     if task == "grounding" and pred_boxes is not None and ref_boxes is not None:
         out |= ap_intervals(pred_boxes, ref_boxes, n_resamples=ap_resamples, seed=seed,

@@ -46,6 +46,42 @@ def resample_counts(
         yield np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
 
 
+def _grouped(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(distinct rows, how many specimens have each)`` when there are few distinct rows."""
+    n = columns.shape[0]
+    if n < 64:
+        return None
+    rows, counts = np.unique(columns, axis=0, return_counts=True)
+    return (rows, counts.astype(np.float64)) if len(rows) <= max(32, n // 16) else None
+
+
+def resample_sums(
+    columns: np.ndarray,
+    n_resamples: int,
+    seed: int = DEFAULT_SEED,
+    batch: int = DEFAULT_BATCH,
+    method: str = "auto",
+) -> Iterator[np.ndarray]:
+    """``[b, k]`` column sums of bootstrap resamples of the rows of ``columns [n, k]``.
+
+    ``method="draws"`` draws specimen indices as scipy does. ``"auto"`` does the same unless
+    the rows take few distinct values (integer counts such as tp/fp/fn, 0/1 outcomes): then a
+    resample is one multinomial draw of how many copies of each distinct row it holds, which
+    is the same resampling distribution at a cost independent of n.
+    """
+    grouped = _grouped(columns) if method == "auto" else None
+    if grouped is None:
+        for counts in resample_counts(columns.shape[0], n_resamples, seed, batch):
+            yield counts @ columns
+        return
+    rows, counts = grouped
+    rng = np.random.default_rng(seed)
+    n = int(counts.sum())
+    for start in range(0, n_resamples, batch):
+        b = min(batch, n_resamples - start)
+        yield rng.multinomial(n, counts / n, size=b).astype(np.float64) @ rows
+
+
 def percentile_interval(theta: np.ndarray, confidence: float = CONFIDENCE) -> list[float | None]:
     """``[low, high]`` percentile interval of a bootstrap distribution (NaN draws ignored)."""
     theta = np.asarray(theta, dtype=np.float64)
@@ -64,6 +100,7 @@ def bootstrap_sums(
     seed: int = DEFAULT_SEED,
     batch: int = DEFAULT_BATCH,
     confidence: float = CONFIDENCE,
+    method: str = "auto",
 ) -> dict[str, list[float | None]]:
     """Percentile intervals of ``finish(column sums)`` over specimen-level bootstrap resamples.
 
@@ -75,8 +112,8 @@ def bootstrap_sums(
     if n == 0:
         return {name: [None, None] for name in finish(np.zeros((1, columns.shape[1])))}
     draws: dict[str, list[np.ndarray]] = {}
-    for counts in resample_counts(n, n_resamples, seed, batch):
-        for name, values in finish(counts @ columns).items():
+    for sums in resample_sums(columns, n_resamples, seed, batch, method):
+        for name, values in finish(sums).items():
             draws.setdefault(name, []).append(values)
     return {k: percentile_interval(np.concatenate(v), confidence) for k, v in draws.items()}
 
@@ -90,6 +127,7 @@ def paired_difference(
     seed: int = DEFAULT_SEED,
     batch: int = DEFAULT_BATCH,
     confidence: float = CONFIDENCE,
+    method: str = "auto",
 ) -> dict:
     """B minus A on the same specimens: the difference, its paired-bootstrap interval, and a
     two-sided paired permutation p-value (each specimen's A and B swapped with probability 1/2;
@@ -106,9 +144,10 @@ def paired_difference(
     if n == 0:
         return {"difference": None, "ci95": [None, None], "p_value": None}
     observed = float(finish(b.sum(0)[None])[0] - finish(a.sum(0)[None])[0])
+    k = a.shape[1]
     diffs = [
-        finish(counts @ b) - finish(counts @ a)
-        for counts in resample_counts(n, n_resamples, seed, batch)
+        finish(sums[:, k:]) - finish(sums[:, :k])
+        for sums in resample_sums(np.concatenate([a, b], axis=1), n_resamples, seed, batch, method)
     ]
     ci = percentile_interval(np.concatenate(diffs), confidence)
     return {
@@ -118,25 +157,34 @@ def paired_difference(
     }
 
 
-def _swap_masks(n: int, n_resamples: int, seed: int, batch: int) -> tuple[Iterator, bool]:
+def _moves(delta: np.ndarray, n_resamples: int, seed: int, batch: int) -> tuple[Iterator, bool]:
+    """Per batch ``[b, k]``: the sum of ``delta`` over the swapped specimens, and whether the
+    swaps are all ``2**n`` (exact). Few distinct rows: a binomial count per distinct row."""
+    n = delta.shape[0]
     if n < 63 and 2**n <= n_resamples:
         every = np.array(list(itertools.product((0.0, 1.0), repeat=n)))
-        return iter([every]), True
+        return iter([every @ delta]), True
     rng = np.random.default_rng(seed + 1)  # independent of the bootstrap draws
+    grouped = _grouped(delta)
 
-    def masks() -> Iterator[np.ndarray]:
+    def moves() -> Iterator[np.ndarray]:
         for start in range(0, n_resamples, batch):
-            yield (rng.random((min(batch, n_resamples - start), n)) < 0.5).astype(np.float64)
+            b = min(batch, n_resamples - start)
+            if grouped is None:
+                yield (rng.random((b, n)) < 0.5).astype(np.float64) @ delta
+            else:
+                rows, counts = grouped
+                yield rng.binomial(counts.astype(np.int64), 0.5, size=(b, len(rows))) @ rows
 
-    return masks(), False
+    return moves(), False
 
 
 def _permutation_p(a, b, finish, observed: float, n_resamples: int, seed: int, batch: int):
-    masks, exact = _swap_masks(a.shape[0], n_resamples, seed, batch)
-    sum_a, sum_b, delta = a.sum(0), b.sum(0), b - a
+    sum_a, sum_b = a.sum(0), b.sum(0)
+    # swapping specimen i moves its (b - a) from B's sums to A's
+    moves, exact = _moves(b - a, n_resamples, seed, batch)
     null = []
-    for mask in masks:
-        moved = mask @ delta  # swapping specimen i moves its (b - a) from B's sums to A's
+    for moved in moves:
         null.append(finish(sum_b - moved) - finish(sum_a + moved))
     dist = np.concatenate(null)
     dist = dist[np.isfinite(dist)]

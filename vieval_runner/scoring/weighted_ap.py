@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from vieval_runner.records import Box
-from vieval_runner.scoring.iou import step_ious
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -30,6 +29,21 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
 
 def _area(boxes: Sequence[Box]) -> np.ndarray:
     return np.array([(b.x2 - b.x1) * (b.y2 - b.y1) for b in boxes], dtype=np.float64)
+
+
+def _box_array(boxes: Sequence[Box]) -> np.ndarray:
+    return np.array([b.as_list() for b in boxes], dtype=np.float64).reshape(-1, 4)
+
+
+def pairwise_iou(preds: Sequence[Box], refs: Sequence[Box]) -> np.ndarray:
+    """``[P, R]`` IoU in float64 numpy (no torch: this runs per image on the reader side)."""
+    p, r = _box_array(preds), _box_array(refs)
+    lt = np.maximum(p[:, None, :2], r[None, :, :2])
+    rb = np.minimum(p[:, None, 2:], r[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    union = np.prod(p[:, 2:] - p[:, :2], -1)[:, None] + np.prod(r[:, 2:] - r[:, :2], -1)[None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
 
 
 def _match_image(iou: np.ndarray, g_ignored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +105,8 @@ def detection_table(
     if any(b.score is None for bs in pred_boxes for b in bs):
         return None
     if ious is None:
-        ious = step_ious(pred_boxes, ref_boxes)
+        ious = [pairwise_iou(p, r) if len(p) and len(r) else np.zeros((len(p), len(r)))
+                for p, r in zip(pred_boxes, ref_boxes, strict=True)]  # fmt: skip
     lo, hi = area_range
     images, scores, tps, fps, refs = [], [], [], [], []
     for i, (preds, gts, iou) in enumerate(zip(pred_boxes, ref_boxes, ious, strict=True)):
