@@ -41,7 +41,8 @@ def pairwise_iou(preds: Sequence[Box], refs: Sequence[Box]) -> np.ndarray:
     lt = np.maximum(p[:, None, :2], r[None, :, :2])
     rb = np.minimum(p[:, None, 2:], r[None, :, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    union = np.prod(p[:, 2:] - p[:, :2], -1)[:, None] + np.prod(r[:, 2:] - r[:, :2], -1)[None]
+    area_p, area_r = np.prod(p[:, 2:] - p[:, :2], -1), np.prod(r[:, 2:] - r[:, :2], -1)
+    union = area_p[:, None] + area_r[None, :] - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(union > 0, inter / union, 0.0)
 
