@@ -71,6 +71,7 @@ def rescore_store(
             now = datetime.now(UTC)
             eval_row = {k: v for k, v in previous.items() if k not in store.AGGREGATE_METRICS}
             eval_row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
+            eval_row["ci95"] = aggregates.get("ci95")
             eval_row.update(
                 {
                     "eval_id": uuid.uuid4().hex,

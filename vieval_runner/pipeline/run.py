@@ -276,6 +276,7 @@ def finish_step(
 
     row = results.evaluation_row(session, ckpt, digest, "ok", None)
     row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
+    row["ci95"] = aggregates.get("ci95")
     row["started_at"], row["finished_at"] = started, datetime.now(UTC)
     row.update(row_extra or {})
     row["timings"] = json.dumps(timings)  # the commit's own time goes to the log only

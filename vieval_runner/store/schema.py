@@ -63,6 +63,7 @@ SPECIMENS_SCHEMA = pa.schema(
         ("ref_boxes", BOXES),
         ("ref_answers", pa.list_(pa.string())),
         ("written_at", TIMESTAMP),
+        ("metadata", pa.string()),  # JSON object: the validation row's other scalar fields
     ]
 )
 
@@ -134,6 +135,9 @@ EVALUATIONS_SCHEMA = pa.schema(
             pa.string(),
         ),
         ("predictions_version", pa.int64()),
+        # JSON {"<metric>": [low, high]}: 95% specimen-bootstrap intervals at commit time
+        # (readers recompute them from the predictions rows; this is the record)
+        ("ci95", pa.string()),
     ]
 )
 
@@ -159,7 +163,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 PARTITIONS: dict[str, list[str] | None] = {PREDICTIONS: ["step"]}
 
 # Columns whose dict values may be Python objects that JSON-encode into a string column.
-JSON_COLUMNS = frozenset({"generation", "config", "timings"})
+JSON_COLUMNS = frozenset({"generation", "config", "timings", "metadata", "ci95"})
 
 
 def table_uri(root: str, table: str) -> str:

@@ -238,6 +238,7 @@ def write_specimens(
                 "ref_boxes": list(s.ref_boxes),
                 "ref_answers": list(s.ref_answers),
                 "written_at": written_at,
+                "metadata": dict(s.metadata) or None,
             }
         )
     data = rows_to_table(rows, SPECIMENS_SCHEMA, f"specimens of dataset {dataset_version!r}")
