@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -17,6 +14,7 @@ from vieval_runner.scoring.weighted_ap import (
     detection_table,
     weighted_ap,
 )
+from vieval_runner.testing.stat_stores import cocoeval_precision
 
 
 def _counts(seed: int, n: int):
@@ -201,38 +199,6 @@ def scored_step(seed: int, n: int = 40):
         preds.append(pred if i % 9 != 4 else [])
         refs.append(ref)
     return preds, refs
-
-
-def cocoeval_precision(preds, refs):
-    """pycocotools' accumulated precision [iou, recall, area] (areas: all, small, medium, large)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    def xywh(b):
-        return [b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1]
-
-    anns = [
-        {
-            "id": k,
-            "image_id": img,
-            "category_id": 1,
-            "bbox": xywh(b),
-            "area": (b.x2 - b.x1) * (b.y2 - b.y1),
-            "iscrowd": 0,
-        }
-        for k, (img, b) in enumerate(((i, b) for i, bs in enumerate(refs, 1) for b in bs), 1)
-    ]
-    gt = COCO()
-    gt.dataset = {"images": [{"id": i} for i in range(1, len(refs) + 1)],
-                  "categories": [{"id": 1, "name": "x"}], "annotations": anns}  # fmt: skip
-    res = [{"image_id": i, "category_id": 1, "bbox": xywh(b), "score": b.score}
-           for i, bs in enumerate(preds, 1) for b in bs]  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(res), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-    return ev.eval["precision"][:, :, 0, :, -1]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

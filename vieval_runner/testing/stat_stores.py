@@ -4,6 +4,7 @@ and by almost nothing (200 -> 300). Scores come from the project's scoring (test
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -79,3 +80,35 @@ def build_stat_store(root: Path, n: int = 240, run: str = "run", seed: int = 0) 
         ]  # fmt: skip
         commit_step(str(root), ev, rows)
     return specimens
+
+
+def cocoeval_precision(preds, refs):
+    """pycocotools' accumulated precision [iou, recall, area] (areas: all, small, medium, large)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(b):
+        return [b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1]
+
+    anns = [
+        {
+            "id": k,
+            "image_id": img,
+            "category_id": 1,
+            "bbox": xywh(b),
+            "area": (b.x2 - b.x1) * (b.y2 - b.y1),
+            "iscrowd": 0,
+        }
+        for k, (img, b) in enumerate(((i, b) for i, bs in enumerate(refs, 1) for b in bs), 1)
+    ]
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i} for i in range(1, len(refs) + 1)],
+                  "categories": [{"id": 1, "name": "x"}], "annotations": anns}  # fmt: skip
+    res = [{"image_id": i, "category_id": 1, "bbox": xywh(b), "score": b.score}
+           for i, bs in enumerate(preds, 1) for b in bs]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(res), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+    return ev.eval["precision"][:, :, 0, :, -1]
