@@ -13,7 +13,7 @@ from PIL import Image
 
 from vieval_runner import scoring
 from vieval_runner.records import Box, Specimen
-from vieval_runner.store import commit_step, create_store, write_specimens
+from vieval_runner.store import commit_step, create_store, write_specimens, write_training_log
 
 HIT_RATE = {0: 0.2, 100: 0.6, 200: 0.8, 300: 0.81}
 SIDES = {"small": 20.0, "medium": 60.0, "large": 150.0}
@@ -53,8 +53,17 @@ def _predict(spec: Specimen, hit: bool, rng) -> list[Box]:
                 score=float(rng.uniform(0.5, 1.0) if hit else rng.uniform(0, 0.8)))]  # fmt: skip
 
 
-def build_stat_store(root: Path, n: int = 240, run: str = "run", seed: int = 0) -> list[Specimen]:
-    """Write the store (specimens + one step per ``HIT_RATE`` entry); returns the specimens."""
+# a label that decoding made of bytes that were not UTF-8 (the viewer must show it escaped)
+UNDECODABLE_LABEL = "caf\ufffd\ufffd"
+
+
+def build_stat_store(
+    root: Path, n: int = 240, run: str = "run", seed: int = 0, training_log: bool = False
+) -> list[Specimen]:
+    """Write the store (specimens + one step per ``HIT_RATE`` entry); returns the specimens.
+
+    With ``training_log``, a loss logged every 11 steps (not at the evaluated steps), and
+    specimen ``s0000``'s predicted box at step 300 carries `UNDECODABLE_LABEL`."""
     specimens = stat_specimens(n, seed)
     create_store(str(root))
     write_specimens(str(root), specimens, "v1")
@@ -63,6 +72,9 @@ def build_stat_store(root: Path, n: int = 240, run: str = "run", seed: int = 0) 
         rng = np.random.default_rng(seed + step + 1)
         hits = rng.uniform(size=n) < rate
         preds = [_predict(s, bool(h), rng) for s, h in zip(specimens, hits, strict=True)]
+        if training_log and step == 300:
+            b = preds[0][0]
+            preds[0] = [Box(b.x1, b.y1, b.x2, b.y2, UNDECODABLE_LABEL, b.score)]
         statuses = ["ok"] * n
         per = scoring.score_grounding(preds, refs, statuses)
         agg = scoring.aggregate_grounding(per, statuses, preds, refs)
@@ -79,6 +91,9 @@ def build_stat_store(root: Path, n: int = 240, run: str = "run", seed: int = 0) 
             for s, p, d in zip(specimens, preds, per, strict=True)
         ]  # fmt: skip
         commit_step(str(root), ev, rows)
+    if training_log:
+        log = [{"step": s, "loss": 2.0 / (1 + s / 50), "epoch": s / 300} for s in range(0, 310, 11)]
+        write_training_log(str(root), run, log)
     return specimens
 
 

@@ -56,6 +56,11 @@ def _scoring() -> Any:
     return scoring
 
 
+def scoring_module() -> Any:
+    """``vieval_runner.scoring``, or None where it cannot be imported."""
+    return _scoring()
+
+
 def warm_up() -> None:
     """Import scoring now (it pulls in torch: seconds) rather than on the first request."""
     _scoring()

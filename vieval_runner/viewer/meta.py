@@ -15,6 +15,7 @@ from vieval_runner.viewer.analysis import (
     clean,
     failure_actions,
 )
+from vieval_runner.viewer.evidence import best_significance, stored_intervals
 from vieval_runner.viewer.stores import StoreHandle, StoreUnavailable
 
 LOG_KEYS = ("step", "loss", "eval_loss", "learning_rate", "epoch")
@@ -53,12 +54,21 @@ def run_meta(
     except StoreUnavailable:
         log = []
     log = [{k: row.get(k) for k in LOG_KEYS} for row in log if row.get("step") is not None]
-    keep = ("step", "eval_id", "n_specimens", *AGGREGATE_KEYS)
+    keep = ("step", "eval_id", "n_specimens", "ci95", *AGGREGATE_KEYS)
     aggs = sorted(
         ({k: a.get(k) for k in keep if k in a} for a in aggs), key=lambda a: a.get("step", 0)
     )
     task = tasks[-1] if tasks and tasks[-1] in PRIMARY else run_task(specimen_tasks, aggs)
+    stored_intervals(aggs)
     best, overfit = best_and_overfit(aggs, PRIMARY[task])
+    if best is not None:
+        try:
+            best |= best_significance(
+                lambda s: st.read(lambda r: r.step(run_id, s), retries), task, PRIMARY[task],
+                aggs, best,
+            )  # fmt: skip
+        except StoreUnavailable:
+            pass
     return {
         "key": key,
         "run_id": run_id,
