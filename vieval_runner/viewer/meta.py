@@ -4,6 +4,7 @@ step, read from its store; and the document's frame (also the "waiting" page's d
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from vieval_runner.viewer.analysis import (
@@ -62,13 +63,11 @@ def run_meta(
     stored_intervals(aggs)
     best, overfit = best_and_overfit(aggs, PRIMARY[task])
     if best is not None:
-        try:
+        with contextlib.suppress(StoreUnavailable):  # the page still works without it
             best |= best_significance(
                 lambda s: st.read(lambda r: r.step(run_id, s), retries), task, PRIMARY[task],
                 aggs, best,
             )  # fmt: skip
-        except StoreUnavailable:
-            pass
     return {
         "key": key,
         "run_id": run_id,
