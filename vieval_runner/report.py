@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from rich import box
@@ -120,16 +121,32 @@ def summarize(
 
 
 def _add_intervals(reader, run: str, task: str, by_step: dict, evaluations: list, kw: dict) -> None:
+    """``<metric>_ci95`` per step from the stored per-specimen rows. AP intervals (seconds at
+    10,000 specimens) are taken from the evaluation's stored ``ci95`` when it holds them at
+    the default resamples and seed, and recomputed otherwise."""
     versions = {e["step"]: e.get("dataset_version") for e in evaluations if e.get("status") == "ok"}
+    defaults = kw == {"n_resamples": DEFAULT_RESAMPLES, "seed": DEFAULT_SEED}
     refs_by_version: dict = {}
     for step, row in by_step.items():
+        stored = _stored_ci(row.pop("ci95", None))
         refs = None
         if task == "grounding" and row.get("ap") is not None:
-            version = versions.get(step)
-            if version not in refs_by_version:
-                refs_by_version[version] = evidence.references(reader, version)
-            refs = refs_by_version[version]
+            if defaults and stored.get("ap") and stored.get("ap50"):
+                row.update(ap_ci95=stored["ap"], ap50_ci95=stored["ap50"])
+            else:
+                version = versions.get(step)
+                if version not in refs_by_version:
+                    refs_by_version[version] = evidence.references(reader, version)
+                refs = refs_by_version[version]
         row.update(evidence.step_intervals(reader, run, step, task, refs, **kw))
+
+
+def _stored_ci(raw) -> dict:
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _fmt(value) -> str:
