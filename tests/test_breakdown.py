@@ -75,3 +75,21 @@ def test_size_slice_of_a_specimen_follows_coco_area_ranges():
     assert breakdown.size_of([Box(0, 0, 96, 96)]) == "large"
     assert breakdown.size_of([]) == "none"
     assert np.isclose(32.0**2, 1024)
+
+
+def test_vqa_breakdown_by_question_word_and_tiny_compare(tmp_path):
+    from scipy.stats import binomtest
+
+    from vieval_runner import evidence
+    from vieval_runner.testing.stores import make_vqa_store
+
+    reader = store.open_store(str(make_vqa_store(tmp_path / "vqa")))
+    rows = breakdown.breakdown(reader, "label", steps=[100], n_resamples=200)
+    # questions "What colour ...", "How many ...", "What is ...": sliced by their first word
+    assert {r["slice"]: r["n"] for r in rows} == {"How": 1, "What": 2}
+    what = next(r for r in rows if r["slice"] == "What")
+    assert what["exact_match"] == 0.5 and what["exact_match_ci95"] == [0.0, 1.0]
+    got = evidence.compare(reader, "vqa", "vqa-run", 0, "vqa-run", 100, "exact_match")
+    # step 0 answers none exactly, step 100 two of three: McNemar on 2 discordant pairs
+    assert (got["better"], got["worse"], got["unchanged"], got["n"]) == (2, 0, 1, 3)
+    assert got["p_value"] == binomtest(2, 2, 0.5).pvalue == 0.5  # tiny n: never significant
