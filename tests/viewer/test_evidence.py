@@ -50,6 +50,21 @@ def test_meta_and_step_documents_carry_evidence(server):
     assert got["significant"] and got["difference"] > 0.4 and got["n"] == 150
 
 
+def test_intervals_recomputed_for_a_store_that_stored_none(tmp_path):
+    from vieval_runner.scoring import step_intervals
+    from vieval_runner.store import open_store
+    from vieval_runner.testing.stores import make_grounding_store
+
+    root = make_grounding_store(tmp_path / "old")  # written without evaluations.ci95
+    with serve([str(root)], port=0, poll_seconds=30).start() as srv:
+        run = next(r for r in api(srv, "api/meta")["runs"] if r["run_id"] == "run-a")
+    table = open_store(str(root)).step("run-a", 300)
+    rows = {c: table.column(c).to_pylist() for c in ("tp", "fp", "fn", "acc_at_50")}
+    want = step_intervals("grounding", rows)["f1"]
+    got = next(a for a in run["aggregates"] if a["step"] == 300)["f1_ci95"]
+    assert got == want
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):

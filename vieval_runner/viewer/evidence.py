@@ -32,6 +32,25 @@ def stored_intervals(aggs: list[dict]) -> None:
                 a[f"{metric}_ci95"] = clean(ci)
 
 
+_COMPUTED: dict[tuple, dict] = {}  # (store root, run, step, eval id) -> intervals
+
+
+def recompute_missing(read_step, key: tuple, task: str, aggs: list[dict], metric: str) -> None:
+    """Steps whose evaluation stored no intervals (older stores) get them from their rows."""
+    scoring = scoring_module()
+    if scoring is None:
+        return
+    for a in aggs:
+        if f"{metric}_ci95" in a:
+            continue
+        ckey = (*key, a["step"], a.get("eval_id"))
+        if ckey not in _COMPUTED:
+            table = read_step(a["step"])
+            rows = _columns(table, ROW_NAMES)
+            _COMPUTED[ckey] = {f"{k}_ci95": v for k, v in scoring.step_intervals(task, rows).items()}
+        a.update(clean(_COMPUTED[ckey]))
+
+
 def _columns(table, names: tuple[str, ...]) -> dict[str, list]:
     have = table.column_names
     return {n: table.column(n).to_pylist() if n in have else [None] * table.num_rows for n in names}

@@ -16,7 +16,7 @@ from vieval_runner.viewer.analysis import (
     clean,
     failure_actions,
 )
-from vieval_runner.viewer.evidence import best_significance, stored_intervals
+from vieval_runner.viewer.evidence import best_significance, recompute_missing, stored_intervals
 from vieval_runner.viewer.stores import StoreHandle, StoreUnavailable
 
 LOG_KEYS = ("step", "loss", "eval_loss", "learning_rate", "epoch")
@@ -61,13 +61,13 @@ def run_meta(
     )
     task = tasks[-1] if tasks and tasks[-1] in PRIMARY else run_task(specimen_tasks, aggs)
     stored_intervals(aggs)
+    read_step = lambda s: st.read(lambda r: r.step(run_id, s), retries)  # noqa: E731
+    with contextlib.suppress(StoreUnavailable):  # the page still works without intervals
+        recompute_missing(read_step, (st.root, run_id), task, aggs, PRIMARY[task])
     best, overfit = best_and_overfit(aggs, PRIMARY[task])
     if best is not None:
-        with contextlib.suppress(StoreUnavailable):  # the page still works without it
-            best |= best_significance(
-                lambda s: st.read(lambda r: r.step(run_id, s), retries), task, PRIMARY[task],
-                aggs, best,
-            )  # fmt: skip
+        with contextlib.suppress(StoreUnavailable):
+            best |= best_significance(read_step, task, PRIMARY[task], aggs, best)
     return {
         "key": key,
         "run_id": run_id,
