@@ -47,7 +47,9 @@ def recompute_missing(read_step, key: tuple, task: str, aggs: list[dict], metric
         if ckey not in _COMPUTED:
             table = read_step(a["step"])
             rows = _columns(table, ROW_NAMES)
-            _COMPUTED[ckey] = {f"{k}_ci95": v for k, v in scoring.step_intervals(task, rows).items()}
+            _COMPUTED[ckey] = {
+                f"{k}_ci95": v for k, v in scoring.step_intervals(task, rows).items()
+            }
         a.update(clean(_COMPUTED[ckey]))
 
 
