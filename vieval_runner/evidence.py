@@ -144,10 +144,15 @@ def significance_line(evidence: Mapping | None) -> str | None:
     if not evidence:
         return None
     parts = []
+    seen = set()
     for name, what in (("vs_next", "the next best"), ("vs_first", "the first step")):
         got = evidence.get(name)
         if not got:
             continue
+        if got["step_a"] in seen:  # the next best is the first step: one sentence
+            parts[-1] = parts[-1].replace("the next best", "the next best and first step")
+            continue
+        seen.add(got["step_a"])
         verdict = (
             "significantly better than" if got["significant"] else "not significantly better than"
         )
