@@ -37,7 +37,11 @@ def _box_array(boxes: Sequence[Box]) -> np.ndarray:
 
 def pairwise_iou(preds: Sequence[Box], refs: Sequence[Box]) -> np.ndarray:
     """``[P, R]`` IoU in float64 numpy (no torch: this runs per image on the reader side)."""
-    p, r = _box_array(preds), _box_array(refs)
+    return pairwise_iou_arrays(_box_array(preds), _box_array(refs))
+
+
+def pairwise_iou_arrays(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``[P, R]`` IoU of ``[P, 4]`` and ``[R, 4]`` xyxy arrays."""
     lt = np.maximum(p[:, None, :2], r[None, :, :2])
     rb = np.minimum(p[:, None, 2:], r[None, :, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
@@ -100,44 +104,69 @@ def detection_table(
     area_range: tuple[float, float] = AREA_RANGES["all"],
     *,
     max_dets: int = 100,
-    ious: list[np.ndarray] | None = None,
 ) -> DetectionTable | None:
-    """Match every image once (COCOeval's rules); None when some predicted box has no score."""
+    """Match every image once (COCOeval's rules); None when some predicted box has no score.
+
+    Images with at most one reference (RefCOCO-style, the common case) are matched for the
+    whole step in array operations; the rest one image at a time."""
     if any(b.score is None for bs in pred_boxes for b in bs):
         return None
-    if ious is None:
-        ious = [pairwise_iou(p, r) if len(p) and len(r) else np.zeros((len(p), len(r)))
-                for p, r in zip(pred_boxes, ref_boxes, strict=True)]  # fmt: skip
     lo, hi = area_range
-    images, scores, tps, fps, refs = [], [], [], [], []
-    for i, (preds, gts, iou) in enumerate(zip(pred_boxes, ref_boxes, ious, strict=True)):
-        g_area = _area(gts)
-        g_ig = (g_area < lo) | (g_area > hi)
-        g_order = np.argsort(g_ig, kind="mergesort")
-        refs.append(int(np.sum(~g_ig)))
-        if not preds:
-            continue
-        s = np.array([b.score for b in preds], dtype=np.float64)
-        d_order = np.argsort(-s, kind="mergesort")[:max_dets]
-        m, ig = _match_image(np.asarray(iou)[d_order][:, g_order], g_ig[g_order])
-        d_area = _area([preds[k] for k in d_order])
-        ig |= ~m & ((d_area < lo) | (d_area > hi))[None, :]
-        images.append(np.full(len(d_order), i))
-        scores.append(s[d_order])
-        tps.append(m & ~ig)
-        fps.append(~m & ~ig)
-    n_t = len(IOU_THRESHOLDS)
-    if not scores:
+    n_img, n_t = len(ref_boxes), len(IOU_THRESHOLDS)
+    n_pred = np.array([len(p) for p in pred_boxes], dtype=np.int64)
+    n_ref = np.array([len(r) for r in ref_boxes], dtype=np.int64)
+    dets = np.array([[*b.as_list(), b.score] for bs in pred_boxes for b in bs]).reshape(-1, 5)
+    gts = np.array([b.as_list() for bs in ref_boxes for b in bs]).reshape(-1, 4)
+    g_area = (gts[:, 2] - gts[:, 0]) * (gts[:, 3] - gts[:, 1])
+    g_ig = (g_area < lo) | (g_area > hi)
+    g_start = np.concatenate([[0], np.cumsum(n_ref)[:-1]]).astype(np.int64)
+    g_img = np.repeat(np.arange(n_img), n_ref)
+    refs = np.bincount(g_img, weights=(~g_ig).astype(np.float64), minlength=n_img)
+    if not len(dets):
         empty = np.zeros((n_t, 0), dtype=bool)
-        return DetectionTable(np.zeros(0, int), empty, empty, np.array(refs), len(ref_boxes))
-    order = np.argsort(-np.concatenate(scores), kind="mergesort")
+        return DetectionTable(np.zeros(0, np.int64), empty, empty, refs, n_img)
+    # each image's detections by descending score (stable), its first max_dets kept
+    d_img = np.repeat(np.arange(n_img), n_pred)
+    order = np.lexsort((-dets[:, 4], d_img))
+    rank = np.arange(len(order)) - np.concatenate([[0], np.cumsum(n_pred)[:-1]])[d_img[order]]
+    order = order[rank < max_dets]
+    img, box = d_img[order], dets[order]
+    matched = np.zeros((n_t, len(order)), dtype=bool)
+    ignored = np.zeros_like(matched)
+    single = n_ref[img] == 1
+    if single.any():
+        k = np.flatnonzero(single)
+        g = g_start[img[k]]
+        iou = _paired_iou(box[k, :4], gts[g])
+        over = iou[None, :] >= np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[:, None]
+        for t in range(n_t):  # the first (best-scored) detection over t takes the reference
+            hit = np.flatnonzero(over[t])
+            _, first = np.unique(img[k[hit]], return_index=True)
+            chosen = k[hit[first]]
+            matched[t, chosen] = True
+            ignored[t, chosen] = g_ig[g_start[img[chosen]]]
+    for i in np.unique(img[n_ref[img] > 1]):
+        k = np.flatnonzero(img == i)
+        gi = slice(g_start[i], g_start[i] + n_ref[i])
+        g_order = np.argsort(g_ig[gi], kind="mergesort")
+        iou = pairwise_iou_arrays(box[k, :4], gts[gi][g_order])
+        matched[:, k], ignored[:, k] = _match_image(iou, g_ig[gi][g_order])
+    d_area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+    ignored |= ~matched & ((d_area < lo) | (d_area > hi))[None, :]
+    final = np.argsort(-box[:, 4], kind="mergesort")
     return DetectionTable(
-        np.concatenate(images)[order],
-        np.concatenate(tps, axis=1)[:, order],
-        np.concatenate(fps, axis=1)[:, order],
-        np.array(refs, dtype=np.float64),
-        len(ref_boxes),
+        img[final], (matched & ~ignored)[:, final], (~matched & ~ignored)[:, final], refs, n_img
     )
+
+
+def _paired_iou(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """IoU of row k of ``p`` with row k of ``r``."""
+    lt = np.maximum(p[:, :2], r[:, :2])
+    rb = np.minimum(p[:, 2:], r[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    union = np.prod(p[:, 2:] - p[:, :2], -1) + np.prod(r[:, 2:] - r[:, :2], -1) - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
 
 
 def weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndarray]:
