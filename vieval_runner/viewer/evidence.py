@@ -41,7 +41,7 @@ def recompute_missing(read_step, key: tuple, task: str, aggs: list[dict], metric
     if scoring is None:
         return
     for a in aggs:
-        if f"{metric}_ci95" in a:
+        if f"{metric}_ci95" in a or a.get(metric) is None:  # stored, or nothing to bound
             continue
         ckey = (*key, a["step"], a.get("eval_id"))
         if ckey not in _COMPUTED:
