@@ -155,6 +155,12 @@ def test_run_then_summary_json(tmp_path, tiny_run):
     (run,) = payload["runs"]
     assert run["task"] == "grounding" and [s["step"] for s in run["steps"]] == [0, 300]
     assert all(s["n_specimens"] == 4 for s in run["steps"])
+    # intervals: stored with the evaluation at commit, and recomputed by the summary
+    assert all(len(s["f1_ci95"]) == 2 for s in run["steps"])
+    from vieval_runner import store
+
+    evals = store.open_store(str(tmp_path / "store")).evaluations().to_pylist()
+    assert all(json.loads(e["ci95"])["f1"][0] <= e["f1"] for e in evals)
     f1 = {s["step"]: s["f1"] for s in run["steps"]}
     if f1[0] == f1[300]:  # a tie of the two: none is best (scoring.best_step)
         assert run["best_step"] is None
@@ -275,3 +281,36 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, tiny_run):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated (SIGTERM); the store keeps every step committed so far" in err
     assert "Traceback" not in err
+
+
+def test_compare_two_steps_json_and_bad_step(tmp_path):
+    from scipy.stats import binomtest
+
+    from vieval_runner import store
+    from vieval_runner.testing.stat_stores import build_stat_store
+
+    build_stat_store(tmp_path / "st", n=120)
+    done = _vieval("compare", str(tmp_path / "st"), "0", "100", "--metric", "acc_at_50", "--json")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    keys = {"metric", "step_a", "step_b", "n", "difference", "ci95", "p_value", "test", "better",
+            "worse", "unchanged"}  # fmt: skip
+    assert keys <= set(got) and got["step_a"] == 0 and got["step_b"] == 100
+    # reference: McNemar's discordant counts from the stored rows, scipy's exact binomial test
+    reader = store.open_store(str(tmp_path / "st"))
+    a = reader.step("run", 0).column("acc_at_50").to_pylist()
+    b = reader.step("run", 100).column("acc_at_50").to_pylist()
+    better = sum(x == 0 and y == 1 for x, y in zip(a, b, strict=True))
+    worse = sum(x == 1 and y == 0 for x, y in zip(a, b, strict=True))
+    assert (got["better"], got["worse"], got["n"]) == (better, worse, 120)
+    assert got["p_value"] == binomtest(better, better + worse, 0.5).pvalue
+    assert abs(got["difference"] - (sum(b) - sum(a)) / 120) < 1e-12
+    assert got["ci95"][0] < got["difference"] < got["ci95"][1]
+
+    text = _vieval("compare", str(tmp_path / "st"), "200", "run:300")
+    assert text.returncode == 0, text.stderr
+    assert "step 300 minus step 200 on 120 shared specimens" in text.stdout
+    assert "not significant at 0.05" in text.stdout
+
+    bad = _vieval("compare", str(tmp_path / "st"), "0", "999")
+    assert bad.returncode == 2 and "has no step 999" in bad.stderr

@@ -39,3 +39,29 @@ def test_a_tie_of_every_step_names_no_best_checkpoint():
 def test_one_step_is_the_best_there_is():
     text = _printed(_summary({300: 0.0}))
     assert "best checkpoint: step 300 by f1" in text
+
+
+def test_summary_intervals_significance_and_80_columns(tmp_path):
+    from vieval_runner import store
+    from vieval_runner.report import summarize
+    from vieval_runner.testing.stat_stores import build_stat_store
+
+    build_stat_store(tmp_path / "st")
+    (summary,) = summarize(store.open_store(str(tmp_path / "st")))
+    for row in summary["steps"]:
+        for metric in ("f1", "precision", "recall", "acc_at_50", "ap50", "ap"):
+            low, high = row[f"{metric}_ci95"]
+            assert low <= row[metric] <= high, (row["step"], metric)
+    # steps 200 and 300 hit 80% and 81% of the time: the best is no better than the next,
+    # and far better than step 0 (hits 20%)
+    evidence = summary["best_evidence"]
+    assert summary["best_step"] in (200, 300)
+    assert not evidence["vs_next"]["significant"] and evidence["vs_first"]["significant"]
+    console = Console(record=True, width=80)
+    print_summary([summary], console)
+    text = console.export_text()
+    assert "…" not in text
+    for header in ("step", "F1", "95% CI", "P", "R", "acc@.5", "AP50", "unparsed"):
+        assert f" {header} " in text.splitlines()[2] + " ", header
+    assert "not significantly better than the next best" in text
+    assert "significantly better than the first step" in text

@@ -1,4 +1,4 @@
-"""`vieval` command line: run | watch | rescore | summary | view | export | compact | demo | parse.
+"""`vieval` command line: run | watch | rescore | summary | compare | view | export | compact | demo | parse.
 
 Exit status: 0 success, 2 bad input or config (the message names the file/row/key),
 1 internal error, 3 a run in which some checkpoints failed (the message says which).
@@ -45,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--run", help="only this run id")
     p.add_argument("--as-of", help="a predictions table version or an ISO timestamp (time travel)")
+    p.add_argument(
+        "--by",
+        metavar="size|label|FIELD",
+        help="break the metrics down by box size, label or a field",
+    )
+    _stats_arguments(p)
+
+    p = sub.add_parser(
+        "compare", help="paired comparison of two steps (or two runs' steps) on shared specimens"
+    )
+    p.add_argument("store")
+    p.add_argument("step_a", metavar="STEP_A", help="a step, or RUN:STEP for another run")
+    p.add_argument("step_b", metavar="STEP_B", help="a step, or RUN:STEP for another run")
+    p.add_argument("--run", help="the run of plain steps (default: the store's only run)")
+    p.add_argument("--metric", help="f1, precision, recall, acc_at_50; exact_match, ... (VQA)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    _stats_arguments(p)
 
     p = sub.add_parser("rescore", help="re-parse and re-score stored raw text (no model needed)")
     p.add_argument("store")
@@ -96,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "coords, default_label, truncated)",
     )
     return parser
+
+
+def _stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0: reproducible)")
 
 
 def cmd_parse(args) -> int:
@@ -192,7 +214,17 @@ def cmd_summary(args) -> int:
     from vieval_runner import report, store
 
     reader = store.open_store(args.store, as_of=_as_of(args.as_of))
-    summaries = report.summarize(reader, args.run)
+    kw = {"n_resamples": args.resamples, "seed": args.seed}
+    if args.by:
+        from vieval_runner import breakdown
+
+        rows = breakdown.breakdown(reader, args.by, args.run, **kw)
+        if args.json:
+            print(json.dumps(rows, default=str))
+        else:
+            breakdown.print_breakdown(rows, args.by, Console())
+        return EXIT_OK
+    summaries = report.summarize(reader, args.run, **kw)
     if args.json:
         print(
             json.dumps(
@@ -202,6 +234,42 @@ def cmd_summary(args) -> int:
     else:
         report.print_summary(summaries, Console())
     return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    from rich.console import Console
+
+    from vieval_runner import evidence, report, store
+
+    reader = store.open_store(args.store)
+    runs = reader.runs()
+    run = args.run
+    if run is None:
+        if len(runs) != 1:
+            raise store.StoreError(
+                f"{args.store} holds runs {', '.join(runs) or '(none)'}: name one with --run"
+            )
+        run = runs[0]
+    (run_a, step_a), (run_b, step_b) = _run_step(args.step_a, run), _run_step(args.step_b, run)
+    task = report.run_task(reader, run_b)
+    got = evidence.compare(
+        reader, task, run_a, step_a, run_b, step_b, args.metric,
+        n_resamples=args.resamples, seed=args.seed,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(evidence.nan_free(got)))
+    else:
+        report.print_comparison(got, Console())
+    return EXIT_OK
+
+
+def _run_step(text: str, default_run: str) -> tuple[str, int]:
+    run, _, step = text.rpartition(":")
+    if not step.isdigit():
+        from vieval_runner.store import StoreError
+
+        raise StoreError(f"{text!r} is not a step (e.g. 400) or RUN:STEP (e.g. base:0)")
+    return run or default_run, int(step)
 
 
 def _as_of(value: str | None):
@@ -280,6 +348,7 @@ COMMANDS = {
     "run": cmd_run,
     "watch": lambda args: cmd_run(args, watch=True),
     "summary": cmd_summary,
+    "compare": cmd_compare,
     "rescore": cmd_rescore,
     "view": cmd_view,
     "export": cmd_export,

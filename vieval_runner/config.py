@@ -66,6 +66,12 @@ class ScoringConfig(_Strict):
         gt=1,
         description="VQA answers this many times longer/shorter than the reference are 'format_mismatch'.",
     )
+    bootstrap_resamples: int = Field(
+        2000, ge=100, description="Bootstrap resamples for the stored 95% intervals of each step."
+    )
+    bootstrap_seed: int = Field(
+        0, ge=0, description="Seed of the bootstrap resamples (fixed: intervals are reproducible)."
+    )
 
 
 class WatchConfig(_Strict):

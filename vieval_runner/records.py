@@ -69,6 +69,15 @@ class CheckpointError(Exception):
     weights that do not fit the model (the message names the path and why)."""
 
 
+def scalar_fields(row: dict, used: set[str]) -> dict[str, str | int | float | bool]:
+    """A row's fields not in ``used`` whose values are scalars (kept as specimen metadata)."""
+    return {
+        str(k): v
+        for k, v in row.items()
+        if k not in used and isinstance(v, str | int | float | bool) and v is not None
+    }
+
+
 class DataError(Exception):
     """Bad validation data; the message names the file, the row and the problem."""
 
@@ -86,6 +95,9 @@ class Specimen:
     image_bytes: bytes | None = None
     ref_boxes: list[Box] = field(default_factory=list)
     ref_answers: list[str] = field(default_factory=list)
+    # the validation row's other fields (JSONL keys, COCO image attributes, HF columns) with
+    # scalar values: what `vieval summary --by FIELD` and the viewer break metrics down by
+    metadata: dict[str, str | int | float | bool] = field(default_factory=dict)
 
     def load_image(self):
         """The image as an RGB ``PIL.Image`` (decoded on demand, never cached here).

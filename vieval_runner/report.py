@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
-from vieval_runner import scoring
+from vieval_runner import evidence, scoring
+from vieval_runner.scoring.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 GROUNDING_COLUMNS = (
     "f1",
@@ -16,6 +20,7 @@ GROUNDING_COLUMNS = (
     "iou_mean",
     "acc_at_50",
     "ap50",
+    "ap",
     "parse_failure_rate",
 )
 VQA_COLUMNS = (
@@ -28,6 +33,23 @@ VQA_COLUMNS = (
     "parse_failure_rate",
 )
 HEADLINE = {"grounding": "f1", "vqa": "exact_match"}
+# Short column headers, so that the table stays readable in 80 columns.
+SHORT = {
+    "f1": "F1",
+    "precision": "P",
+    "recall": "R",
+    "iou_mean": "IoU",
+    "acc_at_50": "acc@.5",
+    "ap50": "AP50",
+    "ap": "AP",
+    "parse_failure_rate": "unparsed",
+    "exact_match": "EM",
+    "vqa_accuracy": "VQA",
+    "token_f1": "tokF1",
+    "bleu": "BLEU",
+    "rouge_l": "ROUGE-L",
+    "anls": "ANLS",
+}
 
 
 def _clean(value):
@@ -36,14 +58,32 @@ def _clean(value):
     return value
 
 
-def summarize(reader, run_id: str | None = None) -> list[dict]:
-    """One dict per run: task, per-step aggregate rows, failed evaluations, best step, overfitting."""
+def _task_of(evaluations: list[dict]) -> str:
+    return next((e.get("task") for e in evaluations if e.get("task")), "grounding")
+
+
+def run_task(reader, run_id: str) -> str:
+    """The task a run's evaluations name (grounding when none does)."""
+    return _task_of(reader.evaluations(run_id).to_pylist())
+
+
+def summarize(
+    reader,
+    run_id: str | None = None,
+    *,
+    with_intervals: bool = True,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> list[dict]:
+    """One dict per run: task, per-step aggregate rows (with ``<metric>_ci95`` intervals from
+    the stored per-specimen rows), failed evaluations, best step and whether it is
+    significantly better than the next best and the first step, overfitting."""
     runs = [run_id] if run_id else reader.runs()
     summaries = []
     for run in runs:
         aggregates = reader.aggregates(run).to_pylist()
         evaluations = reader.evaluations(run).to_pylist()
-        task = next((e.get("task") for e in evaluations if e.get("task")), "grounding")
+        task = _task_of(evaluations)
         metric = HEADLINE.get(task, "f1")
         by_step = {row["step"]: {k: _clean(v) for k, v in row.items()} for row in aggregates}
         failed = [
@@ -55,6 +95,15 @@ def summarize(reader, run_id: str | None = None) -> list[dict]:
             for e in evaluations
             if e.get("status") == "failed" and e["step"] not in by_step
         ]
+        best = scoring.best_step(by_step, metric) if by_step else None
+        best_evidence = None
+        if with_intervals and by_step:
+            kw = {"n_resamples": n_resamples, "seed": seed}
+            _add_intervals(reader, run, task, by_step, evaluations, kw)
+            steps = [by_step[s] for s in sorted(by_step)]
+            best_evidence = evidence.best_step_evidence(
+                reader, run, task, metric, steps, best, **kw
+            )
         summaries.append(
             {
                 "run_id": run,
@@ -62,7 +111,8 @@ def summarize(reader, run_id: str | None = None) -> list[dict]:
                 "metric": metric,
                 "steps": [by_step[s] for s in sorted(by_step)],
                 "failed": failed,
-                "best_step": scoring.best_step(by_step, metric) if by_step else None,
+                "best_step": best,
+                "best_evidence": best_evidence,
                 "overfitting": scoring.overfitting_signal(by_step, metric) if by_step else None,
                 "notes": {"bertscore": scoring.BERTSCORE_NOTE} if task == "vqa" else {},
                 "coords_advice": coords_advice([by_step[s] for s in sorted(by_step)]),
@@ -81,12 +131,91 @@ def coords_advice(steps: list[dict]) -> str | None:
     return f"{fired[-1]['coords_advice']} (step{'s' if len(fired) > 1 else ''} {where})"
 
 
+def _add_intervals(reader, run: str, task: str, by_step: dict, evaluations: list, kw: dict) -> None:
+    """``<metric>_ci95`` per step from the stored per-specimen rows. AP intervals (seconds at
+    10,000 specimens) are taken from the evaluation's stored ``ci95`` when it holds them at
+    the default resamples and seed, and recomputed otherwise."""
+    versions = {e["step"]: e.get("dataset_version") for e in evaluations if e.get("status") == "ok"}
+    defaults = kw == {"n_resamples": DEFAULT_RESAMPLES, "seed": DEFAULT_SEED}
+    refs_by_version: dict = {}
+    for step, row in by_step.items():
+        stored = _stored_ci(row.pop("ci95", None))
+        refs = None
+        if task == "grounding" and row.get("ap") is not None:
+            if defaults and stored.get("ap") and stored.get("ap50"):
+                row.update(ap_ci95=stored["ap"], ap50_ci95=stored["ap50"])
+            else:
+                version = versions.get(step)
+                if version not in refs_by_version:
+                    refs_by_version[version] = evidence.references(reader, version)
+                refs = refs_by_version[version]
+        row.update(evidence.step_intervals(reader, run, step, task, refs, **kw))
+
+
+def _stored_ci(raw) -> dict:
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
+
+
+def _fmt_ci(ci) -> str:
+    if not ci or ci[0] is None:
+        return "-"
+    return f"{ci[0]:.2f}-{ci[1]:.2f}"
+
+
+# Dropped first when the terminal is too narrow for every column (all are in --json).
+DROP_ORDER = ("iou_mean", "ap", "bleu", "rouge_l", "vqa_accuracy", "recall", "precision")
+
+
+def fit_table(console: Console, build, columns: tuple[str, ...]):
+    """``build(columns)`` with the fewest columns dropped (in ``DROP_ORDER``) that lets the
+    table fit the console's width without truncating a header or a value."""
+    cols = list(columns)
+    table = build(tuple(cols))
+    unbounded = console.options.update_width(10_000)
+    for name in DROP_ORDER:
+        if Measurement.get(console, unbounded, table).maximum <= console.width:
+            break
+        if name in cols:
+            cols.remove(name)
+            table = build(tuple(cols))
+    return table, tuple(cols)
+
+
+def _step_table(summary: dict, columns: tuple[str, ...]) -> Table:
+    headline = summary["metric"]
+    table = Table(
+        title=f"run {summary['run_id']} ({summary['task']})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("step", justify="right", no_wrap=True)
+    for column in columns:
+        table.add_column(SHORT.get(column, column), justify="right", no_wrap=True)
+        if column == headline:
+            table.add_column("95% CI", justify="center", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    for row in summary["steps"]:
+        best = row["step"] == summary["best_step"]
+        cells = [f"{row['step']}{' *' if best else ''}"]
+        for column in columns:
+            cells.append(_fmt(row.get(column)))
+            if column == headline:
+                cells.append(_fmt_ci(row.get(f"{column}_ci95")))
+        table.add_row(*cells, _fmt(row.get("n_specimens")), style="bold green" if best else None)
+    return table
 
 
 def print_summary(summaries: list[dict], console: Console) -> None:
@@ -96,22 +225,19 @@ def print_summary(summaries: list[dict], console: Console) -> None:
         return
     for summary in summaries:
         columns = GROUNDING_COLUMNS if summary["task"] == "grounding" else VQA_COLUMNS
-        table = Table(title=f"run {summary['run_id']} ({summary['task']})", title_justify="left")
-        table.add_column("step", justify="right")
-        for column in columns:
-            table.add_column(column, justify="right")
-        table.add_column("n", justify="right")
-        for row in summary["steps"]:
-            best = row["step"] == summary["best_step"]
-            cells = [f"{row['step']}{' *' if best else ''}"] + [_fmt(row.get(c)) for c in columns]
-            table.add_row(
-                *cells, _fmt(row.get("n_specimens")), style="bold green" if best else None
-            )
+        table, columns = fit_table(
+            console, lambda cols, summary=summary: _step_table(summary, cols), columns
+        )
         console.print(table)
+        names = ", ".join(f"{SHORT[c]} = {c}" for c in columns if SHORT.get(c, c) != c)
+        console.print(f"[dim]{names}; 95% CI: specimen bootstrap of {summary['metric']}[/]")
         if summary["best_step"] is not None:
             console.print(
                 f"best checkpoint: step {summary['best_step']} by {summary['metric']} (marked *)"
             )
+            line = evidence.significance_line(summary.get("best_evidence"))
+            if line:
+                console.print(f"  step {summary['best_step']} is {line}")
         elif len(summary["steps"]) > 1:
             values = {row.get(summary["metric"]) for row in summary["steps"]}
             if len(values) == 1 and None not in values:
@@ -132,3 +258,30 @@ def print_summary(summaries: list[dict], console: Console) -> None:
             console.print(f"[dim]bertscore: {scoring.BERTSCORE_NOTE}[/]")
         for failure in summary["failed"]:
             console.print(f"[red]step {failure['step']} failed[/]: {failure['error']}")
+
+
+def print_comparison(got: dict, console: Console) -> None:
+    """One paired comparison in words: B minus A, interval, p-value, specimen counts."""
+    a = f"{got['run_a']} step {got['step_a']}"
+    b = f"{got['run_b']} step {got['step_b']}"
+    if got["run_a"] == got["run_b"]:
+        a, b = f"step {got['step_a']}", f"step {got['step_b']}"
+    ci = got["ci95"]
+    verdict = "significant" if got["p_value"] is not None and got["p_value"] < 0.05 else (
+        "not significant")  # fmt: skip
+    console.print(f"{got['metric']}: {b} minus {a} on {got['n']} shared specimens")
+    console.print(
+        f"  difference {_signed(got['difference'])}  95% CI [{_signed(ci[0])}, {_signed(ci[1])}]"
+        f"  p = {_fmt_p(got['p_value'])} ({got['test']}): {verdict} at 0.05"
+    )
+    console.print(
+        f"  specimens better {got['better']}, worse {got['worse']}, unchanged {got['unchanged']}"
+    )
+
+
+def _signed(value) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def _fmt_p(value) -> str:
+    return "-" if value is None else f"{value:.3g}"

@@ -237,6 +237,41 @@ def test_jsonl_grounding(split: Path):
     assert detect_format(f) == ("jsonl", f)
 
 
+def test_jsonl_extra_fields_are_kept_as_metadata(split: Path, tmp_path: Path):
+    from vieval_runner import store
+
+    f = _jsonl(
+        split / "val.jsonl",
+        [{"id": "x1", "image": "img/a.png", "prompt": "cat", "boxes": [[1, 2, 30, 40]],
+          "source": "phone", "difficulty": 3, "night": True, "tags": ["a"], "split": "val"}],
+    )  # fmt: skip
+    (spec,) = load_specimens(f, "auto", "grounding").specimens
+    # scalar fields the adapter does not use; lists and the split filter are not metadata
+    assert spec.metadata == {"source": "phone", "difficulty": 3, "night": True}
+    store.create_store(str(tmp_path / "st"))
+    store.write_specimens(str(tmp_path / "st"), [spec], "v1")
+    stored = store.open_store(str(tmp_path / "st")).specimens().column("metadata").to_pylist()
+    assert [json.loads(m) for m in stored] == [spec.metadata]
+
+
+def test_coco_image_attributes_and_hf_columns_are_metadata(split: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = _coco_json()
+    res = load_specimens(COCO, "auto", "grounding")
+    by_file = {i["file_name"]: i for i in raw["images"]}
+    for s in res.specimens[:5]:  # the image's attributes other than id, name and size
+        img = by_file[Path(s.image_path).name]
+        assert s.metadata == {"license": img["license"], "date_captured": img["date_captured"]}
+    t = pa.table({"file": ["img/a.png"], "phrase": ["red"], "boxes": [[[1.0, 2.0, 3.0, 4.0]]],
+                  "source": ["phone"], "hard": [True]})  # fmt: skip
+    pq.write_table(t, split / "val.parquet")
+    cols = {"image": "file", "prompt": "phrase"}
+    (spec,) = load_specimens(split / "val.parquet", "hf", "grounding", columns=cols).specimens
+    assert spec.metadata == {"source": "phone", "hard": True}
+
+
 def test_jsonl_vqa_images_root_and_task_inference(split: Path):
     sub = split / "meta"
     sub.mkdir()

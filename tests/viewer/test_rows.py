@@ -4,6 +4,7 @@ gives, on tables read back from a real Delta Lake store."""
 from __future__ import annotations
 
 import gc
+import json
 import math
 import random
 
@@ -43,6 +44,7 @@ def per_row_specimens(table: pa.Table) -> list[dict]:
             "height": r.get("height"),
             "ref_boxes": boxes(r.get("ref_boxes")),
             "ref_answers": [str(a) for a in r.get("ref_answers") or []],
+            "meta": json.loads(r["metadata"]) if r.get("metadata") else {},
         }
         for r in rows
     ]

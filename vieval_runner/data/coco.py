@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vieval_runner.data.common import Ctx, DataError, Item, RowProblem, check_box, xywh_to_xyxy
-from vieval_runner.records import Box, Specimen
+from vieval_runner.records import Box, Specimen, scalar_fields
 
 CAPTION_PROMPT = "Describe the image."
 
@@ -187,5 +187,16 @@ def load_coco(path: Path, ctx: Ctx) -> Iterator[Item]:
             continue
         yield Item(
             f"image {img_id}",
-            Specimen(sid, "grounding", phrase, w, h, str(image), None, boxes, []),
+            Specimen(
+                sid,
+                "grounding",
+                phrase,
+                w,
+                h,
+                str(image),
+                None,
+                boxes,
+                [],
+                metadata=scalar_fields(img, {"id", "file_name", "width", "height"}),
+            ),  # fmt: skip
         )

@@ -24,7 +24,7 @@ from vieval_runner.data.common import (
     bytes_image_size,
 )
 from vieval_runner.data.jsonl import parse_boxes
-from vieval_runner.records import Specimen
+from vieval_runner.records import Specimen, scalar_fields
 
 DEFAULT_COLUMNS = {
     "image": ("image", "image_path", "file_name"),
@@ -204,6 +204,7 @@ def load_hf(path: Path, ctx: Ctx) -> Iterator[Item]:
                     image_bytes=data,
                     ref_boxes=boxes,
                     ref_answers=answers,
+                    metadata=scalar_fields(row, set(cols.values())),
                 ),
                 explicit_id=explicit,
             )

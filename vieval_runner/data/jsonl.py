@@ -27,7 +27,7 @@ from vieval_runner.data.common import (
     check_box,
     first_key,
 )
-from vieval_runner.records import Specimen
+from vieval_runner.records import Specimen, scalar_fields
 
 IMAGE_KEYS = ("image", "image_path", "file_name")
 PROMPT_KEYS = ("prompt", "phrase", "question")
@@ -167,6 +167,9 @@ def row_specimen(row: dict, ctx: Ctx) -> tuple[Specimen, bool]:
         image_path=str(image),
         ref_boxes=boxes,
         ref_answers=answers,
+        metadata=scalar_fields(
+            row, {image_key, boxes_key, answers_key, prompt_key, id_key, "task", "split"}
+        ),
     )
     return spec, explicit
 

@@ -81,6 +81,7 @@ def rescore_store(
             eval_row.update(
                 frame_columns(step_specimens, predictions, previous["output_format"], coords)
             )
+            eval_row["ci95"] = aggregates.get("ci95")
             eval_row.update(
                 {
                     "eval_id": uuid.uuid4().hex,

@@ -193,6 +193,12 @@ def score_predictions(
             specimen_ids=[s.specimen_id for s in specimens],
         )
         aggregates = scoring.aggregate_vqa(per, answers, refs)
+    columns = {k: [d.get(k) for d in per] for k in per[0]} if per else {}
+    if per:
+        boxes = (pred_boxes, ref_boxes) if config.task == "grounding" else (None, None)
+        aggregates["ci95"] = scoring.step_intervals(
+            config.task, columns, *boxes, n_resamples=sc.bootstrap_resamples, seed=sc.bootstrap_seed
+        )
     for prediction, metrics in zip(predictions, per, strict=True):
         prediction.failure_category = metrics.pop("failure_category", "")
         prediction.metrics = metrics

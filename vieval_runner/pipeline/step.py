@@ -177,6 +177,7 @@ def finish_step(
 
     row = results.evaluation_row(session, ckpt, digest, "ok", None)
     row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
+    row["ci95"] = aggregates.get("ci95")
     frames = results.frame_columns(
         session.specimens, predictions, session.output_format, session.coords
     )

@@ -14,6 +14,7 @@ from vieval_runner.scoring.categories import (
 from vieval_runner.scoring.coco_ap import coco_average_precision
 from vieval_runner.scoring.frames import CANDIDATE_FRAMES, FrameFit, fit_frames
 from vieval_runner.scoring.grounding import aggregate_grounding, match_boxes, score_grounding
+from vieval_runner.scoring.intervals import compare_steps, step_intervals
 from vieval_runner.scoring.iou import batched_box_iou, pad_boxes, step_ious
 from vieval_runner.scoring.steps import LOWER_IS_BETTER, best_step, overfitting_signal
 from vieval_runner.scoring.text import normalize_squad, normalize_vqa
@@ -46,6 +47,7 @@ __all__ = [
     "anls_single",
     "batched_box_iou",
     "best_step",
+    "compare_steps",
     "coco_average_precision",
     "fit_frames",
     "match_boxes",
@@ -57,6 +59,7 @@ __all__ = [
     "score_grounding",
     "score_vqa",
     "squad_f1",
+    "step_intervals",
     "step_ious",
     "vqa_accuracy",
 ]

@@ -66,6 +66,7 @@ SPECIMENS_SCHEMA = pa.schema(
         # every change the loader made to the ground truth (duplicate box dropped, image
         # skipped ...): the whole list on the dataset version's first row (by specimen_id)
         ("dataset_warnings", pa.list_(pa.string())),
+        ("metadata", pa.string()),  # JSON object: the validation row's other scalar fields
     ]
 )
 
@@ -147,6 +148,9 @@ EVALUATIONS_SCHEMA = pa.schema(
         # JSON list of what the evaluation should be read with (e.g. a LoRA adapter trained
         # on another base); null when none. Added later: older stores gain it on first write.
         ("warnings", pa.string()),
+        # JSON {"<metric>": [low, high]}: 95% specimen-bootstrap intervals at commit time
+        # (readers recompute them from the predictions rows; this is the record)
+        ("ci95", pa.string()),
     ]
 )
 
@@ -175,7 +179,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 PARTITIONS: dict[str, list[str] | None] = {PREDICTIONS: ["step"]}
 
 # Columns whose dict values may be Python objects that JSON-encode into a string column.
-JSON_COLUMNS = frozenset({"generation", "config", "timings"})
+JSON_COLUMNS = frozenset({"generation", "config", "timings", "metadata", "ci95"})
 
 
 def table_uri(root: str, table: str) -> str:

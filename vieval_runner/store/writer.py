@@ -242,6 +242,7 @@ def write_specimens(
                 "ref_answers": list(s.ref_answers),
                 "written_at": written_at,
                 "dataset_warnings": None if rows else list(warnings),
+                "metadata": dict(s.metadata) or None,
             }
         )
     data = rows_to_table(rows, SPECIMENS_SCHEMA, f"specimens of dataset {dataset_version!r}")

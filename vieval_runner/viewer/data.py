@@ -15,6 +15,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from vieval_runner.viewer.evidence import breakdowns
+from vieval_runner.viewer.evidence import compare as compare_steps
 from vieval_runner.viewer.meta import run_meta, waiting_meta
 from vieval_runner.viewer.rows import step_rows
 from vieval_runner.viewer.specimens import SpecimenIndex, make_thumb
@@ -177,11 +179,23 @@ class ViewerData:
             # predicted box, as scoring matched them
             specs = self._specimens
             out = step_rows(table, specs.index_of, lambda i: specs.records[i]["ref_boxes"])
-            doc = {"run": run_key, "step": step, "eval_id": eval_id, "rows": out}
+            doc = {"run": run_key, "step": step, "eval_id": eval_id, "rows": out,
+                   "breakdown": breakdowns(out, specs.records, run["task"])}  # fmt: skip
             self._steps[ckey] = doc
             while len(self._steps) > STEP_CACHE_SIZE:
                 self._steps.popitem(last=False)
             return doc
+
+    def compare(self, run_key: str, step_a: int, step_b: int) -> dict:
+        """Run-level paired comparison of two steps on the primary metric. KeyError if unknown."""
+        meta = self.meta()
+        run = next((r for r in meta["runs"] if r["key"] == run_key), None)
+        if run is None or step_a not in run["steps"] or step_b not in run["steps"]:
+            raise KeyError(f"no evaluations of run {run_key!r} at steps {step_a} and {step_b}")
+        st = self.stores[run["store"]]
+        metric = meta["primary"][run["task"]]
+        read = lambda s: st.read(lambda r: r.step(run["run_id"], s), self.retries)  # noqa: E731
+        return compare_steps(read, run["task"], metric, step_a, step_b)
 
     # ----------------------------------------------------------------- images
     def image(self, index: int) -> bytes | None:

@@ -4,6 +4,7 @@ step, read from its store; and the document's frame (also the "waiting" page's d
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from vieval_runner.viewer.analysis import (
@@ -15,6 +16,7 @@ from vieval_runner.viewer.analysis import (
     clean,
     failure_actions,
 )
+from vieval_runner.viewer.evidence import best_significance, recompute_missing, stored_intervals
 from vieval_runner.viewer.stores import StoreHandle, StoreUnavailable
 
 LOG_KEYS = ("step", "loss", "eval_loss", "learning_rate", "epoch")
@@ -55,12 +57,19 @@ def run_meta(
     log = [{k: row.get(k) for k in LOG_KEYS} for row in log if row.get("step") is not None]
     # the coordinate-frame check's verdict rides along: the page shows its advice line
     frame_check = ("coords_best_fit", "coords_best_fit_f1", "coords_advice")
-    keep = ("step", "eval_id", "n_specimens", *AGGREGATE_KEYS, *frame_check)
+    keep = ("step", "eval_id", "n_specimens", "ci95", *AGGREGATE_KEYS, *frame_check)
     aggs = sorted(
         ({k: a.get(k) for k in keep if k in a} for a in aggs), key=lambda a: a.get("step", 0)
     )
     task = tasks[-1] if tasks and tasks[-1] in PRIMARY else run_task(specimen_tasks, aggs)
+    stored_intervals(aggs)
+    read_step = lambda s: st.read(lambda r: r.step(run_id, s), retries)  # noqa: E731
+    with contextlib.suppress(StoreUnavailable):  # the page still works without intervals
+        recompute_missing(read_step, (st.root, run_id), task, aggs, PRIMARY[task])
     best, overfit = best_and_overfit(aggs, PRIMARY[task])
+    if best is not None:
+        with contextlib.suppress(StoreUnavailable):
+            best |= best_significance(read_step, task, PRIMARY[task], aggs, best)
     return {
         "key": key,
         "run_id": run_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -65,7 +66,7 @@ def box_lists(col: pa.ChunkedArray | pa.Array) -> list[list[list]]:
         column_values(fields[name]) if name in fields else [None] * len(values)
         for name in BOX_FIELDS
     ]
-    cols[4] = [lab or "" for lab in cols[4]]
+    cols[4] = [visible(lab) if lab else "" for lab in cols[4]]
     flat = list(map(list, zip(*cols, strict=True)))
     bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
     out = [flat[bounds[k] : bounds[k + 1]] for k in range(n)]
@@ -160,6 +161,34 @@ def _step_rows(
     return rows
 
 
+def _metadata(raw: str | None) -> dict:
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def visible(text: str) -> str:
+    """Text with undecodable bytes and control characters as visible escapes: U+FFFD (what
+    decoding made of bytes that were not UTF-8) -> ``\\ufffd``, a surrogate-escaped byte ->
+    ``\\xNN``, a control character -> ``\\uNNNN``; never a silent ``�``."""
+    if text.isprintable() and "\ufffd" not in text:
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if code == 0xFFFD:
+            out.append("\\ufffd")
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
 def _binary(field: pa.Field) -> bool:
     return pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)
 
@@ -194,6 +223,7 @@ def _specimen_rows(table: pa.Table) -> list[dict]:
         col("height"),
         refs,
         col("ref_answers"),
+        col("metadata"),
         strict=True,
     )
     return [
@@ -205,6 +235,7 @@ def _specimen_rows(table: pa.Table) -> list[dict]:
             "height": height,
             "ref_boxes": ref_boxes,
             "ref_answers": [str(a) for a in answers or []],
+            "meta": _metadata(meta),
         }
-        for sid, task, prompt, width, height, ref_boxes, answers in cols
+        for sid, task, prompt, width, height, ref_boxes, answers, meta in cols
     ]

@@ -37,6 +37,7 @@ STATIC_FILES = {
     "/state.js": ("state.js", "text/javascript; charset=utf-8"),
     "/list.js": ("list.js", "text/javascript; charset=utf-8"),
     "/panels.js": ("panels.js", "text/javascript; charset=utf-8"),
+    "/breakdown.js": ("breakdown.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 _IMG = re.compile(r"/(img|thumb)/([0-9]{1,9})")
@@ -174,6 +175,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             try:
                 self._json(self.data.step(run, int(step)))
+            except KeyError as exc:
+                self._json({"error": str(exc.args[0])}, HTTPStatus.NOT_FOUND)
+            return
+        if path == "/api/compare":
+            query = parse_qs(parts.query)
+            run = (query.get("run") or [""])[0]
+            a, b = (query.get("a") or [""])[0], (query.get("b") or [""])[0]
+            if not (re.fullmatch(r"[0-9]{1,12}", a) and re.fullmatch(r"[0-9]{1,12}", b)):
+                self._json({"error": "a and b must be non-negative integer steps"}, 400)
+                return
+            try:
+                self._json(self.data.compare(run, int(a), int(b)))
             except KeyError as exc:
                 self._json({"error": str(exc.args[0])}, HTTPStatus.NOT_FOUND)
             return

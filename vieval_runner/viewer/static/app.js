@@ -123,9 +123,35 @@
     renderList();
     renderSpecimen();
     renderSummary();
+    renderBreakdown();
+    renderWorseVerdict(worse, token);
     window.VievalCharts.markChartStep(S.step);
     prefetch();
     saveHash();
+  }
+  const renderBreakdown = () => window.VievalBreakdown.renderBreakdown(() => { renderList(); renderSpecimen(); renderBreakdown(); });
+  // 'worse since step N' at run level: is the run's headline metric significantly worse
+  // than at step N (paired test on the shared specimens)? The live server only.
+  async function renderWorseVerdict(worse, token) {
+    const el = $("#worse-verdict");
+    if (STATIC || Number.isNaN(worse) || !S.shown.length || worse === S.step) { el.hidden = true; return; }
+    let got;
+    try {
+      got = await api("compare", { run: S.shown[0], a: worse, b: S.step });
+    } catch (e) {
+      el.hidden = true;
+      return;
+    }
+    if (token !== S.token || !got || got.difference === undefined) return;
+    const sign = got.difference >= 0 ? "+" : "";
+    const ci = got.ci95 || [null, null];
+    const worseNow = got.difference < 0;
+    const verdict = got.significant ? (worseNow ? "significantly worse" : "significantly better") : "no significant change";
+    el.textContent = `run ${metricName(got.metric)} ${sign}${got.difference.toFixed(3)} since step ${worse} ` +
+      `(95% CI ${ci[0] === null ? "–" : ci[0].toFixed(3)} to ${ci[1] === null ? "–" : ci[1].toFixed(3)}, p = ${got.p_value === null ? "–" : got.p_value.toPrecision(2)}, n = ${got.n}): ${verdict}`;
+    el.className = "worse-verdict" + (got.significant && worseNow ? " sig-worse" : "");
+    el.dataset.significant = String(!!got.significant);
+    el.hidden = false;
   }
   function prefetch() {
     const i = S.steps.indexOf(S.step);

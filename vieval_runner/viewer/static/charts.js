@@ -7,7 +7,9 @@
   const METRIC_DASH = ["", "5 3", "2 3", "8 3 2 3"];
   let C = { pickSteps: [], onPick: () => {}, colorOf: () => "#000" };
 
-  function chartFrame(svg, steps, ymax) {
+  // steps: the x axis (evaluated and logged steps); tickSteps: the steps labelled (the
+  // evaluated ones, so checkpoints every 200 read 0, 200, 400, not 0, 220, 440)
+  function chartFrame(svg, steps, ymax, tickSteps) {
     const W = Math.max(200, svg.clientWidth || 400), H = Math.max(100, svg.clientHeight || 130);
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     svg.replaceChildren();
@@ -22,12 +24,13 @@
     }
     // step labels: every k-th, the last always; a label that would overlap its neighbour
     // (the last one is often close to a regular tick) gives way
-    const every = Math.max(1, Math.ceil(steps.length / 8));
+    const ticks = tickSteps && tickSteps.length ? tickSteps : steps;
+    const every = Math.max(1, Math.ceil(ticks.length / 8));
     const labels = [];
-    steps.forEach((st, k) => {
-      if (k % every !== 0 && k !== steps.length - 1) return;
+    ticks.forEach((st, k) => {
+      if (k % every !== 0 && k !== ticks.length - 1) return;
       if (labels.length && x(st) - labels[labels.length - 1].x < 38) {
-        if (k !== steps.length - 1) return;
+        if (k !== ticks.length - 1) return;
         labels.pop();
       }
       labels.push({ x: x(st), st });
@@ -64,9 +67,20 @@
     for (const r of runs) for (const l of r.training_log) allSteps.add(l.step);
     const steps = [...allSteps].sort((a, b) => a - b);
     const msvg = $("#metric-chart");
-    const { x, y } = chartFrame(msvg, steps.length ? steps : [0], 1);
+    const { x, y } = chartFrame(msvg, steps.length ? steps : [0], 1, ctx.pickSteps);
     runs.forEach((run) => {
       const color = runColor(run.key);
+      metrics.forEach((m) => {
+        // the 95% bootstrap interval of each step as a band behind the line
+        const withCi = run.aggregates.filter((a) => Array.isArray(a[m + "_ci95"]) && a[m + "_ci95"][0] !== null);
+        if (!withCi.length) return;
+        const upper = withCi.map((a) => [x(a.step), y(a[m + "_ci95"][1])]);
+        const lower = withCi.map((a) => [x(a.step), y(a[m + "_ci95"][0])]).reverse();
+        const pts = withCi.length === 1 ? [[upper[0][0] - 3, upper[0][1]], [upper[0][0] + 3, upper[0][1]], [lower[0][0] + 3, lower[0][1]], [lower[0][0] - 3, lower[0][1]]] : [...upper, ...lower];
+        const band = s("polygon", { points: pts.map((p) => p.join(",")).join(" "), fill: color, class: "ci-band", "data-metric": m, "data-run": run.key });
+        band.append(s("title", { text: `${C.metricName(m)} 95% interval (specimen bootstrap)` }));
+        msvg.append(band);
+      });
       metrics.forEach((m, mi) => {
         const pts = run.aggregates.filter((a) => a[m] !== null && a[m] !== undefined).map((a) => [x(a.step), y(a[m])]);
         polyline(msvg, pts, color, METRIC_DASH[mi], "line metric-" + m);
@@ -75,11 +89,18 @@
       if (run.best) {
         const b = run.best;
         const labelled = msvg.querySelector(`.best-marker[data-best-step="${b.step}"]`);
-        const g = s("g", { class: "best-marker", "data-best-step": b.step, "data-run": run.key });
+        // significant: the best step beats the next best beyond noise (paired test, p < 0.05)
+        const sig = b.vs_next ? (b.significant ? "significant" : "not-significant") : "untested";
+        const g = s("g", { class: "best-marker", "data-best-step": b.step, "data-run": run.key, "data-significance": sig });
+        if (b.vs_next) {
+          const v = b.vs_next;
+          g.append(s("title", { text: `best vs step ${v.step_a}: ${v.difference >= 0 ? "+" : ""}${(v.difference || 0).toFixed(3)}, p = ${v.p_value === null ? "-" : v.p_value.toPrecision(2)} (${v.test})` }));
+        }
         g.append(s("circle", { cx: x(b.step), cy: y(b.value), r: 5.5, fill: "none", stroke: color, "stroke-width": 2 }));
         const bx = x(b.step);
         const anchor = bx > msvg.clientWidth - 40 ? "end" : bx < 60 ? "start" : "middle";
-        if (!labelled) g.append(s("text", { x: bx, y: y(b.value) - 8, class: "best-label", "text-anchor": anchor, text: "★ best" }));
+        const tag = sig === "significant" ? " (significant)" : sig === "not-significant" ? " (n.s.)" : "";
+        if (!labelled) g.append(s("text", { x: bx, y: y(b.value) - 8, class: "best-label", "text-anchor": anchor, text: "★ best" + tag }));
         msvg.append(g);
       }
       for (const f of run.failed || []) {
@@ -93,7 +114,7 @@
     for (const r of runs) for (const l of r.training_log) ymax = Math.max(ymax, l.loss || 0, l.eval_loss || 0);
     const lossEntries = [];
     let hasLog = false;
-    const lf = chartFrame(lsvg, steps.length ? steps : [0], ymax > 0 ? niceMax(ymax) : 1);
+    const lf = chartFrame(lsvg, steps.length ? steps : [0], ymax > 0 ? niceMax(ymax) : 1, ctx.pickSteps);
     runs.forEach((run) => {
       const color = runColor(run.key);
       for (const [field, dash] of [["loss", ""], ["eval_loss", "5 3"]]) {

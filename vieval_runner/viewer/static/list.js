@@ -37,6 +37,7 @@
       if (parseOnly && !(row && PARSE_FAILURES.has(row.parse_status))) continue;
       if (query && !sp.id.toLowerCase().includes(query)) continue;
       if (worseStep !== null && !(delta !== null && delta < -1e-9)) continue;
+      if (S.slice && !S.slice.ids.has(sp.i)) continue;
       items.push({ sp, row, c, sc, delta });
     }
     if (S.wantSpecimen && S.byId.has(S.wantSpecimen)) {

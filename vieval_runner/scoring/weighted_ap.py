@@ -1,0 +1,212 @@
+"""COCO AP with specimen weights and an area range: bootstrap intervals and AP by box size.
+
+pycocotools ``COCOeval`` (bbox, one class, no crowd) re-stated so that each image can carry
+a weight (how often a bootstrap resample drew it): per-image matching is done once, and every
+resample only re-weights the score-sorted detections' cumulative sums. With all weights 1 it
+is COCOeval with ``areaRng`` (small < 32^2 <= medium < 96^2 <= large, boxes' w*h in original
+pixels; a reference outside the range is ignored, and so is an unmatched detection outside
+it), tested equal to pycocotools to 1e-6. pycocotools has no weighted form, hence this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vieval_runner.records import Box
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+AREA_RANGES: dict[str, tuple[float, float]] = {
+    "all": (0.0, 1e5**2),
+    "small": (0.0, 32.0**2),
+    "medium": (32.0**2, 96.0**2),
+    "large": (96.0**2, 1e5**2),
+}
+
+
+def _area(boxes: Sequence[Box]) -> np.ndarray:
+    return np.array([(b.x2 - b.x1) * (b.y2 - b.y1) for b in boxes], dtype=np.float64)
+
+
+def _box_array(boxes: Sequence[Box]) -> np.ndarray:
+    return np.array([b.as_list() for b in boxes], dtype=np.float64).reshape(-1, 4)
+
+
+def pairwise_iou(preds: Sequence[Box], refs: Sequence[Box]) -> np.ndarray:
+    """``[P, R]`` IoU in float64 numpy (no torch: this runs per image on the reader side)."""
+    return pairwise_iou_arrays(_box_array(preds), _box_array(refs))
+
+
+def pairwise_iou_arrays(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``[P, R]`` IoU of ``[P, 4]`` and ``[R, 4]`` xyxy arrays."""
+    lt = np.maximum(p[:, None, :2], r[None, :, :2])
+    rb = np.minimum(p[:, None, 2:], r[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_p, area_r = np.prod(p[:, 2:] - p[:, :2], -1), np.prod(r[:, 2:] - r[:, :2], -1)
+    union = area_p[:, None] + area_r[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def _match_image(iou: np.ndarray, g_ignored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """COCOeval.evaluateImg's greedy matching for one image: ``(matched, ignored)`` ``[T, D]``.
+
+    ``iou`` rows are score-sorted detections, columns references with non-ignored first.
+    """
+    n_det, n_ref = iou.shape
+    matched = np.zeros((len(IOU_THRESHOLDS), n_det), dtype=bool)
+    ignored = np.zeros_like(matched)
+    if n_det == 0 or n_ref == 0:
+        return matched, ignored
+    if n_ref == 1:  # the first detection over the threshold takes the one reference
+        over = iou[:, 0][None, :] >= np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[:, None]
+        first = np.argmax(over, axis=1)
+        rows = np.flatnonzero(over.any(axis=1))
+        matched[rows, first[rows]] = True
+        ignored[rows, first[rows]] = bool(g_ignored[0])
+        return matched, ignored
+    for ti, t in enumerate(IOU_THRESHOLDS):
+        taken = np.zeros(n_ref, dtype=bool)
+        for d in range(n_det):
+            best, m = min(t, 1 - 1e-10), -1
+            for g in range(n_ref):
+                if taken[g]:
+                    continue
+                if m > -1 and not g_ignored[m] and g_ignored[g]:
+                    break
+                if iou[d, g] < best:
+                    continue
+                best, m = iou[d, g], g
+            if m > -1:
+                taken[m] = True
+                matched[ti, d] = True
+                ignored[ti, d] = g_ignored[m]
+    return matched, ignored
+
+
+@dataclass
+class DetectionTable:
+    """A step's detections matched once for one area range, ready to be re-weighted."""
+
+    image: np.ndarray  # [D] image index of each detection, in global score order
+    tps: np.ndarray  # [T, D] counted true positive
+    fps: np.ndarray  # [T, D] counted false positive
+    refs: np.ndarray  # [N] non-ignored references per image
+    n_images: int
+
+
+def detection_table(
+    pred_boxes: list[list[Box]],
+    ref_boxes: list[list[Box]],
+    area_range: tuple[float, float] = AREA_RANGES["all"],
+    *,
+    max_dets: int = 100,
+) -> DetectionTable | None:
+    """Match every image once (COCOeval's rules); None when some predicted box has no score.
+
+    Images with at most one reference (RefCOCO-style, the common case) are matched for the
+    whole step in array operations; the rest one image at a time."""
+    if any(b.score is None for bs in pred_boxes for b in bs):
+        return None
+    lo, hi = area_range
+    n_img, n_t = len(ref_boxes), len(IOU_THRESHOLDS)
+    n_pred = np.array([len(p) for p in pred_boxes], dtype=np.int64)
+    n_ref = np.array([len(r) for r in ref_boxes], dtype=np.int64)
+    dets = np.array([[*b.as_list(), b.score] for bs in pred_boxes for b in bs]).reshape(-1, 5)
+    gts = np.array([b.as_list() for bs in ref_boxes for b in bs]).reshape(-1, 4)
+    g_area = (gts[:, 2] - gts[:, 0]) * (gts[:, 3] - gts[:, 1])
+    g_ig = (g_area < lo) | (g_area > hi)
+    g_start = np.concatenate([[0], np.cumsum(n_ref)[:-1]]).astype(np.int64)
+    g_img = np.repeat(np.arange(n_img), n_ref)
+    refs = np.bincount(g_img, weights=(~g_ig).astype(np.float64), minlength=n_img)
+    if not len(dets):
+        empty = np.zeros((n_t, 0), dtype=bool)
+        return DetectionTable(np.zeros(0, np.int64), empty, empty, refs, n_img)
+    # each image's detections by descending score (stable), its first max_dets kept
+    d_img = np.repeat(np.arange(n_img), n_pred)
+    order = np.lexsort((-dets[:, 4], d_img))
+    rank = np.arange(len(order)) - np.concatenate([[0], np.cumsum(n_pred)[:-1]])[d_img[order]]
+    order = order[rank < max_dets]
+    img, box = d_img[order], dets[order]
+    matched = np.zeros((n_t, len(order)), dtype=bool)
+    ignored = np.zeros_like(matched)
+    single = n_ref[img] == 1
+    if single.any():
+        k = np.flatnonzero(single)
+        g = g_start[img[k]]
+        iou = _paired_iou(box[k, :4], gts[g])
+        over = iou[None, :] >= np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[:, None]
+        for t in range(n_t):  # the first (best-scored) detection over t takes the reference
+            hit = np.flatnonzero(over[t])
+            _, first = np.unique(img[k[hit]], return_index=True)
+            chosen = k[hit[first]]
+            matched[t, chosen] = True
+            ignored[t, chosen] = g_ig[g_start[img[chosen]]]
+    for i in np.unique(img[n_ref[img] > 1]):
+        k = np.flatnonzero(img == i)
+        gi = slice(g_start[i], g_start[i] + n_ref[i])
+        g_order = np.argsort(g_ig[gi], kind="mergesort")
+        iou = pairwise_iou_arrays(box[k, :4], gts[gi][g_order])
+        matched[:, k], ignored[:, k] = _match_image(iou, g_ig[gi][g_order])
+    d_area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+    ignored |= ~matched & ((d_area < lo) | (d_area > hi))[None, :]
+    final = np.argsort(-box[:, 4], kind="mergesort")
+    return DetectionTable(
+        img[final], (matched & ~ignored)[:, final], (~matched & ~ignored)[:, final], refs, n_img
+    )
+
+
+def _paired_iou(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """IoU of row k of ``p`` with row k of ``r``."""
+    lt = np.maximum(p[:, :2], r[:, :2])
+    rb = np.minimum(p[:, 2:], r[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    union = np.prod(p[:, 2:] - p[:, :2], -1) + np.prod(r[:, 2:] - r[:, :2], -1) - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"ap", "ap50", "ap75"}`` per row of ``weights [B, N]``; NaN where no reference counts."""
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    n_b, n_t, n_d = weights.shape[0], len(IOU_THRESHOLDS), table.tps.shape[1]
+    n_ref = weights @ table.refs
+    precision = np.zeros((n_b, n_t, len(RECALL_THRESHOLDS)))
+    if n_d:
+        w = weights[:, table.image][:, None, :]  # [B, 1, D]
+        tp = np.cumsum(w * table.tps[None], axis=-1)
+        fp = np.cumsum(w * table.fps[None], axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rc = tp / n_ref[:, None, None]
+        pr = tp / (fp + tp + np.spacing(1))
+        pr = np.maximum.accumulate(pr[..., ::-1], axis=-1)[..., ::-1]  # COCO's envelope
+        for b in range(n_b):
+            for t in range(n_t):
+                idx = np.searchsorted(rc[b, t], RECALL_THRESHOLDS, side="left")
+                ok = idx < n_d
+                precision[b, t, ok] = pr[b, t, idx[ok]]
+    undefined = n_ref <= 0
+    ap = precision.mean(axis=(1, 2))
+    out = {"ap": ap, "ap50": precision[:, 0].mean(axis=1), "ap75": precision[:, 5].mean(axis=1)}
+    return {k: np.where(undefined, np.nan, v) for k, v in out.items()}
+
+
+def area_range_ap(
+    pred_boxes: list[list[Box]],
+    ref_boxes: list[list[Box]],
+    area: str = "all",
+    *,
+    max_dets: int = 100,
+) -> dict[str, float] | None:
+    """COCO AP / AP50 / AP75 over one area range ("all", "small", "medium", "large"); None
+    when it is undefined (an unscored box, or no reference box in the range)."""
+    table = detection_table(pred_boxes, ref_boxes, AREA_RANGES[area], max_dets=max_dets)
+    if table is None or not any(len(p) for p in pred_boxes):
+        return None
+    got = weighted_ap(table, np.ones((1, table.n_images)))
+    if np.isnan(got["ap"][0]):
+        return None
+    return {k: float(v[0]) for k, v in got.items()}
