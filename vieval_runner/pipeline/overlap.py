@@ -268,10 +268,10 @@ def embeddings_wanted(session) -> bool:
 
 
 def generate_options(config, vision_cache=None):
-    """The run's ``generation.GenerateOptions``."""
-    from vieval_runner.generate import batches as generation
+    """The run's ``GenerateOptions``."""
+    from vieval_runner.generate.options import GenerateOptions
 
-    return generation.GenerateOptions(
+    return GenerateOptions(
         static_cache=config.static_cache,
         cuda_graphs=config.cuda_graphs,
         compile=config.compile,
