@@ -27,7 +27,7 @@ VQA_COLUMNS = (
     "anls",
     "parse_failure_rate",
 )
-HEADLINE = {"grounding": "f1", "vqa": "exact_match"}
+HEADLINE = scoring.HEADLINE_METRIC
 
 
 def _clean(value):

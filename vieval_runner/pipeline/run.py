@@ -22,7 +22,7 @@ from vieval_runner import checkpoints as ckpts
 from vieval_runner import store
 from vieval_runner.config import Config
 from vieval_runner.pipeline import overlap as throughput
-from vieval_runner.pipeline import results, resume
+from vieval_runner.pipeline import results, resume, tracking
 from vieval_runner.pipeline.session import (
     Session,
     attach_model,
@@ -286,6 +286,7 @@ def finish_step(
         wait_for_specimens(session)  # readers find every specimen of a committed step
         store.commit_step(config.store, row, rows)
         timings["commit_s"] = time.perf_counter() - t0
+        tracking.after_commit(session, ckpt.step, predictions, aggregates)  # never raises
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
         try:
             store_training_log(session, ckpt)
@@ -329,6 +330,7 @@ def run(config: Config, console: Console | None = None) -> RunOutcome:
     )
     evaluate_checkpoints(session, checkpoints, console, outcome, explicit=config.steps is not None)
     wait_for_specimens(session)  # even when every step was skipped or failed
+    tracking.close(session, console)  # the trackers have every step (warnings, not errors)
     throughput.wait_for_saving(session)  # the prepared inputs, kept for later runs
     outcome.timings = _time_spent(session, outcome, time.perf_counter() - started)
     return outcome

@@ -46,6 +46,7 @@ class Session:
     newest_checkpoint: ckpts.Checkpoint | None = None  # its trainer state: the longest log
     training_log_until: int | None = None  # highest stored training-log step (None: unread)
     training_logs_read: set = field(default_factory=set)  # trainer states already read
+    tracking: object = None  # tracking.Tracking: the report_to trackers (None: none yet)
 
 
 def open_session(
