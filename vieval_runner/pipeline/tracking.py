@@ -12,14 +12,20 @@ import atexit
 import contextlib
 import logging
 import os
+import queue
+import threading
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from vieval_runner import scoring, store, trackers
 from vieval_runner.config import Config
 
 log = logging.getLogger("vieval")
+
+# At the end of a run, how long to wait for trackers still logging (a server that does not
+# answer): then the run ends anyway; the store has every step.
+CLOSE_WAIT_S = 120.0
 
 
 class TrackerWarning(UserWarning):
@@ -68,12 +74,15 @@ class Tracking:
         )
         self.metric = scoring.HEADLINE_METRIC.get(config.task, "f1")
         self._opened: dict[str, trackers.Tracker] | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vieval-trackers")
-        self._pending: list[Future] = []
+        # one daemon thread logs, in step order: a hung tracker cannot hold up the process
+        self._jobs: queue.Queue = queue.Queue()
+        self._progress = threading.Condition()
+        self._queued = self._done = 0
         self._by_step: dict[int, dict] | None = None  # headline metric by step (best step)
         self._images: dict = {}  # decoded, scaled sample images, kept across steps
         self._sample: list[str] | None = None
         self._closed = False
+        threading.Thread(target=self._work, name="vieval-trackers", daemon=True).start()
         atexit.register(self.close)  # `vieval watch`, distributed ranks: runs end at exit
 
     def open(self) -> None:
@@ -89,10 +98,19 @@ class Tracking:
                 warn(f"{name}: not logging this run ({type(exc).__name__}: {exc})")
 
     def submit(self, session, step: int, predictions: list, aggregates: dict) -> None:
-        self._pending = [f for f in self._pending if not f.done()]
         specimens = list(session.specimens)
-        job = self._pool.submit(self._log, specimens, step, list(predictions), dict(aggregates))
-        self._pending.append(job)
+        with self._progress:
+            self._queued += 1
+        self._jobs.put(partial(self._log, specimens, step, list(predictions), dict(aggregates)))
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            finally:
+                with self._progress:
+                    self._done += 1
+                    self._progress.notify_all()
 
     def _best(self, step: int, aggregates: dict) -> dict:
         if self._by_step is None:  # steps stored before this session (resume, rerun)
@@ -157,7 +175,7 @@ class Tracking:
 
     def logged_to(self) -> list[str]:
         """Each tracker still logging, with where (waits for the steps in flight)."""
-        self.flush()
+        self.flush(CLOSE_WAIT_S)
         where = {
             "tensorboard": f"tensorboard --logdir {Path(self.destination.logging_dir).parent}",
             "mlflow": f"mlflow run {self.destination.run_id} ({os.environ.get('MLFLOW_TRACKING_URI', 'mlruns')})",
@@ -165,20 +183,25 @@ class Tracking:
         }
         return [where.get(name, name) for name in (self._opened or {})]
 
-    def flush(self) -> None:
-        """Wait until every submitted step is logged."""
-        for job in self._pending:
-            job.result()
-        self._pending = []
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted step is logged (False: ``timeout`` seconds passed)."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self._done >= self._queued, timeout)
 
     def close(self) -> None:
-        """Flush, then close each tracker (ending only the runs vieval started)."""
+        """Flush (at most ``CLOSE_WAIT_S``), then close each tracker, ending only the runs
+        vieval started."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.close)
-        self.flush()
-        self._pool.shutdown(wait=True)
+        if not self.flush(CLOSE_WAIT_S):
+            warn(
+                f"trackers: {self._queued - self._done} step(s) still not logged after "
+                f"{CLOSE_WAIT_S:g}s; not waiting longer (the store has every step)"
+            )
+            return
+        self._jobs.put(None)
         for name, tracker in (self._opened or {}).items():
             try:
                 tracker.close()
