@@ -24,7 +24,8 @@ from playwright.sync_api import sync_playwright
 from vieval_runner.viewer.chromium import CHROMIUM, CHROMIUM_ARGS
 
 SCALARS = ("f1", "recall", "iou_mean", "parse_failure_rate")  # the curves shown
-SAMPLES = 3  # sample-specimen image cards shown
+SAMPLES = 2  # sample-specimen image cards shown
+IMAGE_STEP_INDEX = 1  # their step slider's position (0: the base model)
 
 
 def evaluate_with_tensorboard(demo: Path) -> Path:
@@ -90,21 +91,34 @@ def capture(url: str, out: Path, samples: list[str]) -> None:
     shown = "|".join([*(f"vieval/{m}" for m in SCALARS), *map(re.escape, samples)])
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1260})
+        page = browser.new_page(viewport={"width": 1500, "height": 1060})
         # forceSVG: headless Chromium without a GPU draws no WebGL lines
         page.goto(url + "?forceSVG=true#timeseries")
-        page.wait_for_selector("text=vieval/f1", timeout=60_000)
+        page.wait_for_selector("text=/^vieval\\//", timeout=60_000)  # the first cards
+        page.wait_for_selector("text=Smoothed", timeout=60_000)  # a chart's table is drawn
         smoothing = page.locator("input[aria-labelledby='scalars-smoothing-label']")
-        smoothing.fill("0")  # the measured values, not a moving average
-        smoothing.press("Enter")
+        for _ in range(5):  # the measured values, not a moving average
+            smoothing.fill("0")
+            smoothing.press("Tab")
+            page.wait_for_timeout(1000)
+            if page.locator("text=Smoothed").count() == 0:
+                break
         close = page.locator("button[aria-label='Close side pane']")
         if close.count():
             close.first.click()
         tags = page.locator("input[placeholder='Filter tags (regex)']")
         tags.fill(f"^({shown})$")
         tags.press("Escape")  # the suggestions list closes
-        page.mouse.click(700, 1240)  # off the input
-        page.wait_for_timeout(4000)  # charts and images load
+        page.mouse.click(700, 1040)  # off the input
+        page.wait_for_selector("text=vieval/f1", timeout=60_000)
+        page.wait_for_timeout(3000)  # charts and images load
+        for slider in page.locator("input.mdc-slider__input[type=range]").all():
+            slider.focus()  # each image card's own step slider: back to an early step
+            slider.press("Home")
+            for _ in range(IMAGE_STEP_INDEX):
+                slider.press("ArrowRight")
+        page.evaluate("document.activeElement.blur()")  # no focus ring in the picture
+        page.wait_for_timeout(2000)
         page.screenshot(path=str(out))
         browser.close()
 

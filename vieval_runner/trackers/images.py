@@ -46,10 +46,14 @@ def draw(
 
     pixels, scale = base
     _, height, width = pixels.shape
-    for boxes, color in ((specimen.ref_boxes, REFERENCE), (prediction.pred_boxes, PREDICTED)):
+    # the reference wider, under the prediction: a perfect box shows both colours
+    for boxes, color, line in (
+        (specimen.ref_boxes, REFERENCE, 4),
+        (prediction.pred_boxes, PREDICTED, 2),
+    ):
         if boxes:
             pixels = draw_bounding_boxes(
-                pixels, _box_tensor(boxes, scale, width, height), colors=color, width=2
+                pixels, _box_tensor(boxes, scale, width, height), colors=color, width=line
             )
     return pixels.permute(1, 2, 0).contiguous().numpy()
 
