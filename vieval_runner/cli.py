@@ -130,6 +130,14 @@ def cmd_parse(args) -> int:
     return EXIT_OK
 
 
+def run_overrides(args) -> list[str]:
+    """The config overrides of `run`/`watch`: the positional ones, then the options'."""
+    overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
+    if getattr(args, "report_to", None):
+        overrides.append(f"report_to=[{','.join(args.report_to)}]")
+    return overrides
+
+
 def cmd_run(args, watch: bool = False) -> int:
     from rich.console import Console
 
@@ -139,10 +147,7 @@ def cmd_run(args, watch: bool = False) -> int:
     from vieval_runner.pipeline import run as runner
     from vieval_runner.pipeline.logfile import attach_run_log
 
-    overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
-    if getattr(args, "report_to", None):
-        overrides.append(f"report_to=[{','.join(args.report_to)}]")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, run_overrides(args))
     if watch and distributed.world_size() > 1:
         raise ConfigError("vieval watch runs in one process; launch `vieval run` on several")
     ranks = distributed.setup()  # None unless started by accelerate launch / torchrun

@@ -86,12 +86,18 @@ def test_a_missing_tracker_package_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_cli_report_to_sets_the_config(tmp_path):
-    from vieval_runner.cli import build_parser
+    from vieval_runner.cli import build_parser, run_overrides
 
-    args = build_parser().parse_args(["run", "eval.yaml", "--report-to", "tensorboard", "wandb"])
-    assert args.report_to == ["tensorboard", "wandb"]
-    args = build_parser().parse_args(["watch", "eval.yaml", "--report_to", "mlflow"])
-    assert args.report_to == ["mlflow"]
+    path = tmp_path / "eval.yaml"
+    path.write_text("run_dir: r\nbase_model: b\nstore: s\ndata: {path: v.jsonl}\n")
+    args = build_parser().parse_args(
+        ["run", str(path), "batch_size=2", "--report-to", "tensorboard", "wandb"]
+    )
+    assert load_config(path, run_overrides(args)).report_to == ["tensorboard", "wandb"]
+    args = build_parser().parse_args(["watch", str(path), "--report_to", "mlflow"])
+    assert load_config(path, run_overrides(args)).report_to == ["mlflow"]
+    args = build_parser().parse_args(["run", str(path)])
+    assert load_config(path, run_overrides(args)).report_to == []
 
 
 @pytest.mark.slow
@@ -184,3 +190,27 @@ def test_callback_logs_into_the_trainers_own_runs(tmp_path, tiny_run, monkeypatc
     assert "train/loss" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("vieval/f1")] == saves
     assert len([t for t in events.Tags()["images"] if t.startswith("vieval/sample/")]) == 2
+
+
+def test_a_tracker_failing_mid_run_warns_and_goes_off(tmp_path, tiny_run, monkeypatch):
+    """MLflow's artifact store fails at step 200 (a folder where the step's table file goes):
+    step 0 is in MLflow, both steps are in the store, the run ends normally."""
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "broken")
+    config = run_config(tmp_path, tiny_run("qwen25_vl"), steps=STEPS, report_to=["mlflow"])
+    client = MlflowClient()
+    experiment = client.create_experiment("broken", artifact_location=str(tmp_path / "art"))
+    # the run an earlier `vieval run` left (vieval finds it by this tag and logs into it)
+    run = client.create_run(experiment, tags={"vieval.run_id": config.effective_run_id})
+    artifacts = tmp_path / "art" / run.info.run_id / "artifacts"
+    (artifacts / "vieval" / "specimens" / "step_00000200.json").mkdir(parents=True)
+    with pytest.warns(TrackerWarning, match="mlflow: logging step 200 failed") as caught:
+        outcome = runner.run(config, quiet_console())
+    assert outcome.evaluated == STEPS and outcome.exit_status == 0
+    assert store.open_store(config.store).steps(config.effective_run_id) == STEPS
+    assert "off for the rest of this run" in str(caught[0].message)
+    history = client.get_metric_history(run.info.run_id, "vieval/f1")
+    assert [m.step for m in history] == [0, 200]  # step 200's metrics went before its table
