@@ -120,6 +120,9 @@ def test_callback_logs_into_the_trainers_own_runs(tmp_path, tiny_run, monkeypatc
     for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # settings an earlier test's wandb.setup kept (its WANDB_DIR) go
     base = tiny_run("paligemma").base_model_dir
     train = shapes.write_split(tmp_path / "data", n=8, task="grounding", seed=1, name="train")
     val = shapes.write_split(tmp_path / "data", n=3, task="grounding", seed=1, name="val")
@@ -162,8 +165,6 @@ def test_callback_logs_into_the_trainers_own_runs(tmp_path, tiny_run, monkeypatc
         callbacks=[VievalCallback(config)],
     )
     trainer.train()
-    import wandb
-
     wandb.finish()  # the Trainer's run; vieval never finishes it
     saves = [2, 4]
 

@@ -33,6 +33,9 @@ def logged(tmp_path_factory, tiny_run):
         assert runner.run(config, quiet_console()).evaluated == STEPS
         again = config.model_copy(update={"steps": [200], "force": True})
         assert runner.run(again, quiet_console()).evaluated == [200]
+        import wandb
+
+        wandb.teardown()  # wandb keeps its settings (WANDB_DIR ...) per process until then
     return config, tmp
 
 

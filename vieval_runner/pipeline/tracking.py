@@ -176,12 +176,7 @@ class Tracking:
     def logged_to(self) -> list[str]:
         """Each tracker still logging, with where (waits for the steps in flight)."""
         self.flush(CLOSE_WAIT_S)
-        where = {
-            "tensorboard": f"tensorboard --logdir {Path(self.destination.logging_dir).parent}",
-            "mlflow": f"mlflow run {self.destination.run_id} ({os.environ.get('MLFLOW_TRACKING_URI', 'mlruns')})",
-            "wandb": f"wandb run {self.destination.run_id}",
-        }
-        return [where.get(name, name) for name in (self._opened or {})]
+        return [f"{name}: {tracker.where}" for name, tracker in (self._opened or {}).items()]
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every submitted step is logged (False: ``timeout`` seconds passed)."""

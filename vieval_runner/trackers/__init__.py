@@ -24,7 +24,6 @@ from vieval_runner.trackers.payload import (
 )
 
 EXTRA = "pip install 'vieval-runner[trackers]'"
-STEP_KEY = "train/global_step"  # the Trainer's x axis in W&B; eval curves share it
 
 
 class TrackerUnavailable(RuntimeError):
@@ -43,6 +42,7 @@ class Destination:
 
 class Tracker(Protocol):
     name: str
+    where: str  # where the steps go, said at the end of a run
 
     def log_step(self, payload: StepPayload) -> None: ...
 
@@ -89,7 +89,6 @@ __all__ = [
     "COLUMNS",
     "EXTRA",
     "PREFIX",
-    "STEP_KEY",
     "TRACKERS",
     "Destination",
     "SampleImage",

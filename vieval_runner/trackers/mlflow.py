@@ -48,19 +48,21 @@ class MlflowTracker:
         active = mlflow.active_run() if destination.in_process else None
         if active is not None:  # the Trainer's run: eval curves beside its loss
             self.run_id, self.own = active.info.run_id, False
-            return
+        else:
+            self.run_id = self._named_run(destination.run_id)
+        self.where = f"run {self.run_id} in {self.client.tracking_uri}"
+
+    def _named_run(self, run_id: str) -> str:
+        """The run tagged ``vieval.run_id`` = ``run_id``, created the first time."""
         experiment = _experiment_id(self.client)
-        quoted = destination.run_id.replace("'", "\\'")
+        quoted = run_id.replace("'", "\\'")
         found = self.client.search_runs(
             [experiment], filter_string=f"tags.`{RUN_TAG}` = '{quoted}'", max_results=1
         )
         if found:  # a rerun updates the run rather than starting a second one
-            self.run_id = found[0].info.run_id
-        else:
-            run = self.client.create_run(
-                experiment, run_name=destination.run_id, tags={RUN_TAG: destination.run_id}
-            )
-            self.run_id = run.info.run_id
+            return found[0].info.run_id
+        run = self.client.create_run(experiment, run_name=run_id, tags={RUN_TAG: run_id})
+        return run.info.run_id
 
     def log_step(self, payload: StepPayload) -> None:
         from mlflow.entities import Metric, RunTag

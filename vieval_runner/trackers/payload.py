@@ -50,10 +50,6 @@ class StepPayload:
     images: list[SampleImage] = field(default_factory=list)
     metadata: dict[str, str | int | float | None] = field(default_factory=dict)
 
-    @property
-    def columns(self) -> list[str]:
-        return list(COLUMNS)
-
 
 def sample_ids(specimens: Sequence[Specimen], n: int) -> list[str]:
     """``n`` specimen ids spread over the split, the same at every step (ordered by a hash of

@@ -45,6 +45,7 @@ class TensorBoardTracker:
 
         self.logging_dir = Path(destination.logging_dir)
         self.writer = SummaryWriter(log_dir=str(self.logging_dir))
+        self.where = f"{self.logging_dir} (tensorboard --logdir {self.logging_dir.parent})"
 
     def log_step(self, payload: StepPayload) -> None:
         step = payload.step

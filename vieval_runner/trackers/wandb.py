@@ -45,6 +45,7 @@ class WandbTracker:
         self.run.define_metric(STEP_KEY)
         self.run.define_metric(f"{PREFIX}/*", step_metric=STEP_KEY)
         self._config_logged = False
+        self.where = f"run {self.run.name} ({self.run.url or self.run.dir})"
 
     def log_step(self, payload: StepPayload) -> None:
         wandb = self.wandb
