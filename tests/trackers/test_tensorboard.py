@@ -78,3 +78,25 @@ def test_sample_images_and_worst_specimens_text(logged):
     run = next(t for t in texts if t.startswith("vieval/run"))
     meta = events.Tensors(run)[-1].tensor_proto.string_val[0].decode()
     assert f"vieval view {logged.store}" in meta and "best_step" in meta
+
+
+def test_vqa_steps_log_answer_metrics_and_plain_images(tmp_path, tiny_run):
+    config = run_config(
+        tmp_path,
+        tiny_run("paligemma"),
+        task="vqa",
+        steps=[0, 300],
+        report_to=["tensorboard"],
+        report_sample=2,
+    )
+    assert runner.run(config, quiet_console()).evaluated == [0, 300]
+    events = read_events(event_folder(config))
+    aggregates = store.open_store(config.store).aggregates(config.effective_run_id).to_pylist()
+    logged = {e.step: e.value for e in events.Scalars("vieval/exact_match")}
+    assert logged == pytest.approx({r["step"]: r["exact_match"] for r in aggregates})
+    assert {e.step for e in events.Scalars("vieval/category/wrong")} == {0, 300}
+    images = [t for t in events.Tags()["images"] if t.startswith("vieval/sample/")]
+    assert len(images) == 2
+    worst = next(t for t in events.Tags()["tensors"] if t.startswith("vieval/worst_specimens"))
+    table = events.Tensors(worst)[-1].tensor_proto.string_val[0].decode()
+    assert "score: exact_match" in table and "red \\| a red one" in table
