@@ -24,6 +24,19 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _report_to_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--report-to",
+        "--report_to",
+        dest="report_to",
+        nargs="+",
+        choices=("tensorboard", "mlflow", "wandb", "all", "none"),
+        metavar="TRACKER",
+        help="also log each step to tensorboard, mlflow and/or wandb (or all, none), as the "
+        "Trainer's --report_to; sets report_to",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vieval", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -35,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="evaluation config (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. batch_size=16")
     p.add_argument("--force", action="store_true", help="re-evaluate steps already stored")
+    _report_to_option(p)
 
     p = sub.add_parser("watch", help="evaluate checkpoints as training writes them")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
+    _report_to_option(p)
 
     p = sub.add_parser("summary", help="per-step metrics, best checkpoint, overfitting signal")
     p.add_argument("store")
@@ -156,6 +171,14 @@ def cmd_parse(args) -> int:
     return EXIT_OK
 
 
+def run_overrides(args) -> list[str]:
+    """The config overrides of `run`/`watch`: the positional ones, then the options'."""
+    overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
+    if getattr(args, "report_to", None):
+        overrides.append(f"report_to=[{','.join(args.report_to)}]")
+    return overrides
+
+
 def cmd_run(args, watch: bool = False) -> int:
     import logging
 
@@ -168,8 +191,7 @@ def cmd_run(args, watch: bool = False) -> int:
     from vieval_runner.pipeline.logfile import attach_run_log
     from vieval_runner.pipeline.preflight import validate_setup
 
-    overrides = list(args.overrides) + (["force=true"] if getattr(args, "force", False) else [])
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, run_overrides(args))
     if watch and process_group.world_size() > 1:
         raise ConfigError("vieval watch runs in one process; launch `vieval run` on several")
     notes = validate_setup(config, watch=watch)  # before the store or its log folder exist

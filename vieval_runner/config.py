@@ -13,6 +13,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# report_to name -> the package it needs (the ``trackers`` extra installs all three)
+TRACKER_PACKAGES: dict[str, str] = {
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+}
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the key."""
@@ -230,6 +237,22 @@ class Config(_Strict):
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="Checks on LoRA adapter checkpoints."
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Also log each committed step to these trackers (the Trainer's key; "
+        "'none' or 'all' as in the Trainer); needs pip install 'vieval-runner[trackers]'.",
+    )
+    logging_dir: str | None = Field(
+        None,
+        description="TensorBoard folder (the Trainer's key); default: 'tensorboard' beside the "
+        "store; inside VievalCallback, the Trainer's own.",
+    )
+    report_sample: int = Field(
+        16,
+        ge=0,
+        description="Specimens logged as images with reference and predicted boxes at every "
+        "step (the same ids each step).",
+    )
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -252,6 +275,30 @@ class Config(_Strict):
         if value is not None and None not in value and value[0] > value[1]:
             raise ValueError(f"first step {value[0]} is after last step {value[1]}")
         return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        # the Trainer's spellings: one name, "none", "all", or a list of names
+        if value is None or value == "none" or value == ["none"]:
+            return []
+        if value == "all" or value == ["all"]:
+            return list(TRACKER_PACKAGES)
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        for name in value:
+            package = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(package) is None:
+                raise ValueError(
+                    f"{name!r} needs the {package} package, which is not installed: "
+                    "pip install 'vieval-runner[trackers]'"
+                )
+        return list(dict.fromkeys(value))  # each tracker once
 
     @field_validator("device")
     @classmethod
@@ -384,7 +431,8 @@ def _resolve_paths(tree: dict, base: Path) -> None:
         # A hub-style base model name ("org/model") that is no local folder stays as given.
         return str(local) if must_be_local or local.exists() else value
 
-    for key, must_be_local in (("run_dir", True), ("store", True), ("base_model", False)):
+    keys = (("run_dir", True), ("store", True), ("base_model", False), ("logging_dir", True))
+    for key, must_be_local in keys:
         if key in tree:
             tree[key] = resolve(tree[key], must_be_local=must_be_local)
     data = tree.get("data")

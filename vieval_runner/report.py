@@ -32,7 +32,7 @@ VQA_COLUMNS = (
     "anls",
     "parse_failure_rate",
 )
-HEADLINE = {"grounding": "f1", "vqa": "exact_match"}
+HEADLINE = scoring.HEADLINE_METRIC
 # Short column headers, so that the table stays readable in 80 columns.
 SHORT = {
     "f1": "F1",

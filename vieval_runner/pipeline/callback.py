@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config, load_config
+from vieval_runner.pipeline import tracking
 from vieval_runner.records import LoadedModel
 
 
@@ -87,6 +88,7 @@ class VievalCallback(TrainerCallback):
         from vieval_runner.pipeline.run import evaluate_resident
 
         session = self._session_for(model, processor)
+        tracking.attach_trainer(session, args)  # report_to: into the Trainer's own runs
         step = int(state.global_step)
         path = Path(args.output_dir) / f"checkpoint-{step}"
         ckpt = ckpts.Checkpoint(step, path, "full", True, "")
@@ -150,6 +152,8 @@ class VievalCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.mode != "subprocess":
+            if self._session is not None:
+                tracking.close(self._session)  # every step logged; the Trainer's runs stay open
             return
         while self._queue or (self._running is not None and self._running.poll() is None):
             if self._running is not None:

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config
-from vieval_runner.pipeline import overlap, resume, step
+from vieval_runner.pipeline import overlap, resume, step, tracking
 from vieval_runner.pipeline.preflight import empty_selection
 from vieval_runner.pipeline.session import (
     Session,
@@ -161,6 +161,7 @@ def run(config: Config, console: Console | None = None) -> step.RunOutcome:
     )
     evaluate_checkpoints(session, checkpoints, console, outcome, explicit=config.steps is not None)
     wait_for_specimens(session)  # even when every step was skipped or failed
+    tracking.close(session, console)  # the trackers have every step (warnings, not errors)
     overlap.wait_for_saving(session)  # the prepared inputs, kept for later runs
     outcome.timings = _time_spent(session, outcome, time.perf_counter() - started)
     return outcome

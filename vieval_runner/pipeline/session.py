@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -21,6 +22,9 @@ from vieval_runner import store
 from vieval_runner.config import Config
 from vieval_runner.pipeline.overlap import State
 from vieval_runner.records import LoadedModel, Specimen
+
+if TYPE_CHECKING:
+    from vieval_runner.pipeline.tracking import Tracking
 
 log = logging.getLogger("vieval")
 
@@ -50,6 +54,7 @@ class Session:
     training_log_until: int | None = None  # highest stored training-log step (None: unread)
     training_logs_read: set = field(default_factory=set)  # trainer states already read
     warnings: dict[int, list[str]] = field(default_factory=dict)  # step -> stored with its row
+    tracking: Tracking | None = None  # the report_to trackers (None: none yet)
 
 
 def open_session(

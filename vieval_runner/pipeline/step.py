@@ -18,7 +18,7 @@ from rich.console import Console
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import store
 from vieval_runner.config import Config
-from vieval_runner.pipeline import overlap, results
+from vieval_runner.pipeline import overlap, results, tracking
 from vieval_runner.pipeline.adapter_base import check_adapter_base
 from vieval_runner.pipeline.session import (
     Session,
@@ -194,6 +194,7 @@ def finish_step(
         wait_for_specimens(session)  # readers find every specimen of a committed step
         store.commit_step(config.store, row, rows)
         timings["commit_s"] = time.perf_counter() - t0
+        tracking.after_commit(session, ckpt.step, predictions, aggregates)  # never raises
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
         try:
             store_training_log(session, ckpt)

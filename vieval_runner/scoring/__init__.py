@@ -16,7 +16,12 @@ from vieval_runner.scoring.frames import CANDIDATE_FRAMES, FrameFit, fit_frames
 from vieval_runner.scoring.grounding import aggregate_grounding, match_boxes, score_grounding
 from vieval_runner.scoring.intervals import compare_steps, step_intervals
 from vieval_runner.scoring.iou import batched_box_iou, pad_boxes, step_ious
-from vieval_runner.scoring.steps import LOWER_IS_BETTER, best_step, overfitting_signal
+from vieval_runner.scoring.steps import (
+    HEADLINE_METRIC,
+    LOWER_IS_BETTER,
+    best_step,
+    overfitting_signal,
+)
 from vieval_runner.scoring.text import normalize_squad, normalize_vqa
 from vieval_runner.scoring.vqa import (
     BERTSCORE_NOTE,
@@ -38,6 +43,7 @@ __all__ = [
     "FAILURE_ACTIONS",
     "FrameFit",
     "GROUNDING_CATEGORIES",
+    "HEADLINE_METRIC",
     "LOWER_IS_BETTER",
     "PARSE_FAILURE_STATUSES",
     "SCORER_VERSION",

@@ -6,6 +6,8 @@ import math
 
 # Metrics where smaller is better; every other metric is maximised.
 LOWER_IS_BETTER: frozenset[str] = frozenset({"parse_failure_rate"})
+# The metric that picks the best step of a task (summary table, trackers' run metadata).
+HEADLINE_METRIC: dict[str, str] = {"grounding": "f1", "vqa": "exact_match"}
 
 
 def _values(aggregates_by_step: dict[int, dict], metric: str) -> list[tuple[int, float]]:
