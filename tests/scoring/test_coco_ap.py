@@ -13,7 +13,6 @@ from pycocotools.cocoeval import COCOeval
 
 from vieval_runner.records import Box
 from vieval_runner.scoring import aggregate_grounding, coco_average_precision, score_grounding
-from vieval_runner.scoring.iou import step_ious
 
 
 def scored_step(seed: int, n: int = 30) -> tuple[list[list[Box]], list[list[Box]]]:
@@ -81,7 +80,7 @@ def cocoeval_stats(preds, refs, max_dets=(1, 10, 100)) -> np.ndarray:
 def test_ap_equals_pycocotools(seed):
     preds, refs = scored_step(seed)
     stats = cocoeval_stats(preds, refs)
-    got = coco_average_precision(preds, refs, step_ious(preds, refs))
+    got = coco_average_precision(preds, refs)
     assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
     assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
     assert got["ap75"] == pytest.approx(stats[2], abs=1e-6)
@@ -91,10 +90,10 @@ def test_ap_equals_pycocotools(seed):
 def test_ap_max_dets_truncation_equals_pycocotools():
     preds, refs = scored_step(11)
     stats = cocoeval_stats(preds, refs, max_dets=(1, 1, 2))  # COCOeval sorts maxDets
-    got = coco_average_precision(preds, refs, step_ious(preds, refs), max_dets=2)
+    got = coco_average_precision(preds, refs, max_dets=2)
     assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
     assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
-    full = coco_average_precision(preds, refs, step_ious(preds, refs))
+    full = coco_average_precision(preds, refs)
     assert full["ap"] != pytest.approx(got["ap"], abs=1e-6)  # truncation really happened
 
 
@@ -102,7 +101,7 @@ def test_ap_with_tied_scores_equals_pycocotools():
     preds, refs = scored_step(5)
     preds = [[Box(*b.as_list(), score=round(b.score, 1)) for b in bs] for bs in preds]
     stats = cocoeval_stats(preds, refs)
-    got = coco_average_precision(preds, refs, step_ious(preds, refs))
+    got = coco_average_precision(preds, refs)
     assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
     assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
 
@@ -131,11 +130,11 @@ def test_ap_equals_torchmetrics():
 
 def test_ap_undefined_cases():
     refs = [[Box(0, 0, 10, 10)]]
-    assert coco_average_precision([[Box(0, 0, 10, 10)]], refs, [np.ones((1, 1))]) is None
-    assert coco_average_precision([[]], refs, [np.zeros((0, 1))]) is None
+    assert coco_average_precision([[Box(0, 0, 10, 10)]], refs) is None
+    assert coco_average_precision([[]], refs) is None
     scored = [[Box(0, 0, 10, 10, score=0.5)]]
-    assert coco_average_precision(scored, [[]], [np.zeros((1, 0))]) is None
-    perfect = coco_average_precision(scored, refs, [np.ones((1, 1))])
+    assert coco_average_precision(scored, [[]]) is None
+    perfect = coco_average_precision(scored, refs)
     assert perfect == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0),
                        "ap75": pytest.approx(1.0)}  # fmt: skip
 

@@ -152,9 +152,7 @@ def aggregate_grounding(
                 f"aggregate_grounding: {n} specimens but {len(pred_boxes)} prediction and "
                 f"{len(ref_boxes)} reference box lists"
             )
-        ap = coco_average_precision(
-            pred_boxes, ref_boxes, step_ious(pred_boxes, ref_boxes), max_dets=max_dets
-        )
+        ap = coco_average_precision(pred_boxes, ref_boxes, max_dets=max_dets)
     return {
         "precision": precision,
         "recall": recall,

@@ -1,4 +1,9 @@
-"""Batched IoU: every specimen of a step in one tensor computation on the model's device."""
+"""Batched IoU: every specimen of a step in one ``torchvision.ops.box_iou`` call on the model's
+device (torchvision >= 0.24 broadcasts ``[..., N, 4] x [..., M, 4] -> [..., N, M]``), and the
+IoU of 4-corner quads (Florence-2 OCR regions) through torchvision's ``xyxyxyxy`` format.
+
+Nothing here is a hand-written IoU: the only code of our own pads the step into tensors and
+sets zero-union pairs (padding, or two degenerate boxes) to 0 where torchvision gives NaN."""
 
 from __future__ import annotations
 
@@ -40,21 +45,19 @@ def pad_boxes(
 
 
 def batched_box_iou(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """IoU of ``[N, P, 4]`` against ``[N, R, 4]`` xyxy boxes -> ``[N, P, R]``.
+    """IoU of ``[..., P, 4]`` against ``[..., R, 4]`` xyxy boxes -> ``[..., P, R]``.
 
-    Same formula as ``torchvision.ops.box_iou`` applied image by image, except that a pair
-    with zero union (two degenerate boxes, e.g. padding) gives 0 instead of NaN.
+    ``torchvision.ops.box_iou`` (batched), except that a pair with zero union (padding, or two
+    degenerate boxes) gives 0 where torchvision divides 0 by 0 into NaN.
     """
     import torch
+    from torchvision.ops import box_area, box_iou
 
-    area_p = (pred[..., 2] - pred[..., 0]) * (pred[..., 3] - pred[..., 1])
-    area_r = (ref[..., 2] - ref[..., 0]) * (ref[..., 3] - ref[..., 1])
-    lt = torch.maximum(pred[:, :, None, :2], ref[:, None, :, :2])
-    rb = torch.minimum(pred[:, :, None, 2:], ref[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_p[:, :, None] + area_r[:, None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
+    # union = area_p + area_r - inter, and inter is 0 whenever union could be <= 0 (a degenerate
+    # or inverted box has no intersection), so "union > 0" is "area_p + area_r > 0": no NaN
+    # (nor a NaN coordinate) reaches the matching.
+    has_union = box_area(pred)[..., :, None] + box_area(ref)[..., None, :] > 0
+    return torch.where(has_union, box_iou(pred, ref), 0.0)
 
 
 def step_ious(
@@ -91,3 +94,22 @@ def step_ious(
             iou[i, : len(pb), : len(rb)] for i, (pb, rb) in enumerate(zip(preds, refs, strict=True))
         )
     return out
+
+
+def quad_iou(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """IoU of ``[P, 8]`` against ``[R, 8]`` quads ``(x1, y1, ..., x4, y4)`` -> ``[P, R]``.
+
+    ``torchvision.ops.box_iou(fmt="xyxyxyxy")``: corners in the order top-left, top-right,
+    bottom-right, bottom-left (Florence-2 OCR-with-region's order). torchvision reads each quad
+    as the rotated rectangle through its first three corners (the fourth is implied), so the
+    IoU is exact for rectangles, the quads Florence-2 writes up to its 1000-bin quantization.
+    torchvision's rotated kernel takes 2-D inputs only (no batch dimension), hence one call per
+    specimen. Pairs of zero-area quads give 0, not NaN.
+    """
+    import torch
+    from torchvision.ops import box_iou
+
+    if pred.shape[0] == 0 or ref.shape[0] == 0:
+        return torch.zeros(pred.shape[0], ref.shape[0], dtype=pred.dtype, device=pred.device)
+    iou = box_iou(pred, ref, fmt="xyxyxyxy")
+    return torch.where(torch.isnan(iou), 0.0, iou)
