@@ -104,12 +104,13 @@ def quad_iou(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     as the rotated rectangle through its first three corners (the fourth is implied), so the
     IoU is exact for rectangles, the quads Florence-2 writes up to its 1000-bin quantization.
     torchvision's rotated kernel takes 2-D inputs only (no batch dimension), hence one call per
-    specimen. Pairs of zero-area quads give 0, not NaN.
+    specimen. The result is float32 whatever the input (torchvision's rotated kernel returns
+    float32). Pairs of zero-area quads give 0, not NaN.
     """
     import torch
     from torchvision.ops import box_iou
 
     if pred.shape[0] == 0 or ref.shape[0] == 0:
-        return torch.zeros(pred.shape[0], ref.shape[0], dtype=pred.dtype, device=pred.device)
+        return torch.zeros(pred.shape[0], ref.shape[0], dtype=torch.float32, device=pred.device)
     iou = box_iou(pred, ref, fmt="xyxyxyxy")
     return torch.where(torch.isnan(iou), 0.0, iou)
