@@ -191,3 +191,34 @@ def test_per_box_token_scores_reorder_boxes_and_change_ap():
     assert all(len({b.score for b in bs}) == 2 for bs in scored)
     assert per_box_ap == pytest.approx(1.0)  # every correct box outranks every wrong one
     assert shared_ap < 0.9
+
+
+def test_ap_with_degenerate_boxes_and_many_boxes_equals_pycocotools(capsys):
+    """Up to 20 boxes a specimen, zero-width / zero-height / point boxes on both sides: the
+    library (faster-coco-eval) equals pycocotools, and nothing is printed."""
+    rng = np.random.default_rng(21)
+    preds, refs = [], []
+    for _ in range(150):
+        ref = []
+        for _ in range(int(rng.integers(0, 21))):
+            x, y = rng.uniform(0, 300, 2)
+            w, h = rng.uniform(0, 80, 2) * (rng.uniform(size=2) > 0.15)  # some zero sides
+            ref.append(Box(x, y, x + w, y + h))
+        pred = [Box(b.x1 + rng.normal(0, 3), b.y1 + rng.normal(0, 3), 0, 0) for b in ref]
+        pred = [Box(p.x1, p.y1, max(p.x1, b.x2), max(p.y1, b.y2), score=float(rng.uniform()))
+                for p, b in zip(pred, ref, strict=True) if rng.uniform() < 0.8]  # fmt: skip
+        preds.append(pred)
+        refs.append(ref)
+    capsys.readouterr()
+    got = coco_average_precision(preds, refs)
+    assert capsys.readouterr().out == ""
+    stats = cocoeval_stats(preds, refs)
+    assert got["ap"] == pytest.approx(stats[0], abs=1e-12)
+    assert got["ap50"] == pytest.approx(stats[1], abs=1e-12)
+    assert got["ap75"] == pytest.approx(stats[2], abs=1e-12)
+    assert not any(np.isnan(v) for v in got.values())
+
+
+def test_ap_length_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="1 prediction and 2 reference box lists"):
+        coco_average_precision([[Box(0, 0, 1, 1, score=0.5)]], [[], []])
