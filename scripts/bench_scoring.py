@@ -16,7 +16,7 @@ full size (per-specimen work is linear; the scale factor is printed). The LAST l
 ratio naive / project for the 100,000-specimen grounding step.
 
     .venv/bin/python scripts/bench_scoring.py [--specimens N] [--answers N] [--steps S]
-        [--rescore-specimens N] [--naive-sample N] [--quick]
+        [--rescore-specimens N] [--naive-sample N] [--torch-threads T] [--quick]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -322,17 +323,27 @@ def main() -> None:
         "--naive-sample", type=int, default=5_000, help="specimens the naive loops run on"
     )
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's); 1 on a shared, oversubscribed CPU",
+    )
     args = ap.parse_args()
     if args.quick:
         args.specimens, args.answers, args.steps = 600, 600, 2
         args.rescore_specimens, args.naive_sample = 100, 200
     # imported once here, not inside the first timed call
     import faster_coco_eval  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import torchvision  # noqa: F401
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
     print(f"bench_scoring: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"{__import__('os').cpu_count()} CPUs, load {__import__('os').getloadavg()[0]:.1f}")  # fmt: skip
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, torch threads "
+          f"{torch.get_num_threads()}")  # fmt: skip
     bench_anls(args.answers, args.naive_sample)
     bench_rescore(args.rescore_specimens, args.steps, args.naive_sample)
     ratio = bench_grounding(args.specimens, args.naive_sample)

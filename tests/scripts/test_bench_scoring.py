@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(r"^grounding step 600 specimens: per-specimen loop / batched = \d+\.\d$")
 
 
+@pytest.mark.slow
 def test_quick_run_prints_every_figure_and_the_ratio_last():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(

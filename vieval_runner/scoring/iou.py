@@ -9,6 +9,8 @@ and sets zero-union pairs (padding, or two degenerate boxes) to 0 where torchvis
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import chain
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -81,10 +83,15 @@ def _pack(flat: np.ndarray, starts: np.ndarray, counts: np.ndarray, width: int) 
     return out
 
 
+_CORNERS = attrgetter("x1", "y1", "x2", "y2")
+
+
 def _flat(boxes: list[list[Box]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    counts = np.fromiter((len(b) for b in boxes), dtype=np.int64, count=len(boxes))
-    coords = [(b.x1, b.y1, b.x2, b.y2) for bs in boxes for b in bs]
-    flat = np.array(coords, dtype=np.float64).reshape(-1, 4)
+    """All boxes of the step as one ``[total, 4]`` array, with each specimen's start and count."""
+    counts = np.fromiter(map(len, boxes), dtype=np.int64, count=len(boxes))
+    total = int(counts.sum())
+    corners = chain.from_iterable(map(_CORNERS, chain.from_iterable(boxes)))
+    flat = np.fromiter(corners, dtype=np.float64, count=4 * total).reshape(total, 4)
     return flat, np.cumsum(counts) - counts, counts
 
 
