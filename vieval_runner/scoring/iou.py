@@ -20,7 +20,7 @@ from vieval_runner.records import Box
 if TYPE_CHECKING:  # torch is imported on first use: the viewer imports scoring without it
     import torch
 
-# Bound on N * Pmax * Rmax per launch so that one specimen with hundreds of junk boxes cannot
+# Bound on B * P * R per launch so that specimens with hundreds of junk boxes cannot
 # blow up memory for the whole step (2**24 float64 = 128 MiB); normal steps fit in one launch.
 _MAX_ELEMENTS = 1 << 24
 
