@@ -22,35 +22,33 @@ _AREA_ALL = (0.0, 1e5**2)
 _CATEGORY = 1
 
 
-def _gt_annotations(ref_boxes: list[list[Box]]) -> list[dict]:
+def _annotations(boxes_per_image: list[list[Box]], scored: bool) -> list[dict]:
+    # What COCO.loadRes adds to results (area = w * h, ids from 1, no crowd) is written here
+    # for both sides, so neither goes through loadRes' per-result copying (a quarter of the
+    # time at 100,000 specimens). COCOeval treats id 0 as "unmatched": ids start at 1.
     anns = []
-    for image_id, boxes in enumerate(ref_boxes, 1):
+    for image_id, boxes in enumerate(boxes_per_image, 1):
         for b in boxes:
             w, h = b.x2 - b.x1, b.y2 - b.y1
-            anns.append(
-                {
-                    "id": len(anns) + 1,  # COCOeval treats id 0 as "unmatched": start at 1
-                    "image_id": image_id,
-                    "category_id": _CATEGORY,
-                    "bbox": [b.x1, b.y1, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
+            ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": _CATEGORY,
+                   "bbox": [b.x1, b.y1, w, h], "area": w * h, "iscrowd": 0}  # fmt: skip
+            if scored:
+                ann["score"] = b.score
+            anns.append(ann)
     return anns
 
 
-def _dt_annotations(pred_boxes: list[list[Box]]) -> list[dict]:
-    return [
-        {
-            "image_id": image_id,
-            "category_id": _CATEGORY,
-            "bbox": [b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1],
-            "score": b.score,
-        }
-        for image_id, boxes in enumerate(pred_boxes, 1)
-        for b in boxes
-    ]
+def _coco(boxes_per_image: list[list[Box]], scored: bool, quiet) -> object:
+    from faster_coco_eval import COCO
+
+    coco = COCO(print_function=quiet)
+    coco.dataset = {
+        "images": [{"id": i} for i in range(1, len(boxes_per_image) + 1)],
+        "categories": [{"id": _CATEGORY, "name": "phrase"}],
+        "annotations": _annotations(boxes_per_image, scored),
+    }
+    coco.createIndex()
+    return coco
 
 
 def coco_average_precision(
@@ -71,17 +69,10 @@ def coco_average_precision(
     all_preds = [b for bs in pred_boxes for b in bs]
     if n_ref == 0 or not all_preds or any(b.score is None for b in all_preds):
         return None
-    from faster_coco_eval import COCO, COCOeval_faster
+    from faster_coco_eval import COCOeval_faster
 
     quiet = logging.getLogger("faster_coco_eval").debug  # its progress lines, not stdout
-    gt = COCO(print_function=quiet)
-    gt.dataset = {
-        "images": [{"id": i} for i in range(1, len(ref_boxes) + 1)],
-        "categories": [{"id": _CATEGORY, "name": "phrase"}],
-        "annotations": _gt_annotations(ref_boxes),
-    }
-    gt.createIndex()
-    dt = gt.loadRes(_dt_annotations(pred_boxes))
+    gt, dt = _coco(ref_boxes, False, quiet), _coco(pred_boxes, True, quiet)
     evaluator = COCOeval_faster(
         gt, dt, "bbox", ranges={"all": list(_AREA_ALL)}, print_function=quiet
     )
