@@ -13,7 +13,6 @@ from pycocotools.cocoeval import COCOeval
 
 from vieval_runner.records import Box
 from vieval_runner.scoring import aggregate_grounding, coco_average_precision, score_grounding
-from vieval_runner.scoring.iou import step_ious
 
 
 def scored_step(seed: int, n: int = 30) -> tuple[list[list[Box]], list[list[Box]]]:
@@ -81,7 +80,7 @@ def cocoeval_stats(preds, refs, max_dets=(1, 10, 100)) -> np.ndarray:
 def test_ap_equals_pycocotools(seed):
     preds, refs = scored_step(seed)
     stats = cocoeval_stats(preds, refs)
-    got = coco_average_precision(preds, refs, step_ious(preds, refs))
+    got = coco_average_precision(preds, refs)
     assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
     assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
     assert got["ap75"] == pytest.approx(stats[2], abs=1e-6)
@@ -91,10 +90,10 @@ def test_ap_equals_pycocotools(seed):
 def test_ap_max_dets_truncation_equals_pycocotools():
     preds, refs = scored_step(11)
     stats = cocoeval_stats(preds, refs, max_dets=(1, 1, 2))  # COCOeval sorts maxDets
-    got = coco_average_precision(preds, refs, step_ious(preds, refs), max_dets=2)
+    got = coco_average_precision(preds, refs, max_dets=2)
     assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
     assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
-    full = coco_average_precision(preds, refs, step_ious(preds, refs))
+    full = coco_average_precision(preds, refs)
     assert full["ap"] != pytest.approx(got["ap"], abs=1e-6)  # truncation really happened
 
 
@@ -102,7 +101,7 @@ def test_ap_with_tied_scores_equals_pycocotools():
     preds, refs = scored_step(5)
     preds = [[Box(*b.as_list(), score=round(b.score, 1)) for b in bs] for bs in preds]
     stats = cocoeval_stats(preds, refs)
-    got = coco_average_precision(preds, refs, step_ious(preds, refs))
+    got = coco_average_precision(preds, refs)
     assert got["ap"] == pytest.approx(stats[0], abs=1e-6)
     assert got["ap50"] == pytest.approx(stats[1], abs=1e-6)
 
@@ -131,11 +130,11 @@ def test_ap_equals_torchmetrics():
 
 def test_ap_undefined_cases():
     refs = [[Box(0, 0, 10, 10)]]
-    assert coco_average_precision([[Box(0, 0, 10, 10)]], refs, [np.ones((1, 1))]) is None
-    assert coco_average_precision([[]], refs, [np.zeros((0, 1))]) is None
+    assert coco_average_precision([[Box(0, 0, 10, 10)]], refs) is None
+    assert coco_average_precision([[]], refs) is None
     scored = [[Box(0, 0, 10, 10, score=0.5)]]
-    assert coco_average_precision(scored, [[]], [np.zeros((1, 0))]) is None
-    perfect = coco_average_precision(scored, refs, [np.ones((1, 1))])
+    assert coco_average_precision(scored, [[]]) is None
+    perfect = coco_average_precision(scored, refs)
     assert perfect == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0),
                        "ap75": pytest.approx(1.0)}  # fmt: skip
 
@@ -192,3 +191,34 @@ def test_per_box_token_scores_reorder_boxes_and_change_ap():
     assert all(len({b.score for b in bs}) == 2 for bs in scored)
     assert per_box_ap == pytest.approx(1.0)  # every correct box outranks every wrong one
     assert shared_ap < 0.9
+
+
+def test_ap_with_degenerate_boxes_and_many_boxes_equals_pycocotools(capsys):
+    """Up to 20 boxes a specimen, zero-width / zero-height / point boxes on both sides: the
+    library (faster-coco-eval) equals pycocotools, and nothing is printed."""
+    rng = np.random.default_rng(21)
+    preds, refs = [], []
+    for _ in range(150):
+        ref = []
+        for _ in range(int(rng.integers(0, 21))):
+            x, y = rng.uniform(0, 300, 2)
+            w, h = rng.uniform(0, 80, 2) * (rng.uniform(size=2) > 0.15)  # some zero sides
+            ref.append(Box(x, y, x + w, y + h))
+        pred = [Box(b.x1 + rng.normal(0, 3), b.y1 + rng.normal(0, 3), 0, 0) for b in ref]
+        pred = [Box(p.x1, p.y1, max(p.x1, b.x2), max(p.y1, b.y2), score=float(rng.uniform()))
+                for p, b in zip(pred, ref, strict=True) if rng.uniform() < 0.8]  # fmt: skip
+        preds.append(pred)
+        refs.append(ref)
+    capsys.readouterr()
+    got = coco_average_precision(preds, refs)
+    assert capsys.readouterr().out == ""
+    stats = cocoeval_stats(preds, refs)
+    assert got["ap"] == pytest.approx(stats[0], abs=1e-12)
+    assert got["ap50"] == pytest.approx(stats[1], abs=1e-12)
+    assert got["ap75"] == pytest.approx(stats[2], abs=1e-12)
+    assert not any(np.isnan(v) for v in got.values())
+
+
+def test_ap_length_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="1 prediction and 2 reference box lists"):
+        coco_average_precision([[Box(0, 0, 1, 1, score=0.5)]], [[], []])

@@ -1,7 +1,11 @@
 """Scoring: predictions against references, per specimen and per step.
 
 Never touches storage or models. Grounding IoUs for a whole step are computed in batched
-tensor launches on the model's device; everything else is plain Python/numpy.
+``torchvision.ops.box_iou`` launches on the model's device. Where a maintained library is the
+reference it is called: torchvision (IoU, quad IoU), scipy (assignment), faster-coco-eval
+(pycocotools' COCOeval: AP), rapidfuzz (Levenshtein for ANLS, LCS for ROUGE-L), sacrebleu
+(BLEU). Hand-written only where no package ships the reference: the official VQA and SQuAD
+normalizations, rouge-score's tokenizer (one regex, tested equal) and the matching rules.
 See docs/metrics.md for every definition and convention.
 """
 
@@ -15,7 +19,7 @@ from vieval_runner.scoring.coco_ap import coco_average_precision
 from vieval_runner.scoring.frames import CANDIDATE_FRAMES, FrameFit, fit_frames
 from vieval_runner.scoring.grounding import aggregate_grounding, match_boxes, score_grounding
 from vieval_runner.scoring.intervals import compare_steps, step_intervals
-from vieval_runner.scoring.iou import batched_box_iou, pad_boxes, step_ious
+from vieval_runner.scoring.iou import batched_box_iou, iou_groups, pad_boxes, quad_iou, step_ious
 from vieval_runner.scoring.steps import (
     HEADLINE_METRIC,
     LOWER_IS_BETTER,
@@ -56,11 +60,13 @@ __all__ = [
     "compare_steps",
     "coco_average_precision",
     "fit_frames",
+    "iou_groups",
     "match_boxes",
     "normalize_squad",
     "normalize_vqa",
     "overfitting_signal",
     "pad_boxes",
+    "quad_iou",
     "rouge_l",
     "score_grounding",
     "score_vqa",

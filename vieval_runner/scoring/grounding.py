@@ -14,7 +14,7 @@ from vieval_runner.scoring.categories import (
     grounding_category,
 )
 from vieval_runner.scoring.coco_ap import coco_average_precision
-from vieval_runner.scoring.iou import step_ious
+from vieval_runner.scoring.iou import iou_groups
 from vieval_runner.scoring.stats import mean_present
 
 if TYPE_CHECKING:
@@ -70,6 +70,35 @@ def _label_mask(preds: list[Box], refs: list[Box]) -> np.ndarray:
     )
 
 
+def _settle_group(
+    iou: np.ndarray,
+    sel: np.ndarray,
+    pred_boxes: list[list[Box]],
+    ref_boxes: list[list[Box]],
+    threshold: float,
+    into: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Matchings of a group of specimens (``iou``: ``[B, P, R]``, zero-padded) whose eligible
+    pairs are already one-to-one: then they are the only maximum matching (what
+    ``match_boxes`` returns), so no assignment is solved. Others stay unsettled."""
+    settled, tp_of, iou_sum_of, iou_min_of = into
+    n_p = np.array([len(pred_boxes[i]) for i in sel.tolist()])
+    n_r = np.array([len(ref_boxes[i]) for i in sel.tolist()])
+    valid = (np.arange(iou.shape[1])[None, :, None] < n_p[:, None, None]) & (
+        np.arange(iou.shape[2])[None, None, :] < n_r[:, None, None]
+    )
+    eligible = (iou >= threshold) & valid
+    one_to_one = (eligible.sum(axis=2) <= 1).all(axis=1) & (eligible.sum(axis=1) <= 1).all(axis=1)
+    per_row = np.where(eligible, iou, 0.0).sum(axis=2)  # one matched IoU (or 0) per row
+    iou_sum = np.zeros(len(sel))
+    for row in range(per_row.shape[1]):  # row order, as Python's sum over the pairs
+        iou_sum = iou_sum + per_row[:, row]
+    settled[sel] = one_to_one
+    tp_of[sel] = eligible.sum(axis=(1, 2))
+    iou_sum_of[sel] = iou_sum
+    iou_min_of[sel] = np.where(eligible, iou, np.inf).min(axis=(1, 2))
+
+
 def score_grounding(
     pred_boxes: list[list[Box]],
     ref_boxes: list[list[Box]],
@@ -90,21 +119,38 @@ def score_grounding(
             f"score_grounding: {len(pred_boxes)} predictions, {len(ref_boxes)} references and "
             f"{len(parse_statuses)} parse statuses; they must be one per specimen"
         )
-    ious = step_ious(pred_boxes, ref_boxes, device=device)
+    n = len(pred_boxes)
+    ious = [np.zeros((len(p), len(r))) for p, r in zip(pred_boxes, ref_boxes, strict=True)]
+    # Per specimen: is the matching settled without the assignment solver, and if so its
+    # match count, IoU sum and smallest matched IoU (filled group by group, vectorized).
+    settled = np.full(n, not label_aware)
+    tp_of, iou_sum_of, iou_min_of = np.zeros(n, dtype=np.int64), np.zeros(n), np.full(n, np.inf)
+    for sel, iou in iou_groups(pred_boxes, ref_boxes, device=device):
+        for k, i in enumerate(sel.tolist()):
+            ious[i] = iou[k, : len(pred_boxes[i]), : len(ref_boxes[i])]
+        if not label_aware:
+            into = (settled, tp_of, iou_sum_of, iou_min_of)
+            _settle_group(iou, sel, pred_boxes, ref_boxes, iou_threshold, into)
     out = []
-    for preds, refs, status, iou in zip(pred_boxes, ref_boxes, parse_statuses, ious, strict=True):
-        eligible_iou = iou * _label_mask(preds, refs) if label_aware else iou
-        pairs = match_boxes(eligible_iou, iou_threshold)
-        tp = len(pairs)
+    for i, (preds, refs, status, iou) in enumerate(
+        zip(pred_boxes, ref_boxes, parse_statuses, ious, strict=True)
+    ):
+        if settled[i]:
+            tp = int(tp_of[i])
+            iou_sum = float(iou_sum_of[i])
+            iou_min = float(iou_min_of[i]) if tp else None
+        else:
+            eligible_iou = iou * _label_mask(preds, refs) if label_aware else iou
+            pairs = match_boxes(eligible_iou, iou_threshold)
+            tp = len(pairs)
+            matched = [float(iou[a, b]) for a, b in pairs]
+            iou_sum, iou_min = sum(matched), min(matched, default=None)
         fp, fn = len(preds) - tp, len(refs) - tp
         precision, recall, f1 = _prf(tp, fp, fn)
-        matched = [float(iou[i, j]) for i, j in pairs]
         acc = None
         if len(refs) == 1:
             acc = float(bool(preds) and iou[_top_index(preds), 0] >= ACC_IOU)
-        category = grounding_category(
-            status, len(preds), tp, fp, fn, min(matched, default=None), tight_iou
-        )
+        category = grounding_category(status, len(preds), tp, fp, fn, iou_min, tight_iou)
         out.append(
             {
                 "tp": tp,
@@ -115,7 +161,7 @@ def score_grounding(
                 "precision": precision,
                 "recall": recall,
                 "f1": f1,
-                "iou_mean": sum(matched) / tp if tp else None,
+                "iou_mean": iou_sum / tp if tp else None,
                 "acc_at_50": acc,
                 "failure_category": category,
                 "failure_action": FAILURE_ACTIONS[category],
@@ -152,9 +198,7 @@ def aggregate_grounding(
                 f"aggregate_grounding: {n} specimens but {len(pred_boxes)} prediction and "
                 f"{len(ref_boxes)} reference box lists"
             )
-        ap = coco_average_precision(
-            pred_boxes, ref_boxes, step_ious(pred_boxes, ref_boxes), max_dets=max_dets
-        )
+        ap = coco_average_precision(pred_boxes, ref_boxes, max_dets=max_dets)
     return {
         "precision": precision,
         "recall": recall,

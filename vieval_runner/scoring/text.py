@@ -2,13 +2,19 @@
 
 Three normalizations exist on purpose, one per reference implementation we must agree with:
 ``normalize_vqa`` (official VQAv2 ``vqaEval.py``), ``normalize_squad`` (SQuAD ``evaluate-v2.0``
-token F1) and ``rouge_tokens`` (Google ``rouge-score`` default tokenizer).
+token F1) and ``rouge_tokens`` (Google ``rouge-score`` default tokenizer). They are hand-written
+because no maintained package ships them (the official scripts are not packages; rouge-score's
+tokenizer is one regex, tested equal on a corpus, and importing it would pull nltk and absl).
+The distances are rapidfuzz's (C++): Levenshtein for ANLS and the LCS of token lists
+(``LCSseq``) for ROUGE-L.
 """
 
 from __future__ import annotations
 
 import re
 import string
+
+from rapidfuzz.distance import LCSseq, Levenshtein
 
 # The official VQAv2 contraction table, kept verbatim (including its quirks, e.g. the
 # capitalised keys can never match because words are lower-cased before the lookup).
@@ -111,26 +117,10 @@ def rouge_tokens(text: str | None) -> list[str]:
 
 
 def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insert, delete, substitute; all cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    """Edit distance (insert, delete, substitute; all cost 1): rapidfuzz ``Levenshtein``."""
+    return Levenshtein.distance(a, b)
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of two token lists."""
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
+    """Length of the longest common subsequence of two token lists: rapidfuzz ``LCSseq``."""
+    return LCSseq.similarity(a, b)
