@@ -25,6 +25,31 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        "-o",
+        dest="storage_options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="object-storage option for an s3://, gs:// or az:// store, e.g. "
+        "AWS_ENDPOINT_URL=http://host:9000 (repeatable; AWS_* environment variables apply too)",
+    )
+
+
+def _storage_options(args) -> dict[str, str] | None:
+    return dict(getattr(args, "storage_options", None) or []) or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vieval", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -46,23 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--run", help="only this run id")
     p.add_argument("--as-of", help="a predictions table version or an ISO timestamp (time travel)")
+    _add_storage_options(p)
 
     p = sub.add_parser("rescore", help="re-parse and re-score stored raw text (no model needed)")
     p.add_argument("store")
     p.add_argument("--run", help="only this run id")
+    _add_storage_options(p)
 
     p = sub.add_parser("view", help="serve the viewer on 127.0.0.1")
     p.add_argument("stores", nargs="+")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
+    _add_storage_options(p)
 
     p = sub.add_parser("export", help="write the viewer as static files")
     p.add_argument("stores", nargs="+")
     p.add_argument("--html", required=True, metavar="DIR")
+    _add_storage_options(p)
 
     p = sub.add_parser("compact", help="compact small files and vacuum past a retention window")
     p.add_argument("store")
     p.add_argument("--retention-hours", type=float, default=168.0)
+    _add_storage_options(p)
 
     p = sub.add_parser("demo", help="build a tiny run, evaluate it and open the viewer")
     p.add_argument("--task", choices=("grounding", "vqa"), default="grounding")
@@ -144,7 +174,7 @@ def cmd_run(args, watch: bool = False) -> int:
     if not main_rank:
         distributed.finish(ranks)
         return outcome.exit_status  # the same outcome as rank 0's
-    reader = store.open_store(config.store)
+    reader = store.open_store(config.store, storage_options=config.storage_options or None)
     report.print_summary(report.summarize(reader, config.effective_run_id), console)
     if outcome.failed:
         steps = ", ".join(f"{s} ({e})" for s, e in sorted(outcome.failed.items()))
@@ -164,7 +194,9 @@ def cmd_summary(args) -> int:
 
     from vieval_runner import report, store
 
-    reader = store.open_store(args.store, as_of=_as_of(args.as_of))
+    reader = store.open_store(
+        args.store, as_of=_as_of(args.as_of), storage_options=_storage_options(args)
+    )
     summaries = report.summarize(reader, args.run)
     if args.json:
         print(
@@ -190,16 +222,22 @@ def cmd_rescore(args) -> int:
     from vieval_runner.pipeline import rescore
 
     console = Console()
-    steps = rescore.rescore_store(args.store, run_id=args.run, console=console)
+    options = _storage_options(args)
+    steps = rescore.rescore_store(
+        args.store, run_id=args.run, console=console, storage_options=options
+    )
     console.print(f"rescored {len(steps)} step(s)")
-    report.print_summary(report.summarize(store.open_store(args.store), args.run), console)
+    reader = store.open_store(args.store, storage_options=options)
+    report.print_summary(report.summarize(reader, args.run), console)
     return EXIT_OK
 
 
 def cmd_view(args) -> int:
     from vieval_runner.viewer import serve
 
-    server = serve(args.stores, host=args.host, port=args.port)
+    server = serve(
+        args.stores, host=args.host, port=args.port, storage_options=_storage_options(args)
+    )
     print(f"viewer: {server.url}  (Ctrl+C to stop)", flush=True)
     server.serve_until_interrupted()
     return EXIT_OK
@@ -208,7 +246,7 @@ def cmd_view(args) -> int:
 def cmd_export(args) -> int:
     from vieval_runner.viewer import export_html
 
-    out = export_html(args.stores, args.html)
+    out = export_html(args.stores, args.html, storage_options=_storage_options(args))
     print(f"exported: {Path(out) / 'index.html'}")
     return EXIT_OK
 
@@ -216,7 +254,9 @@ def cmd_export(args) -> int:
 def cmd_compact(args) -> int:
     from vieval_runner import store
 
-    result = store.compact(args.store, retention_hours=args.retention_hours)
+    result = store.compact(
+        args.store, retention_hours=args.retention_hours, storage_options=_storage_options(args)
+    )
     print(json.dumps(result, default=str, indent=2))
     return EXIT_OK
 
@@ -251,6 +291,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         ("vieval_runner.checkpoints", "CheckpointError"),
         ("vieval_runner.store", "StoreError"),
         ("vieval_runner.model.loading", "ModelConfigError"),
+        ("vieval_runner.objectstore", "StorageOptionsError"),
     ):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):

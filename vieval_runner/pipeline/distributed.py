@@ -290,6 +290,8 @@ def _record_failure(
     row = results.evaluation_row(session, ckpt, digest, "failed", error)
     row["device"] = _device_label(worker, ranks)
     try:
-        store.record_failed_evaluation(session.config.store, row)
+        store.record_failed_evaluation(
+            session.config.store, row, storage_options=session.config.storage_options or None
+        )
     except Exception:  # e.g. the disk is full: the console and log still say it
         log.exception("could not record the failure of step %s in the store", ckpt.step)

@@ -151,7 +151,9 @@ def evaluate_checkpoints(
             progress.console.print(f"[red]step {step} failed[/]: {message}")
             try:
                 store.record_failed_evaluation(
-                    config.store, results.evaluation_row(session, ckpt, digest, "failed", message)
+                    config.store,
+                    results.evaluation_row(session, ckpt, digest, "failed", message),
+                    storage_options=config.storage_options or None,
                 )
             except Exception:  # e.g. the disk is full: the console and log still say it
                 log.exception("could not record the failure of step %s in the store", step)
@@ -284,7 +286,7 @@ def finish_step(
     def commit() -> None:
         t0 = time.perf_counter()
         wait_for_specimens(session)  # readers find every specimen of a committed step
-        store.commit_step(config.store, row, rows)
+        store.commit_step(config.store, row, rows, storage_options=config.storage_options or None)
         timings["commit_s"] = time.perf_counter() - t0
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
         try:

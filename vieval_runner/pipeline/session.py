@@ -78,14 +78,15 @@ def open_session(
     )
     session = Session(config, loaded.specimens, loaded.dataset_version)
     if write:
-        store.create_store(config.store)
+        options = config.storage_options or None
+        store.create_store(config.store, storage_options=options)
         args = (config.store, loaded.specimens, loaded.dataset_version)
         if background:  # on a helper thread once the split is prepared; commits wait for it
             session.specimens_pending = functools.partial(
-                store.write_specimens, *args, thumb_px=config.thumb_px
+                store.write_specimens, *args, thumb_px=config.thumb_px, storage_options=options
             )
         else:
-            store.write_specimens(*args, thumb_px=config.thumb_px)
+            store.write_specimens(*args, thumb_px=config.thumb_px, storage_options=options)
     return session
 
 
@@ -144,9 +145,14 @@ def store_training_log(session: Session, ckpt: ckpts.Checkpoint) -> None:
     config = session.config
     if session.training_log_until is None:
         session.training_log_until = store.training_log_last_step(
-            config.store, config.effective_run_id
+            config.store, config.effective_run_id, storage_options=config.storage_options or None
         )
     if last <= session.training_log_until:
         return
-    store.write_training_log(config.store, config.effective_run_id, history)
+    store.write_training_log(
+        config.store,
+        config.effective_run_id,
+        history,
+        storage_options=config.storage_options or None,
+    )
     session.training_log_until = last

@@ -117,9 +117,16 @@ class _Handler(BaseHTTPRequestHandler):
 class ViewerServer:
     """A running (or ready-to-run) viewer: ``.url``, ``.serve_forever()``, ``.shutdown()``."""
 
-    def __init__(self, stores: list[str], host: str, port: int, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        stores: list[str],
+        host: str,
+        port: int,
+        poll_seconds: float,
+        storage_options: dict[str, str] | None = None,
+    ) -> None:
         warm_up()  # before the first request, not during it
-        self.data = ViewerData(stores, poll_seconds=poll_seconds)
+        self.data = ViewerData(stores, poll_seconds=poll_seconds, storage_options=storage_options)
         handler = type("ViewerHandler", (_Handler,), {"data": self.data})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -177,10 +184,11 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     poll_seconds: float = 2.0,
+    storage_options: dict[str, str] | None = None,
 ) -> ViewerServer:
     """Bind a viewer for ``stores`` (port 0 picks a free port); call ``.serve_forever()``.
 
     A store that does not exist yet is fine: the page shows the waiting state until its
     first evaluation lands.
     """
-    return ViewerServer([str(s) for s in stores], host, port, poll_seconds)
+    return ViewerServer([str(s) for s in stores], host, port, poll_seconds, storage_options)
