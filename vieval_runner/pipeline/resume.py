@@ -116,7 +116,7 @@ def plan_checkpoints(
 
 
 def _content_hash(config: Config, ckpt: ckpts.Checkpoint) -> str:
-    return ckpts.checkpoint_hash(ckpt.path) if ckpt.kind != "base" else _base_hash(config)
+    return ckpts.content_digest(ckpt) if ckpt.kind != "base" else _base_hash(config)
 
 
 def resolved(digest: str | Future) -> str | None:

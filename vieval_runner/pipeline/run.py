@@ -111,6 +111,9 @@ def select_checkpoints(config: Config) -> list[ckpts.Checkpoint]:
         step_range=tuple(config.step_range) if config.step_range else None,
         include_base=config.include_base,
         settle_seconds=config.watch.settle_seconds,
+        storage_options=config.storage_options or None,
+        cache_dir=config.checkpoint_cache_dir,
+        cache_gb=config.checkpoint_cache_gb,
     )
 
 
@@ -147,6 +150,7 @@ def evaluate_checkpoints(
             outcome.failed[step] = message
             if step in outcome.evaluated:  # its commit failed after generation went well
                 outcome.evaluated.remove(step)
+            ckpts.evict(ckpt)  # a remote checkpoint's downloaded weights
             log.error("step %s (%s) failed", step, ckpt.path, exc_info=exc)
             progress.console.print(f"[red]step {step} failed[/]: {message}")
             try:
@@ -165,6 +169,7 @@ def evaluate_checkpoints(
                 batches = progress.add_task(f"  step {ckpt.step}", total=len(session.specimens))
                 following = todo[i + 1][0] if i + 1 < len(todo) else None
                 try:
+                    _download(ckpt, progress)
                     evaluate_one(
                         session,
                         ckpt,
@@ -184,6 +189,18 @@ def evaluate_checkpoints(
             if st.committer is not None:
                 st.committer.close()
                 st.committer = None
+
+
+def _download(ckpt: ckpts.Checkpoint, progress: Progress) -> None:
+    """Download a remote checkpoint (once, into the bounded cache) with a progress bar."""
+    if ckpt.remote is None or ckpts.is_local(ckpt):
+        return
+    task = progress.add_task(f"  download {ckpt.location}", total=ckpt.remote.download_bytes)
+    try:
+        ckpts.fetch(ckpt, lambda n: progress.advance(task, n))
+    finally:
+        progress.remove_task(task)
+    log.info("downloaded %s (%d bytes)", ckpt.location, ckpt.remote.download_bytes)
 
 
 def evaluate_one(
@@ -287,6 +304,7 @@ def finish_step(
         t0 = time.perf_counter()
         wait_for_specimens(session)  # readers find every specimen of a committed step
         store.commit_step(config.store, row, rows, storage_options=config.storage_options or None)
+        ckpts.evict(ckpt)  # a remote checkpoint's downloaded weights: the step is safe
         timings["commit_s"] = time.perf_counter() - t0
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
         try:

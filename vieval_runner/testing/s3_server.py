@@ -187,7 +187,7 @@ class S3Server:
             return
         self.process.terminate()
         try:
-            self.process.wait(15)
+            self.process.wait(3)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)

@@ -1,0 +1,154 @@
+"""A run whose checkpoints and store are both on a real S3-compatible server (SeaweedFS on
+loopback): discovery, download once into a bounded cache evicted after each commit, resume
+without downloads, watch while "training" uploads, and no credential anywhere it is written."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vieval_runner import checkpoints as ckpts
+from vieval_runner import store
+from vieval_runner.pipeline import run as runner
+from vieval_runner.pipeline import watch as watcher
+from vieval_runner.testing.fixtures import quiet_console, run_config
+from vieval_runner.testing.s3_server import SECRET_KEY
+
+pytestmark = pytest.mark.s3
+
+
+def upload_checkpoint(
+    server, bucket: str, prefix: str, folder: Path, state_last: bool = True
+) -> None:
+    """Upload a checkpoint folder as a trainer would: weights first, trainer_state.json last."""
+    client = server.client()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == "trainer_state.json")
+    for f in files:
+        if not state_last and f.name == "trainer_state.json":
+            continue
+        client.upload_file(str(f), bucket, f"{prefix}/{folder.name}/{f.relative_to(folder)}")
+
+
+def _weights_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors"))
+
+
+def _s3_config(tmp_path, run, server, bucket, **extra):
+    return run_config(
+        tmp_path,
+        run,
+        run_dir=f"s3://{bucket}/run",
+        store=f"s3://{bucket}/store",
+        storage_options=server.storage_options(),
+        checkpoint_cache_dir=str(tmp_path / "ckpt-cache"),
+        **extra,
+    )
+
+
+def test_run_from_s3_checkpoints_into_an_s3_store(tmp_path, tiny_run, s3_server, s3_bucket):
+    run = tiny_run("qwen2_vl")
+    for step in run.steps:
+        upload_checkpoint(s3_server, s3_bucket, "run", run.run_dir / f"checkpoint-{step}")
+    # a checkpoint still uploading: weights there, no trainer_state.json yet (and fresh)
+    upload_checkpoint(s3_server, s3_bucket, "run", run.run_dir / "checkpoint-300", state_last=False)
+    s3_server.client().copy_object(
+        Bucket=s3_bucket,
+        Key="run/checkpoint-400/model.safetensors",
+        CopySource={"Bucket": s3_bucket, "Key": "run/checkpoint-300/model.safetensors"},
+    )
+    config = _s3_config(tmp_path, run, s3_server, s3_bucket)
+    found = runner.select_checkpoints(config)
+    assert [(c.step, c.complete) for c in found] == [
+        (0, True),
+        (100, True),
+        (200, True),
+        (300, True),
+        (400, False),
+    ]
+    assert found[1].location == f"s3://{s3_bucket}/run/checkpoint-100"
+    assert found[1].path.is_dir() and _weights_in(found[1].path) == []  # metadata only so far
+
+    downloaded: list[int] = []
+    real_fetch = ckpts.fetch
+
+    def counting_fetch(ckpt, advance=None):
+        downloaded.append(ckpt.step)
+        return real_fetch(ckpt, advance)
+
+    ckpts.fetch = counting_fetch
+    try:
+        outcome = runner.run(config, quiet_console())
+    finally:
+        ckpts.fetch = real_fetch
+    assert outcome.failed == {}
+    assert outcome.evaluated == [0, 100, 200, 300]
+    assert downloaded == [100, 200, 300]  # each once
+    cache = tmp_path / "ckpt-cache"
+    assert [p for p in cache.rglob("*.safetensors")] == []  # evicted after each commit
+
+    reader = store.open_store(config.store, storage_options=config.storage_options)
+    assert reader.steps(config.effective_run_id) == [0, 100, 200, 300]
+    rows = reader.evaluations(config.effective_run_id).to_pylist()
+    paths = {r["step"]: r["checkpoint_path"] for r in rows}
+    assert paths[200] == f"s3://{s3_bucket}/run/checkpoint-200"
+    assert all(r["checkpoint_hash"].startswith("etag:") for r in rows if r["step"])
+
+    # resume: same objects, same config -> nothing evaluated, nothing downloaded
+    again = runner.run(config, quiet_console())
+    assert again.evaluated == [] and sorted(again.skipped) == [0, 100, 200, 300]
+    assert [p for p in cache.rglob("*.safetensors")] == []
+
+    # no credential in any object the run wrote
+    for key in s3_server.keys(s3_bucket, "store/"):
+        body = s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        assert SECRET_KEY.encode() not in body, key
+    assert '"AWS_SECRET_ACCESS_KEY": "***"' in rows[0]["config"]
+
+
+def test_a_cache_too_small_for_a_checkpoint_fails_that_step_clearly(
+    tmp_path, tiny_run, s3_server, s3_bucket
+):
+    run = tiny_run("qwen2_vl")
+    upload_checkpoint(s3_server, s3_bucket, "run", run.run_dir / "checkpoint-100")
+    config = _s3_config(
+        tmp_path, run, s3_server, s3_bucket, checkpoint_cache_gb=1e-6, include_base=False
+    )
+    outcome = runner.run(config, quiet_console())
+    assert list(outcome.failed) == [100]
+    assert "checkpoint_cache_gb" in outcome.failed[100] and "checkpoint-100" in outcome.failed[100]
+
+
+def test_watch_picks_up_checkpoints_as_training_uploads_them(
+    tmp_path, tiny_run, s3_server, s3_bucket
+):
+    run = tiny_run("qwen2_vl")
+    config = _s3_config(tmp_path, run, s3_server, s3_bucket, include_base=False)
+    config.watch.poll_seconds = 0.3
+    config.watch.idle_timeout = 120
+    result: dict = {}
+
+    def watch() -> None:
+        try:
+            result["outcome"] = watcher.watch(config, quiet_console())
+        except BaseException as exc:  # surfaced by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the watcher starts on an empty prefix
+    for step in run.steps:
+        upload_checkpoint(s3_server, s3_bucket, "run", run.run_dir / f"checkpoint-{step}")
+        time.sleep(1.0)
+    thread.join(300)
+    assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    outcome = result["outcome"]
+    assert sorted(outcome.evaluated) == list(run.steps) and outcome.failed == {}
+    reader = store.open_store(config.store, storage_options=config.storage_options)
+    oks = [r["step"] for r in reader.evaluations().to_pylist() if r["status"] == "ok"]
+    assert sorted(oks) == list(run.steps)  # each once
+    assert list((tmp_path / "ckpt-cache").rglob("*.safetensors")) == []
