@@ -152,3 +152,64 @@ def test_watch_picks_up_checkpoints_as_training_uploads_them(
     oks = [r["step"] for r in reader.evaluations().to_pylist() if r["status"] == "ok"]
     assert sorted(oks) == list(run.steps)  # each once
     assert list((tmp_path / "ckpt-cache").rglob("*.safetensors")) == []
+
+
+def test_server_stopped_mid_run_fails_that_step_and_a_rerun_completes(
+    tmp_path, tiny_run, s3_server, s3_bucket
+):
+    """The S3 server goes away while step 200 commits: that step fails (the run says so, its
+    failure is in the log and, once the server is back, in the store); a rerun evaluates only
+    step 200, and every step ends with exactly one ok evaluation and one set of rows."""
+    import logging
+
+    from vieval_runner.pipeline.logfile import attach_run_log
+
+    run = tiny_run("qwen2_vl")
+    config = run_config(
+        tmp_path,
+        run,
+        store=f"s3://{s3_bucket}/store",
+        storage_options=s3_server.storage_options(),
+        include_base=False,
+    )
+    log_path = attach_run_log(config)
+    real_commit = store.commit_step
+
+    def commit_with_outage(root, eval_row, rows, **kw):
+        if eval_row["step"] != 200:
+            return real_commit(root, eval_row, rows, **kw)
+        s3_server.stop()
+        try:
+            return real_commit(root, eval_row, rows, **kw)
+        finally:
+            s3_server.start()
+
+    store.commit_step = commit_with_outage
+    try:
+        outcome = runner.run(config, quiet_console())
+    finally:
+        store.commit_step = real_commit
+        for handler in list(logging.getLogger("vieval").handlers):
+            if getattr(handler, "baseFilename", None) == str(log_path):
+                logging.getLogger("vieval").removeHandler(handler)
+                handler.close()
+    assert outcome.exit_status == 3
+    assert list(outcome.failed) == [200]
+    assert f"s3://{s3_bucket}/store" in outcome.failed[200]
+    assert sorted(outcome.evaluated) == [100, 300]
+    text = log_path.read_text()
+    assert "step 200" in text and "failed" in text
+    assert SECRET_KEY not in text and "***" in text  # the config is logged, redacted
+    reader = store.open_store(config.store, storage_options=config.storage_options)
+    statuses = [(r["step"], r["status"]) for r in reader.evaluations().to_pylist()]
+    assert (200, "failed") in statuses and (200, "ok") not in statuses
+
+    again = runner.run(config, quiet_console())
+    assert again.evaluated == [200] and sorted(again.skipped) == [100, 300] and again.failed == {}
+    reader = store.open_store(config.store, storage_options=config.storage_options)
+    oks = [r["step"] for r in reader.evaluations().to_pylist() if r["status"] == "ok"]
+    assert sorted(oks) == [100, 200, 300]  # nothing lost, nothing doubled
+    n = len(reader.step(config.effective_run_id, 100))
+    for step in (100, 200, 300):
+        table = reader.step(config.effective_run_id, step)
+        assert table.num_rows == n and len(set(table.column("specimen_id").to_pylist())) == n
