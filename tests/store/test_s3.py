@@ -222,3 +222,29 @@ def test_bad_credentials_or_bucket_exit_2_naming_the_url_not_the_secret(s3_serve
         assert url in done.stderr and want in done.stderr, done.stderr
         assert SECRET_KEY not in done.stderr + done.stdout
         assert "Traceback" not in done.stderr
+
+
+def test_throttling_and_timeouts_are_retried_with_backoff(s3_server, s3_bucket):
+    """Every fourth request answered 503 SlowDown and every ninth GET stalled past the
+    client's timeout: the object-store client retries them with backoff and the store's
+    commits and reads all succeed."""
+    from vieval_runner.testing.s3_server import FlakyProxy
+
+    with FlakyProxy(s3_server.endpoint, every=4, stall_every=9, stall_s=1.5) as proxy:
+        opts = s3_server.storage_options(
+            AWS_ENDPOINT_URL=proxy.endpoint, max_retries="6", retry_timeout="60s", timeout="1s"
+        )
+        url = f"s3://{s3_bucket}/throttled"
+        create_store(url, storage_options=opts)
+        for step in (100, 300):
+            commit_step(
+                url, {"run_id": "r", "step": step}, _rows(3, f"t{step}"), storage_options=opts
+            )
+        reader = open_store(url, storage_options=opts)
+        assert reader.steps("r") == [100, 300]
+        assert reader.step("r", 300).column("raw_text").to_pylist() == [
+            "t300 0",
+            "t300 1",
+            "t300 2",
+        ]
+    assert proxy.throttled >= 3 and proxy.stalled >= 1, (proxy.throttled, proxy.stalled)

@@ -198,3 +198,115 @@ class S3Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _proxy_main(target: str, every: int, stall_every: int, stall_s: float, shared) -> None:
+    """The proxy's process: forward to ``target``, throttling and stalling as configured."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    port, throttled, stalled = shared
+    lock = threading.Lock()
+    count = [0]
+    host = urlsplit(target)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+            self.send_response(status)
+            for k, v in headers:
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def _forward(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            with lock:
+                count[0] += 1
+                n = count[0]
+            if every and n % every == 0:
+                with throttled.get_lock():
+                    throttled.value += 1
+                self._reply(503, [("Content-Type", "application/xml")], FlakyProxy.SLOW_DOWN)
+                return
+            if stall_every and self.command == "GET" and n % stall_every == 0:
+                with stalled.get_lock():
+                    stalled.value += 1
+                time.sleep(stall_s)
+            conn = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+            try:
+                self._reply(resp.status, resp.getheaders(), data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up on a stalled request: that is the point
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    port.value = httpd.server_address[1]
+    httpd.serve_forever()
+
+
+class FlakyProxy:
+    """A loopback HTTP proxy in front of an S3 endpoint that throttles every ``every``-th
+    request (503 SlowDown, as S3 does under load) and stalls every ``stall_every``-th GET for
+    ``stall_s`` seconds (a timeout). The Host header is forwarded unchanged, so SigV4
+    signatures made for the proxy's address still verify at the server. It runs in its own
+    process: delta-rs holds the GIL while it waits for a response, so a proxy thread in the
+    writer's process would never answer."""
+
+    SLOW_DOWN = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
+
+    def __init__(self, target: str, every: int = 3, stall_every: int = 0, stall_s: float = 3.0):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._shared = (ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0))
+        self._process = ctx.Process(
+            target=_proxy_main,
+            args=(target, every, stall_every, stall_s, self._shared),
+            daemon=True,
+        )
+
+    @property
+    def throttled(self) -> int:
+        return self._shared[1].value
+
+    @property
+    def stalled(self) -> int:
+        return self._shared[2].value
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._shared[0].value}"
+
+    def __enter__(self) -> FlakyProxy:
+        self._process.start()
+        deadline = time.monotonic() + 30
+        while self._shared[0].value == 0:
+            if time.monotonic() > deadline or not self._process.is_alive():
+                raise RuntimeError("the flaky proxy did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._process.terminate()
+        self._process.join(5)
