@@ -8,6 +8,7 @@ back on the same ports and data (a server outage in the middle of a run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -249,10 +250,9 @@ def _proxy_main(target: str, every: int, stall_every: int, stall_s: float, share
             resp = conn.getresponse()
             data = resp.read()
             conn.close()
-            try:
+            # the client may have given up on a stalled request: that is the point
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self._reply(resp.status, resp.getheaders(), data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up on a stalled request: that is the point
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
