@@ -213,3 +213,60 @@ def test_server_stopped_mid_run_fails_that_step_and_a_rerun_completes(
     for step in (100, 200, 300):
         table = reader.step(config.effective_run_id, step)
         assert table.num_rows == n and len(set(table.column("specimen_id").to_pylist())) == n
+
+
+@pytest.mark.slow
+def test_vieval_run_cli_on_s3_bad_secret_exits_2_then_runs_and_logs_no_secret(
+    tmp_path, tiny_run, s3_server, s3_bucket
+):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from vieval_runner.testing.fixtures import write_split
+
+    repo = Path(__file__).resolve().parents[2]
+    run = tiny_run("qwen2_vl")
+    upload_checkpoint(s3_server, s3_bucket, "run", run.run_dir / "checkpoint-100")
+    url = f"s3://{s3_bucket}/store"
+    tree = {
+        "run_dir": f"s3://{s3_bucket}/run",
+        "base_model": str(run.base_model_dir),
+        "store": url,
+        "data": {"path": str(write_split(tmp_path / "data", "grounding"))},
+        "include_base": False,
+        "batch_size": 4,
+        "max_new_tokens": 8,
+        "device": "cpu",
+        "checkpoint_cache_dir": str(tmp_path / "cache"),
+        "storage_options": s3_server.storage_options(),
+    }
+    env = {**os.environ, "PYTHONPATH": str(repo), "VIEVAL_CACHE_DIR": str(tmp_path / "vc")}
+
+    def vieval_run(options: dict) -> subprocess.CompletedProcess:
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({**tree, "storage_options": options}))
+        return subprocess.run(
+            [sys.executable, "-m", "vieval_runner", "run", str(config)],
+            capture_output=True, text=True, env=env, timeout=300, cwd=repo,
+        )  # fmt: skip
+
+    wrong = "wrong-" + SECRET_KEY
+    done = vieval_run({**s3_server.storage_options(), "AWS_SECRET_ACCESS_KEY": wrong})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "access denied" in done.stderr and f"s3://{s3_bucket}/" in done.stderr
+    assert wrong not in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+    done = vieval_run(s3_server.storage_options())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"store: {url}"
+    logs = list((tmp_path / "vc" / "logs").glob("vieval-*.log"))
+    assert logs, "a run on an object-storage store logs locally"
+    for log in logs:
+        text = log.read_text()
+        assert SECRET_KEY not in text and wrong not in text
+    assert "step 100 committed" in logs[-1].read_text() or any(
+        "step 100 committed" in p.read_text() for p in logs
+    )
