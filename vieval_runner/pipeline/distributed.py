@@ -47,6 +47,7 @@ from vieval_runner.pipeline.ranks import (  # re-exported: the process group is 
     tag_logs,
     world_size,
 )
+from vieval_runner.pipeline.session import store_options
 from vieval_runner.records import Specimen
 
 log = logging.getLogger("vieval")
@@ -290,8 +291,6 @@ def _record_failure(
     row = results.evaluation_row(session, ckpt, digest, "failed", error)
     row["device"] = _device_label(worker, ranks)
     try:
-        store.record_failed_evaluation(
-            session.config.store, row, storage_options=session.config.storage_options or None
-        )
+        store.record_failed_evaluation(session.config.store, row, **store_options(session.config))
     except Exception:  # e.g. the disk is full: the console and log still say it
         log.exception("could not record the failure of step %s in the store", ckpt.step)

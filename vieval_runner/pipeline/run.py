@@ -29,6 +29,7 @@ from vieval_runner.pipeline.session import (
     note_checkpoints,
     open_session,
     start_specimens,
+    store_options,
     store_training_log,
     wait_for_specimens,
 )
@@ -157,7 +158,7 @@ def evaluate_checkpoints(
                 store.record_failed_evaluation(
                     config.store,
                     results.evaluation_row(session, ckpt, digest, "failed", message),
-                    storage_options=config.storage_options or None,
+                    **store_options(config),
                 )
             except Exception:  # e.g. the disk is full: the console and log still say it
                 log.exception("could not record the failure of step %s in the store", step)
@@ -303,7 +304,7 @@ def finish_step(
     def commit() -> None:
         t0 = time.perf_counter()
         wait_for_specimens(session)  # readers find every specimen of a committed step
-        store.commit_step(config.store, row, rows, storage_options=config.storage_options or None)
+        store.commit_step(config.store, row, rows, **store_options(config))
         ckpts.evict(ckpt)  # a remote checkpoint's downloaded weights: the step is safe
         timings["commit_s"] = time.perf_counter() - t0
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))

@@ -90,6 +90,11 @@ def open_session(
     return session
 
 
+def store_options(config: Config) -> dict:
+    """``storage_options=`` for store calls when the config sets any (else no keyword)."""
+    return {"storage_options": config.storage_options} if config.storage_options else {}
+
+
 def start_specimens(session: Session) -> None:
     """Start the deferred specimens-table write (thumbnails, one commit) on its thread.
 
