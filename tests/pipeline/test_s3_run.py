@@ -12,6 +12,7 @@ import pytest
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import store
+from vieval_runner.pipeline import rescore
 from vieval_runner.pipeline import run as runner
 from vieval_runner.pipeline import watch as watcher
 from vieval_runner.testing.fixtures import quiet_console, run_config
@@ -101,6 +102,13 @@ def test_run_from_s3_checkpoints_into_an_s3_store(tmp_path, tiny_run, s3_server,
     again = runner.run(config, quiet_console())
     assert again.evaluated == [] and sorted(again.skipped) == [0, 100, 200, 300]
     assert [p for p in cache.rglob("*.safetensors")] == []
+
+    # rescore reads and commits on S3 too (no model, no checkpoint download)
+    rescored = rescore.rescore_store(
+        config.store, run_id=config.effective_run_id, console=quiet_console(),
+        storage_options=config.storage_options,
+    )  # fmt: skip
+    assert sorted(step for _, step in rescored) == [0, 100, 200, 300]
 
     # no credential in any object the run wrote
     for key in s3_server.keys(s3_bucket, "store/"):

@@ -67,7 +67,9 @@ def test_store_on_s3_commits_time_travels_and_compacts(s3_server, s3_bucket):
     assert done.returncode == 0, done.stderr
     runs = json.loads(done.stdout)["runs"]
     assert runs, done.stdout
-    done = _vieval("summary", url, "--json", "--as-of", str(v_before), env=env)
+    # ... and with -o KEY=VALUE options instead of the environment
+    flags = [f"-o{k}={v}" for k, v in opts.items()]
+    done = _vieval("summary", url, "--json", "--as-of", str(v_before), *flags)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["version"]["predictions"] == v_before
 

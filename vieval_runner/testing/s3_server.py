@@ -8,6 +8,7 @@ back on the same ports and data (a server outage in the middle of a run).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import shutil
@@ -133,6 +134,7 @@ class S3Server:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        atexit.register(self.stop)  # no orphan server if the test process ends early
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
