@@ -121,7 +121,7 @@ class S3Server:
             "-master.volumeSizeLimitMB=64",
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume_grpc']}",
-            "-volume.max=50",
+            "-volume.max=1000",  # each bucket grows ~7 volumes (sparse files, not preallocated)
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer_grpc']}",
             "-s3",
