@@ -138,24 +138,20 @@ def scan(
     return found
 
 
-def _read_small(remote: RemoteCheckpoint, name: str) -> bytes:
-    from obstore import get
-
-    try:
-        return bytes(get(open_prefix(remote.url, remote.options), name).bytes())
-    except Exception as exc:
-        raise RemoteError(explain(exc, f"{remote.url}/{name}", remote.options)) from None
-
-
 def status(
     remote: RemoteCheckpoint, settle_seconds: float, now: float | None = None
 ) -> tuple[str, bool, str]:
-    """``(kind, complete, reason)`` from the listing (the index JSON is read when present)."""
+    """``(kind, complete, reason)`` from the listing (the shard index is read when present).
+
+    Unlike a local folder, a missing weight file never means "corrupt": upload tools send
+    files in any order and in parallel, so ``trainer_state.json`` may land before the last
+    shard. The checkpoint waits until every file is there."""
     files = remote.files
     kind, problem = "full", ""
     if INDEX in files:
         try:
-            weight_map = json.loads(_read_small(remote, INDEX))["weight_map"]
+            _download(remote, [INDEX], None)  # cached by ETag: one read per new index
+            weight_map = json.loads((remote.local / INDEX).read_text())["weight_map"]
             missing = sorted(set(weight_map.values()) - set(files))
             if missing:
                 problem = f"missing shard(s) named by {INDEX}: {', '.join(missing)}"
@@ -172,16 +168,19 @@ def status(
             f"no weights: expected {FULL}, {INDEX} + shards, or {ADAPTER_CONFIG} + {ADAPTER}; "
             f"found: {', '.join(sorted(files)) or 'nothing'}"
         )
+    if problem:
+        return kind, False, problem
     if STATE in files:
-        return kind, True, problem
+        return kind, True, ""
     now = time.time() if now is None else now
     age = now - max((f.modified for f in files.values()), default=0.0)
     if age < settle_seconds:
-        settling = (
-            f"no {STATE} and objects changed {age:.1f} s ago (settle time {settle_seconds:g} s)"
+        return (
+            kind,
+            False,
+            (f"no {STATE} and objects changed {age:.1f} s ago (settle time {settle_seconds:g} s)"),
         )
-        return kind, False, f"{problem}; {settling}" if problem else settling
-    return kind, True, problem
+    return kind, True, ""
 
 
 def _etags(local: Path) -> dict[str, str]:
@@ -203,7 +202,10 @@ def _download(
     todo = [n for n in names if have.get(n) != remote.files[n].etag or not (local / n).is_file()]
     if not todo:
         return
-    store = open_prefix(remote.url, remote.options)
+    try:
+        store = open_prefix(remote.url, remote.options)
+    except Exception as exc:
+        raise RemoteError(explain(exc, remote.url, remote.options)) from None
     for name in todo:
         target = local / name
         target.parent.mkdir(parents=True, exist_ok=True)
