@@ -209,7 +209,8 @@ def _download(
     for name in todo:
         target = local / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(target.name + ".part")
+        # per process: ranks sharing one cache folder may download the same file at once
+        part = target.with_name(f"{target.name}.{os.getpid()}.part")
         try:
             with part.open("wb") as out:
                 for chunk in get(store, name).stream(min_chunk_size=_CHUNK):

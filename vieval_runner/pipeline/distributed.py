@@ -174,6 +174,7 @@ def _generate_shard(
     from vieval_runner.generate import batches as generation
     from vieval_runner.model import loading as models
 
+    ckpts.fetch(ckpt)  # a remote checkpoint: into this node's cache (no-op when local)
     runner._ensure_model(worker, console, first=ckpt)  # once: base model on this device
     config = worker.config
     t0 = time.perf_counter()
