@@ -145,12 +145,33 @@ def test_watch_picks_up_checkpoints_as_training_uploads_them(
         except BaseException as exc:  # surfaced by the assertion below
             result["error"] = exc
 
+    def stored_steps() -> list[int]:
+        try:
+            reader = store.open_store(config.store, storage_options=config.storage_options)
+        except store.StoreError:  # not created yet
+            return []
+        return sorted(r["step"] for r in reader.evaluations().to_pylist())
+
+    def wait_for(steps: list[int]) -> None:
+        deadline = time.monotonic() + 120
+        while stored_steps() != steps:
+            assert time.monotonic() < deadline, (stored_steps(), steps)
+            assert thread.is_alive(), result
+            time.sleep(0.3)
+
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     time.sleep(1.0)  # the watcher starts on an empty prefix
-    for step in run.steps:
+    first, *rest = run.steps
+    # half uploaded (no trainer_state.json yet, objects fresh): not evaluated
+    upload_checkpoint(s3_server, s3_bucket, "run", run.run_dir / f"checkpoint-{first}", False)
+    time.sleep(2.0)
+    assert stored_steps() == []
+    upload_checkpoint(s3_server, s3_bucket, "run", run.run_dir / f"checkpoint-{first}")
+    wait_for([first])
+    for i, step in enumerate(rest):  # each picked up after the watcher was already running
         upload_checkpoint(s3_server, s3_bucket, "run", run.run_dir / f"checkpoint-{step}")
-        time.sleep(1.0)
+        wait_for([first, *rest[: i + 1]])
     thread.join(300)
     assert not thread.is_alive()
     assert "error" not in result, result.get("error")
