@@ -104,3 +104,19 @@ def test_changing_credentials_does_not_re_evaluate(tmp_path):
     a = config_from_dict({**tree, "storage_options": OPTS})
     b = config_from_dict({**tree, "storage_options": {**OPTS, "AWS_SECRET_ACCESS_KEY": "rotated"}})
     assert config_hash(a) == config_hash(b) == config_hash(config_from_dict(tree))
+
+
+def test_a_malformed_storage_options_error_does_not_echo_the_value(tmp_path):
+    from vieval_runner.config import ConfigError
+
+    with pytest.raises(ConfigError, match="storage_options") as info:
+        config_from_dict(
+            {
+                "run_dir": "r",
+                "base_model": "b",
+                "store": "s",
+                "data": {"path": "d"},
+                "storage_options": "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI",
+            }
+        )
+    assert "wJalrXUtnFEMI" not in str(info.value)

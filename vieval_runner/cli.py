@@ -28,7 +28,9 @@ def _size(text: str) -> tuple[int, int]:
 def _option(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            "expected KEY=VALUE (what was given is not shown: it may be a secret)"
+        )
     return key.strip(), value
 
 

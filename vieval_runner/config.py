@@ -299,6 +299,8 @@ def _describe(error: dict, source: str) -> str:
         return f"{source}: missing required key '{loc}'"
     if kind == "literal_error":
         return f"{source}: '{loc}' {error['msg'].lower()} (got {error.get('input')!r})"
+    if loc.startswith("storage_options"):  # never echo what may hold a secret
+        return f"{source}: '{loc}': {error['msg']} (expected a mapping of KEY: value)"
     return f"{source}: '{loc}': {error['msg']} (got {error.get('input')!r})"
 
 
