@@ -63,15 +63,13 @@ class RemoteCheckpoint:
 
     @property
     def weight_names(self) -> list[str]:
-        return sorted(
-            n
-            for n in self.files
-            if n.endswith((".safetensors", ".bin", ".pt")) and not _SKIP.match(n)
-        )
+        return [n for n in self.wanted() if n.endswith((".safetensors", ".bin", ".pt"))]
 
     @property
     def download_bytes(self) -> int:
-        return sum(self.files[n].size for n in self.wanted())
+        """Bytes still to download (files not already cached with the same ETag)."""
+        have = _etags(self.local)
+        return sum(self.files[n].size for n in self.wanted() if have.get(n) != self.files[n].etag)
 
     def wanted(self) -> list[str]:
         """Files evaluation reads: not optimizer/trainer state, not DeepSpeed's subfolders."""
