@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def test_store_on_s3_commits_time_travels_and_compacts(s3_server, s3_bucket):
             storage_options=opts,
         )
     v_before = open_store(url, storage_options=opts).version["predictions"]
+    time.sleep(1.1)
+    between = datetime.now(UTC).isoformat()
+    time.sleep(1.1)
     commit_step(
         url, {"run_id": "r", "step": 200, "f1": 0.9}, _rows(4, "v2@200"), storage_options=opts
     )
@@ -60,6 +64,10 @@ def test_store_on_s3_commits_time_travels_and_compacts(s3_server, s3_bucket):
     # time travel to before the replacement: the old rows of step 200
     old = open_store(url, as_of=v_before, storage_options=opts)
     assert old.step("r", 200).column("raw_text").to_pylist()[0] == "v1@200 0"
+    # ... and by time: the store as it was between the two commits
+    then = open_store(url, as_of=between, storage_options=opts)
+    assert then.version["predictions"] == v_before
+    assert then.step("r", 200).column("raw_text").to_pylist()[0] == "v1@200 0"
 
     # the CLI with only the standard AWS environment variables: summary and --as-of
     env = {**s3_server.env(), "AWS_MAX_RETRIES": "2"}
@@ -70,6 +78,9 @@ def test_store_on_s3_commits_time_travels_and_compacts(s3_server, s3_bucket):
     # ... and with -o KEY=VALUE options instead of the environment
     flags = [f"-o{k}={v}" for k, v in opts.items()]
     done = _vieval("summary", url, "--json", "--as-of", str(v_before), *flags)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["version"]["predictions"] == v_before
+    done = _vieval("summary", url, "--json", "--as-of", between, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["version"]["predictions"] == v_before
 
