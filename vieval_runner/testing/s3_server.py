@@ -119,6 +119,7 @@ class S3Server:
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master_grpc']}",
             "-master.volumeSizeLimitMB=64",
+            "-master.telemetry=false",  # it reports to an outside server by default
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume_grpc']}",
             "-volume.max=1000",  # each bucket grows ~7 volumes (sparse files, not preallocated)
