@@ -125,3 +125,27 @@ def shared_vision_run(tiny_run, tmp_path_factory):
     assert changed and len(keys.vision) > 10
     save_file(state, run_dir / "checkpoint-200" / "model.safetensors", metadata={"format": "pt"})
     return TinyRun(source.base_model_dir, run_dir, source.steps, "qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on loopback ports for the whole session;
+    tests that use it skip, saying why, only where the weed binary cannot run."""
+    from vieval_runner.testing.s3_server import S3Server, S3Unavailable
+
+    try:
+        server = S3Server(tmp_path_factory.mktemp("seaweedfs")).start()
+    except S3Unavailable as exc:
+        pytest.skip(f"no S3-compatible server here: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on ``s3_server`` for one test; returns its name."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:30].strip("-")
+    return s3_server.create_bucket(f"{stem}-{uuid.uuid4().hex[:8]}")

@@ -43,6 +43,14 @@ class Checkpoint:
     kind: CheckpointKind
     complete: bool
     reason: str = ""
+    # a checkpoint on object storage (``remote_checkpoints.RemoteCheckpoint``): ``path`` is
+    # its local cache folder, filled by ``fetch`` and emptied by ``evict``
+    remote: object = None
+
+    @property
+    def location(self) -> str:
+        """Where the checkpoint lives: its URL when remote, else its folder."""
+        return self.remote.url if self.remote is not None else str(self.path)
 
 
 def _safetensors_intact(file: Path) -> str:
@@ -191,6 +199,9 @@ def find_checkpoints(
     include_base: bool = True,
     settle_seconds: float = 30.0,
     now: float | None = None,
+    storage_options: dict[str, str] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_gb: float = 64,
 ) -> list[Checkpoint]:
     """The run's checkpoints, step-sorted, with step 0 (the base model) first when included.
 
@@ -199,17 +210,31 @@ def find_checkpoints(
     ``step_range`` (inclusive, ``None`` = open). With ``every``, step 0 is always kept when
     ``include_base``; with ``step_range``, step 0 is kept only if the range includes 0.
     Incomplete checkpoints are returned with ``complete=False`` and a ``reason``.
+    A ``run_dir`` URL (``s3://bucket/run``) is listed on object storage with
+    ``storage_options``; see ``remote_checkpoints``.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run_dir {run_dir} does not exist or is not a directory")
+    from vieval_runner.objectstore import is_remote
+
+    remote = is_remote(run_dir)
+    if remote:
+        from vieval_runner import remote_checkpoints
+
+        try:
+            folders = remote_checkpoints.scan(str(run_dir), storage_options, cache_dir, cache_gb)
+        except remote_checkpoints.RemoteError as exc:
+            raise CheckpointError(f"run_dir {exc}") from None
+    else:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"run_dir {run_dir} does not exist or is not a directory")
     if steps is not None and (every is not None or step_range is not None):
         raise CheckpointError("give either an explicit steps list or every/step_range, not both")
     if every is not None and every <= 0:
         raise CheckpointError(f"every must be a positive number of steps, got {every}")
     now = time.time() if now is None else now
 
-    folders = _scan(run_dir)
+    if not remote:
+        folders = _scan(run_dir)
     has_base = 0 in folders or bool(base_model)
     available = sorted(set(folders) | ({0} if has_base else set()))
 
@@ -231,12 +256,63 @@ def find_checkpoints(
 
     out: list[Checkpoint] = []
     for s in selected:
-        if s in folders:
+        if remote and s in folders:
+            out.append(_remote_checkpoint(s, folders[s], settle_seconds, now))
+        elif s in folders:
             complete, reason = checkpoint_status(folders[s], settle_seconds, now)
             out.append(Checkpoint(s, folders[s], _kind(folders[s]), complete, reason))
         else:
             out.append(Checkpoint(0, Path(str(base_model)), "base", True, ""))
     return out
+
+
+def _remote_checkpoint(step: int, remote, settle_seconds: float, now: float) -> Checkpoint:
+    from vieval_runner import remote_checkpoints
+
+    try:
+        kind, complete, reason = remote_checkpoints.status(remote, settle_seconds, now)
+        if complete:  # trainer state and configs now; the weights when the step is evaluated
+            remote_checkpoints.fetch_metadata(remote)
+    except remote_checkpoints.RemoteError as exc:
+        raise CheckpointError(str(exc)) from None
+    return Checkpoint(step, remote.local, kind, complete, reason, remote=remote)
+
+
+def fetch(ckpt: Checkpoint, advance=None) -> None:
+    """Download a remote checkpoint's weights into its cache folder (no-op when local);
+    ``advance(n_bytes)`` reports progress."""
+    if ckpt.remote is None:
+        return
+    from vieval_runner import remote_checkpoints
+
+    try:
+        remote_checkpoints.fetch(ckpt.remote, advance)
+    except remote_checkpoints.RemoteError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def evict(ckpt: Checkpoint) -> None:
+    """Free a remote checkpoint's cached weights (after its step is committed)."""
+    if ckpt.remote is not None:
+        from vieval_runner import remote_checkpoints
+
+        remote_checkpoints.evict(ckpt.remote)
+
+
+def is_local(ckpt: Checkpoint) -> bool:
+    """True when the checkpoint's weights are on local disk (always, unless remote)."""
+    if ckpt.remote is None:
+        return True
+    return all((ckpt.path / n).is_file() for n in ckpt.remote.weight_names)
+
+
+def content_digest(ckpt: Checkpoint) -> str:
+    """The checkpoint's content hash: of its bytes (local) or of its objects' ETags (remote)."""
+    if ckpt.remote is not None:
+        from vieval_runner import remote_checkpoints
+
+        return remote_checkpoints.content_hash(ckpt.remote)
+    return checkpoint_hash(ckpt.path)
 
 
 def _weight_files(path: Path) -> list[Path]:

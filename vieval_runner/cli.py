@@ -37,6 +37,33 @@ def _report_to_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            "expected KEY=VALUE (what was given is not shown: it may be a secret)"
+        )
+    return key.strip(), value
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        "-o",
+        dest="storage_options",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="object-storage option for an s3://, gs:// or az:// store, e.g. "
+        "AWS_ENDPOINT_URL=http://host:9000 (repeatable; AWS_* environment variables apply too)",
+    )
+
+
+def _storage_options(args) -> dict[str, str] | None:
+    return dict(getattr(args, "storage_options", None) or []) or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vieval", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -66,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="break the metrics down by box size, label or a field",
     )
     _stats_arguments(p)
+    _add_storage_options(p)
 
     p = sub.add_parser(
         "compare", help="paired comparison of two steps (or two runs' steps) on shared specimens"
@@ -77,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="f1, precision, recall, acc_at_50; exact_match, ... (VQA)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     _stats_arguments(p)
+    _add_storage_options(p)
 
     p = sub.add_parser("rescore", help="re-parse and re-score stored raw text (no model needed)")
     p.add_argument("store")
     p.add_argument("--run", help="only this run id")
+    _add_storage_options(p)
 
     p = sub.add_parser("view", help="serve the viewer on 127.0.0.1")
     p.add_argument("stores", nargs="+")
@@ -94,14 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         help="access token every request must carry (generated when --host is not loopback)",
     )
+    _add_storage_options(p)
 
     p = sub.add_parser("export", help="write the viewer as static files")
     p.add_argument("stores", nargs="+")
     p.add_argument("--html", required=True, metavar="DIR")
+    _add_storage_options(p)
 
     p = sub.add_parser("compact", help="compact small files and vacuum past a retention window")
     p.add_argument("store")
     p.add_argument("--retention-hours", type=float, default=168.0)
+    _add_storage_options(p)
 
     p = sub.add_parser("demo", help="build a tiny run, evaluate it and open the viewer")
     p.add_argument("--task", choices=("grounding", "vqa"), default="grounding")
@@ -214,7 +247,7 @@ def cmd_run(args, watch: bool = False) -> int:
     if not main_rank:
         process_group.finish(ranks)
         return outcome.exit_status  # the same outcome as rank 0's
-    reader = store.open_store(config.store)
+    reader = store.open_store(config.store, storage_options=config.storage_options or None)
     report.print_summary(report.summarize(reader, config.effective_run_id), console)
     if outcome.failed:
         steps = ", ".join(f"{s} ({e})" for s, e in sorted(outcome.failed.items()))
@@ -235,7 +268,9 @@ def cmd_summary(args) -> int:
 
     from vieval_runner import report, store
 
-    reader = store.open_store(args.store, as_of=_as_of(args.as_of))
+    reader = store.open_store(
+        args.store, as_of=_as_of(args.as_of), storage_options=_storage_options(args)
+    )
     kw = {"n_resamples": args.resamples, "seed": args.seed}
     if args.by:
         from vieval_runner import breakdown
@@ -263,7 +298,7 @@ def cmd_compare(args) -> int:
 
     from vieval_runner import evidence, report, store
 
-    reader = store.open_store(args.store)
+    reader = store.open_store(args.store, storage_options=_storage_options(args))
     runs = reader.runs()
     run = args.run
     if run is None:
@@ -307,9 +342,13 @@ def cmd_rescore(args) -> int:
     from vieval_runner.pipeline import rescore
 
     console = Console()
-    steps = rescore.rescore_store(args.store, run_id=args.run, console=console)
+    options = _storage_options(args)
+    steps = rescore.rescore_store(
+        args.store, run_id=args.run, console=console, storage_options=options
+    )
     console.print(f"rescored {len(steps)} step(s)")
-    report.print_summary(report.summarize(store.open_store(args.store), args.run), console)
+    reader = store.open_store(args.store, storage_options=options)
+    report.print_summary(report.summarize(reader, args.run), console)
     return EXIT_OK
 
 
@@ -325,7 +364,13 @@ def cmd_view(args) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    server = serve(args.stores, host=args.host, port=args.port, token=args.token)
+    server = serve(
+        args.stores,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        storage_options=_storage_options(args),
+    )
     if not server.loopback:
         print(
             f"warning: the viewer on {args.host} has no accounts: anyone who can reach this "
@@ -344,8 +389,10 @@ def cmd_export(args) -> int:
 
     # unlike `view`, which waits for a store's first step, an export of no store is an error
     for root in args.stores:
-        store.open_store(root)  # StoreError naming the root when it is no store
-    index = export_html(args.stores, args.html)
+        store.open_store(
+            root, storage_options=_storage_options(args)
+        )  # StoreError naming the root when it is no store
+    index = export_html(args.stores, args.html, storage_options=_storage_options(args))
     print(f"exported: {index}")
     return EXIT_OK
 
@@ -353,7 +400,9 @@ def cmd_export(args) -> int:
 def cmd_compact(args) -> int:
     from vieval_runner import store
 
-    result = store.compact(args.store, retention_hours=args.retention_hours)
+    result = store.compact(
+        args.store, retention_hours=args.retention_hours, storage_options=_storage_options(args)
+    )
     print(json.dumps(result, default=str, indent=2))
     return EXIT_OK
 
@@ -389,6 +438,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("vieval_runner.config", "ConfigError"),
         ("vieval_runner.store", "StoreError"),
+        ("vieval_runner.objectstore", "StorageOptionsError"),
     ):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):

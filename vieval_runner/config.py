@@ -112,6 +112,20 @@ class Config(_Strict):
     store: str = Field(
         description="Store root: a local folder or a deltalake URL such as s3://bucket/prefix."
     )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Object-storage options (AWS_ENDPOINT_URL, AWS_REGION, allow_http ...) for "
+        "the store and an s3:// run_dir; keys left out come from the AWS_*/GOOGLE_*/AZURE_* "
+        "environment. Secret values are never written.",
+    )
+    checkpoint_cache_dir: str | None = Field(
+        None,
+        description="Local folder remote checkpoints are downloaded into (default: "
+        "$VIEVAL_CACHE_DIR/checkpoints, else ~/.cache/vieval/checkpoints).",
+    )
+    checkpoint_cache_gb: float = Field(
+        64, gt=0, description="GiB the downloaded remote checkpoints may take at once."
+    )
     run_id: str | None = Field(
         None, description="Name of this run in the store (default: the run_dir folder name)."
     )
@@ -300,6 +314,16 @@ class Config(_Strict):
                 )
         return list(dict.fromkeys(value))  # each tracker once
 
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _options_are_text(cls, value: Any) -> Any:
+        # YAML reads `allow_http: true` as a bool; the object-store clients want strings
+        if isinstance(value, dict):
+            return {
+                str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()
+            }
+        return value
+
     @field_validator("device")
     @classmethod
     def _device_ok(cls, value: str) -> str:
@@ -361,6 +385,8 @@ def _describe(error: dict, source: str) -> str:
         return f"{source}: {error['msg'].removeprefix('Value error, ')}"
     if kind == "literal_error":
         return f"{source}: '{loc}' {error['msg'].lower()} (got {error.get('input')!r})"
+    if loc.startswith("storage_options"):  # never echo what may hold a secret
+        return f"{source}: '{loc}': {error['msg']} (expected a mapping of KEY: value)"
     return f"{source}: '{loc}': {error['msg']} (got {error.get('input')!r})"
 
 
@@ -431,8 +457,13 @@ def _resolve_paths(tree: dict, base: Path) -> None:
         # A hub-style base model name ("org/model") that is no local folder stays as given.
         return str(local) if must_be_local or local.exists() else value
 
-    keys = (("run_dir", True), ("store", True), ("base_model", False), ("logging_dir", True))
-    for key, must_be_local in keys:
+    for key, must_be_local in (
+        ("run_dir", True),
+        ("store", True),
+        ("base_model", False),
+        ("logging_dir", True),
+        ("checkpoint_cache_dir", True),
+    ):
         if key in tree:
             tree[key] = resolve(tree[key], must_be_local=must_be_local)
     data = tree.get("data")
@@ -442,6 +473,16 @@ def _resolve_paths(tree: dict, base: Path) -> None:
                 data[key] = resolve(data[key], must_be_local=True)
 
 
+def redacted(config: Config) -> dict:
+    """The config as plain data with secret storage options replaced by ``"***"``."""
+    from vieval_runner.objectstore import redact_options
+
+    tree = config.model_dump(mode="json")
+    tree["storage_options"] = redact_options(config.storage_options)
+    return tree
+
+
 def dump_config(config: Config) -> dict:
-    """The validated config as plain data (stored with each evaluation)."""
-    return config.model_dump(mode="json")
+    """The validated config as plain data, secrets redacted (stored with each evaluation
+    and logged: credentials never reach the store or the log)."""
+    return redacted(config)

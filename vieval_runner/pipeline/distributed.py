@@ -140,6 +140,7 @@ def _generate_shard(
     ``batch_size: auto`` kept across steps. Rank 0 parses all texts (``step.finish_step``)."""
     if not worker.specimens:  # more ranks than specimens: nothing to load or generate
         return [], {}
+    ckpts.fetch(ckpt)  # a remote checkpoint: into this node's cache (no-op when local)
     timings = step.make_resident(worker, ckpt, following, console)
     generated, _ = overlap.generate_and_parse(worker, advance, timings, parse=False)
     log.info("rank step %s: %s", ckpt.step, timings)

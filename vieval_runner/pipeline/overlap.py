@@ -151,6 +151,10 @@ def start_prefetch(session, ckpt, first: bool = False) -> None:
     st.following, st.following_known = ckpt, True
     if not session.config.prefetch or ckpt is None or ckpt.kind != "full":
         return
+    from vieval_runner import checkpoints as ckpts
+
+    if not ckpts.is_local(ckpt):  # a remote checkpoint not downloaded yet: read it later
+        return
     if st.prefetch is not None and st.prefetch[0] == Path(ckpt.path):
         return
     pin = False if first else None

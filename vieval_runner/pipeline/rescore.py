@@ -48,11 +48,15 @@ def _latest_ok_evaluation(reader, run_id: str, step: int) -> dict | None:
 
 
 def rescore_store(
-    root: str, run_id: str | None = None, console: Console | None = None
+    root: str,
+    run_id: str | None = None,
+    console: Console | None = None,
+    *,
+    storage_options: dict[str, str] | None = None,
 ) -> list[tuple[str, int]]:
     """Re-parse and re-score every stored step; returns the (run_id, step) pairs committed."""
     console = console or Console()
-    reader = store.open_store(root)
+    reader = store.open_store(root, storage_options=storage_options)
     specimens = _specimens_by_id(reader)
     done = []
     for run in [run_id] if run_id else reader.runs():
@@ -93,7 +97,10 @@ def rescore_store(
                 }
             )
             store.commit_step(
-                root, eval_row, prediction_rows(run, step, eval_row["eval_id"], predictions)
+                root,
+                eval_row,
+                prediction_rows(run, step, eval_row["eval_id"], predictions),
+                storage_options=storage_options,
             )
             console.print(f"rescored run {run} step {step} ({len(predictions)} specimens)")
             done.append((run, step))

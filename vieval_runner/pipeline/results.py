@@ -29,7 +29,7 @@ def evaluation_row(
         "eval_id": uuid.uuid4().hex,
         "run_id": config.effective_run_id,
         "step": ckpt.step,
-        "checkpoint_path": str(ckpt.path),
+        "checkpoint_path": ckpt.location,
         "checkpoint_hash": resolved(digest),
         "status": status,
         "error": error,

@@ -30,6 +30,9 @@ def config_hash(config: Config) -> str:
     relevant = dump_config(config)
     for key in (
         "store",
+        "storage_options",
+        "checkpoint_cache_dir",
+        "checkpoint_cache_gb",
         "steps",
         "every",
         "step_range",
@@ -86,7 +89,11 @@ def plan_checkpoints(
     the record, so it is hashed on a background thread (a ``Future``, resolved when the
     evaluation row is built) instead of before generation: ~1 s per 4 GB checkpoint saved.
     """
-    done = [] if (config.force or explicit) else store.stored_evaluations(config.store)
+    done = (
+        []
+        if (config.force or explicit)
+        else store.stored_evaluations(config.store, storage_options=config.storage_options or None)
+    )
     run_id, wanted = config.effective_run_id, config_hash(config)
     comparable = {
         r.get("step")
@@ -114,7 +121,7 @@ def plan_checkpoints(
 
 
 def _content_hash(config: Config, ckpt: ckpts.Checkpoint) -> str:
-    return ckpts.checkpoint_hash(ckpt.path) if ckpt.kind != "base" else _base_hash(config)
+    return ckpts.content_digest(ckpt) if ckpt.kind != "base" else _base_hash(config)
 
 
 def resolved(digest: str | Future) -> str | None:

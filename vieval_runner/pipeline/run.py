@@ -63,6 +63,7 @@ def evaluate_checkpoints(
             outcome.failed[at_step] = message
             if at_step in outcome.evaluated:  # its commit failed after generation went well
                 outcome.evaluated.remove(at_step)
+            ckpts.evict(ckpt)  # a remote checkpoint's downloaded weights
             progress.console.print(f"[red]step {at_step} failed[/]: {message}")
             step.record_failure(session, ckpt, digest, message, exc=exc)
 
@@ -73,6 +74,7 @@ def evaluate_checkpoints(
                 batches = progress.add_task(f"  step {ckpt.step}", total=len(session.specimens))
                 following = todo[i + 1][0] if i + 1 < len(todo) else None
                 try:
+                    _download(ckpt, progress)
                     evaluate_one(
                         session,
                         ckpt,
@@ -92,6 +94,18 @@ def evaluate_checkpoints(
             if st.committer is not None:
                 st.committer.close()
                 st.committer = None
+
+
+def _download(ckpt: ckpts.Checkpoint, progress: Progress) -> None:
+    """Download a remote checkpoint (once, into the bounded cache) with a progress bar."""
+    if ckpt.remote is None or ckpts.is_local(ckpt):
+        return
+    task = progress.add_task(f"  download {ckpt.location}", total=ckpt.remote.download_bytes)
+    try:
+        ckpts.fetch(ckpt, lambda n: progress.advance(task, n))
+    finally:
+        progress.remove_task(task)
+    log.info("downloaded %s (%d bytes)", ckpt.location, ckpt.remote.download_bytes)
 
 
 def evaluate_one(

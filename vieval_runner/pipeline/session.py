@@ -89,9 +89,14 @@ def open_session(
     report_data_warnings(loaded.warnings, console)
     session = Session(config, loaded.specimens, loaded.dataset_version)
     if write:
-        store.create_store(config.store)
+        options = config.storage_options or None
+        store.create_store(config.store, storage_options=options)
         args = (config.store, loaded.specimens, loaded.dataset_version)
-        kwargs = {"thumb_px": config.thumb_px, "warnings": loaded.warnings}
+        kwargs = {
+            "thumb_px": config.thumb_px,
+            "warnings": loaded.warnings,
+            "storage_options": options,
+        }
         if background:  # on a helper thread once the split is prepared; commits wait for it
             session.specimens_pending = functools.partial(store.write_specimens, *args, **kwargs)
         else:
@@ -119,6 +124,11 @@ def report_data_warnings(warnings: list[str], console: Console) -> None:
     )
     for kind, messages in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
         console.print(f"  {len(messages)} x {kind}, e.g. {messages[0]}", soft_wrap=True)
+
+
+def store_options(config: Config) -> dict:
+    """``storage_options=`` for store calls when the config sets any (else no keyword)."""
+    return {"storage_options": config.storage_options} if config.storage_options else {}
 
 
 def start_specimens(session: Session) -> None:
@@ -176,9 +186,14 @@ def store_training_log(session: Session, ckpt: ckpts.Checkpoint) -> None:
     config = session.config
     if session.training_log_until is None:
         session.training_log_until = store.training_log_last_step(
-            config.store, config.effective_run_id
+            config.store, config.effective_run_id, storage_options=config.storage_options or None
         )
     if last <= session.training_log_until:
         return
-    store.write_training_log(config.store, config.effective_run_id, history)
+    store.write_training_log(
+        config.store,
+        config.effective_run_id,
+        history,
+        storage_options=config.storage_options or None,
+    )
     session.training_log_until = last

@@ -24,6 +24,7 @@ from vieval_runner.pipeline.session import (
     Session,
     attach_model,
     start_specimens,
+    store_options,
     store_training_log,
     wait_for_specimens,
 )
@@ -60,6 +61,9 @@ def select_checkpoints(config: Config) -> list[ckpts.Checkpoint]:
         step_range=tuple(config.step_range) if config.step_range else None,
         include_base=config.include_base,
         settle_seconds=config.watch.settle_seconds,
+        storage_options=config.storage_options or None,
+        cache_dir=config.checkpoint_cache_dir,
+        cache_gb=config.checkpoint_cache_gb,
     )
 
 
@@ -192,7 +196,8 @@ def finish_step(
     def commit() -> None:
         t0 = time.perf_counter()
         wait_for_specimens(session)  # readers find every specimen of a committed step
-        store.commit_step(config.store, row, rows)
+        store.commit_step(config.store, row, rows, **store_options(config))
+        ckpts.evict(ckpt)  # a remote checkpoint's downloaded weights: the step is safe
         timings["commit_s"] = time.perf_counter() - t0
         tracking.after_commit(session, ckpt.step, predictions, aggregates)  # never raises
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
@@ -224,6 +229,6 @@ def record_failure(
     if device is not None:
         row["device"] = device
     try:
-        store.record_failed_evaluation(session.config.store, row)
+        store.record_failed_evaluation(session.config.store, row, **store_options(session.config))
     except Exception:  # e.g. the disk is full: the console and log still say it
         log.exception("could not record the failure of step %s in the store", ckpt.step)

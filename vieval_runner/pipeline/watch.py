@@ -70,4 +70,7 @@ def watch(
 def _run_dir_exists(config: Config) -> bool:
     from pathlib import Path
 
-    return Path(config.run_dir).is_dir()
+    from vieval_runner.objectstore import is_remote
+
+    # an object-store prefix exists once something is uploaded under it: listing tells
+    return is_remote(config.run_dir) or Path(config.run_dir).is_dir()

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable, QueryBuilder
 
+from vieval_runner.objectstore import scrub
 from vieval_runner.store.schema import (
     EVALUATIONS,
     EVALUATIONS_SCHEMA,
@@ -105,7 +106,8 @@ class StoreReader:
             preds.load_as_version(as_of)
         except Exception as exc:  # delta-rs raises several types for unknown versions/times
             raise StoreError(
-                f"{self.root}: cannot read predictions as of {as_of!r}: {exc}"
+                f"{self.root}: cannot read predictions as of {as_of!r}: "
+                f"{scrub(str(exc), self._options)}"
             ) from None
         if isinstance(as_of, datetime):
             self._as_of_time = as_of
@@ -161,7 +163,8 @@ class StoreReader:
         except Exception as exc:  # e.g. a pinned version whose files vacuum removed
             raise StoreError(
                 f"{self.root}: reading {table} at version {self._tables[table].version()} "
-                f"failed (were its files vacuumed?): {exc}"
+                f"failed (were its files vacuumed?): "
+                f"{scrub(str(exc), self._options)}"
             ) from None
         return conform(result, _SCHEMAS[table])
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from vieval_runner.objectstore import StorageOptionsError, check_options, explain
 from vieval_runner.store.schema import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -45,6 +46,10 @@ def with_retry(fn: Callable[[], T], what: str, attempts: int = 12, base_s: float
     for attempt in range(attempts):
         try:
             return fn()
+        except StorageOptionsError as exc:
+            raise StoreError(f"{what}: {exc}") from None
+        except OSError as exc:  # object storage: unreachable, access denied, no bucket
+            raise StoreError(explain(exc, what)) from None
         except DeltaError as exc:
             if not is_conflict(exc):
                 raise
@@ -66,9 +71,14 @@ def open_table(
     """One store table, format-checked; StoreError naming the path if absent or too new."""
     uri = table_uri(root, table)
     try:
+        storage_options = check_options(storage_options)
         dt = DeltaTable(uri, version=version, storage_options=storage_options)
     except TableNotFoundError:
         raise StoreError(f"{root} is not a vieval store: no Delta table at {uri}") from None
+    except StorageOptionsError as exc:
+        raise StoreError(f"{root}: {exc}") from None
+    except OSError as exc:  # object storage: unreachable, access denied, no bucket
+        raise StoreError(explain(exc, uri, storage_options)) from None
     except DeltaError as exc:
         raise StoreError(
             f"cannot open {uri}"
@@ -80,7 +90,14 @@ def open_table(
 
 
 def table_exists(root: str, table: str, storage_options: dict[str, str] | None = None) -> bool:
-    return DeltaTable.is_deltatable(table_uri(root, table), storage_options=storage_options)
+    uri = table_uri(root, table)
+    try:
+        options = check_options(storage_options)
+        return DeltaTable.is_deltatable(uri, storage_options=options)
+    except StorageOptionsError as exc:
+        raise StoreError(f"{root}: {exc}") from None
+    except OSError as exc:  # object storage: unreachable, access denied, no bucket
+        raise StoreError(explain(exc, uri, storage_options)) from None
 
 
 def create_table(root: str, table: str, storage_options: dict[str, str] | None = None) -> None:

@@ -38,10 +38,11 @@ class ViewerData:
         poll_seconds: float = 2.0,
         retries: int = 3,
         prefetch: bool = True,
+        storage_options: dict[str, str] | None = None,
     ) -> None:
         if not stores:
             raise ValueError("the viewer needs at least one store path")
-        self.stores: list[StoreHandle] = open_handles([str(s) for s in stores])
+        self.stores: list[StoreHandle] = open_handles([str(s) for s in stores], storage_options)
         self.poll_seconds = poll_seconds
         self.retries = retries
         self._lock = threading.RLock()

@@ -29,13 +29,17 @@ def _write_js(path: Path, name: str, doc: dict) -> None:
     )
 
 
-def export_html(stores: list[str] | str, out_dir: str | Path) -> Path:
+def export_html(
+    stores: list[str] | str,
+    out_dir: str | Path,
+    storage_options: dict[str, str] | None = None,
+) -> Path:
     """Write the viewer for ``stores`` as static files into ``out_dir``; return its index.html.
 
     Every evaluated step of every run is embedded, with each specimen's image and thumbnail.
     """
     roots = [stores] if isinstance(stores, str | Path) else list(stores)
-    data = ViewerData([str(r) for r in roots])
+    data = ViewerData([str(r) for r in roots], storage_options=storage_options)
     data.refresh(force=True)
     out = Path(out_dir)
     for sub in ("data", "img", "thumb"):

@@ -206,10 +206,16 @@ class ViewerServer:
     """A running (or ready-to-run) viewer: ``.url``, ``.serve_forever()``, ``.shutdown()``."""
 
     def __init__(
-        self, stores: list[str], host: str, port: int, poll_seconds: float, token: str | None = None
+        self,
+        stores: list[str],
+        host: str,
+        port: int,
+        poll_seconds: float,
+        token: str | None = None,
+        storage_options: dict[str, str] | None = None,
     ) -> None:
         warm_up()  # before the first request, not during it
-        self.data = ViewerData(stores, poll_seconds=poll_seconds)
+        self.data = ViewerData(stores, poll_seconds=poll_seconds, storage_options=storage_options)
         self.loopback = is_loopback(host)
         # off loopback the Host header cannot be pinned (any name may reach the machine), so
         # a token is required; on loopback one may be given too (a shared machine)
@@ -279,6 +285,7 @@ def serve(
     port: int = 8765,
     poll_seconds: float = 2.0,
     token: str | None = None,
+    storage_options: dict[str, str] | None = None,
 ) -> ViewerServer:
     """Bind a viewer for ``stores`` (port 0 picks a free port); call ``.serve_forever()``.
 
@@ -286,4 +293,4 @@ def serve(
     first evaluation lands. ``token``: required on every request (generated when ``host`` is
     not a loopback address and none is given); ``.url`` carries it.
     """
-    return ViewerServer([str(s) for s in stores], host, port, poll_seconds, token)
+    return ViewerServer([str(s) for s in stores], host, port, poll_seconds, token, storage_options)

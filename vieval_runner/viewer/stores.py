@@ -26,8 +26,11 @@ class StoreUnavailable(RuntimeError):
 class StoreHandle:
     """One store root, opened lazily and re-opened until its tables exist."""
 
-    def __init__(self, root: str, index: int, label: str) -> None:
+    def __init__(
+        self, root: str, index: int, label: str, storage_options: dict[str, str] | None = None
+    ) -> None:
         self.root = root
+        self.storage_options = storage_options  # object-store settings (never shown)
         self.index = index
         self.label = label
         self.reader: Any = None
@@ -41,7 +44,7 @@ class StoreHandle:
         with self.lock:
             if self.reader is None:
                 try:
-                    self.reader = open_store(self.root)
+                    self.reader = open_store(self.root, storage_options=self.storage_options)
                     self.error = None
                 except Exception as exc:  # missing/empty store: the waiting state, not an error
                     self.error = f"{type(exc).__name__}: {exc}"
@@ -101,9 +104,11 @@ def store_labels(roots: list[str]) -> list[str]:
     return [f"{n} [{i + 1}]" for i, n in enumerate(names)]
 
 
-def open_handles(roots: list[str]) -> list[StoreHandle]:
+def open_handles(
+    roots: list[str], storage_options: dict[str, str] | None = None
+) -> list[StoreHandle]:
     """One (unopened) handle per root, labelled."""
     return [
-        StoreHandle(r, i, lab)
+        StoreHandle(r, i, lab, storage_options)
         for i, (r, lab) in enumerate(zip(roots, store_labels(roots), strict=True))
     ]
