@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import platform
@@ -33,6 +35,28 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+class RunLogHandler(logging.FileHandler):
+    """The run log's file handler: a write that fails (a full disk) never raises and never
+    prints logging's "--- Logging error ---" traceback. The first failure stops the log
+    (``failure`` says why); only one that is not a full disk says so, in one line, since the
+    run's own message explains a full disk."""
+
+    failure: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is None:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if self.failure is not None:
+            return
+        error = sys.exc_info()[1]
+        self.failure = f"{type(error).__name__}: {error}"
+        if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)):
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"vieval: log file {self.baseFilename} stopped ({self.failure})\n")
+
+
 def attach_run_log(config: Config) -> Path | None:
     """Log to ``STORE/logs/vieval-<utc time>.log`` (local stores) with the config and versions."""
     logger = logging.getLogger("vieval")
@@ -40,9 +64,12 @@ def attach_run_log(config: Config) -> Path | None:
     if "://" in config.store:
         return None  # object-store roots have no local folder to write to
     folder = Path(config.store) / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"vieval-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = RunLogHandler(path, encoding="utf-8")
+    except OSError:  # e.g. a full disk: the run says so when it first writes the store
+        return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.info("command: %s", " ".join(sys.argv))

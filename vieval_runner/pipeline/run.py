@@ -142,6 +142,8 @@ def evaluate_checkpoints(
         by_step = {ckpt.step: (ckpt, digest) for ckpt, digest in todo}
 
         def failed(step: int, exc: BaseException) -> None:
+            if isinstance(exc, store.StoreFull):
+                raise exc  # nothing more fits: stop the run (the CLI says where and how much)
             ckpt, digest = by_step[step]
             message = f"{type(exc).__name__}: {exc}"
             outcome.failed[step] = message
@@ -153,7 +155,9 @@ def evaluate_checkpoints(
                 store.record_failed_evaluation(
                     config.store, results.evaluation_row(session, ckpt, digest, "failed", message)
                 )
-            except Exception:  # e.g. the disk is full: the console and log still say it
+            except store.StoreFull:
+                raise
+            except Exception:  # the console and log still say it
                 log.exception("could not record the failure of step %s in the store", step)
 
         st = throughput.state(session)
@@ -172,8 +176,8 @@ def evaluate_checkpoints(
                         following=following,
                     )
                     outcome.evaluated.append(ckpt.step)
-                except DataError:
-                    raise  # the split itself is bad (an image that does not decode): no step can run
+                except (DataError, store.StoreFull):
+                    raise  # a bad split (an image that does not decode), a full disk: no step can run
                 except Exception as exc:  # one bad checkpoint must not stop the run
                     failed(ckpt.step, exc)
                 progress.remove_task(batches)
@@ -289,6 +293,8 @@ def finish_step(
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
         try:
             store_training_log(session, ckpt)
+        except store.StoreFull:
+            raise
         except Exception as exc:  # the step is committed: a bad trainer state must not undo it
             log.warning("training log not stored after step %s: %s", ckpt.step, exc)
 
