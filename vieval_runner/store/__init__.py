@@ -18,6 +18,7 @@ from vieval_runner.store.schema import (
     table_uri,
 )
 from vieval_runner.store.writer import (
+    COMMIT_POINTS,
     commit_step,
     create_store,
     has_dataset_version,
@@ -32,6 +33,7 @@ from vieval_runner.store.writer import (
 __all__ = [
     "AGGREGATE_METRICS",
     "BOX",
+    "COMMIT_POINTS",
     "EVALUATIONS_SCHEMA",
     "FORMAT_KEY",
     "FORMAT_VERSION",
