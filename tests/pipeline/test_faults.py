@@ -148,11 +148,11 @@ def test_sigkill_during_store_commits_leaves_the_store_readable(tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 3 MiB tmpfs (needs root and mount); skipped where it cannot be made."""
+    """A 4 MiB tmpfs (needs root and mount); skipped where it cannot be made."""
     mount = tmp_path / "disk"
     mount.mkdir()
     made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
     )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
@@ -177,12 +177,71 @@ def test_disk_full_during_commits_keeps_the_store_consistent(tiny_disk):
                 {"eval_id": uuid.uuid4().hex, "run_id": "r", "step": step, "status": "ok"},
                 rows,
             )
-        except Exception as exc:  # the disk is full: the commit fails loudly
+        except store.StoreFull as exc:  # the disk is full: one clear error
             error = exc
             break
         committed.append(step)
     assert error is not None, "the tiny disk never filled up"
     assert committed, "not even one step fitted"
-    # every step that committed is readable and whole; the failed one is absent
-    steps = _assert_consistent(root, n)
-    assert set(committed) <= set(steps) and len(steps) <= len(committed) + 1
+    assert str(root) in str(error) and "needs about" in str(error)
+    # every step that committed is readable and whole; the failed one is not shown at all
+    assert _assert_consistent(root, n) == committed
+    assert store.check_store(str(root))["lost"] == []
+
+
+def _fill(disk: Path, leave: int = 0) -> Path:
+    """Fill ``disk`` until the OS says ENOSPC, then free ``leave`` bytes."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def test_a_write_that_meets_enospc_raises_store_full(tiny_disk):
+    """delta-rs's own ENOSPC error (the write's size under-estimated) becomes StoreFull too."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from vieval_runner.store.tables import COMMIT_RESERVE_BYTES, writing
+
+    _fill(tiny_disk, leave=COMMIT_RESERVE_BYTES + 256 * 1024)
+    big = pa.table({"x": [os.urandom(1024).hex() for _ in range(2048)]})  # ~4 MiB
+    target = str(tiny_disk / "t")
+    with pytest.raises(store.StoreFull) as info:
+        writing(target, "writing t", 0, lambda: write_deltalake(target, big))
+    assert str(tiny_disk / "t") in str(info.value) and "No space left on device" in str(info.value)
+
+
+def test_a_run_on_a_full_disk_stops_at_once_with_one_message(tmp_path, tiny_run, tiny_disk):
+    """One message naming the store and the space needed, exit 4, no log-handler tracebacks,
+    no further steps tried; the step committed before stays whole."""
+    root = tiny_disk / "store"
+    config_path = _config_file(
+        tmp_path, tiny_run("qwen25_vl"), store=str(root), batch_size=9, max_new_tokens=8
+    )
+    command = [sys.executable, "-m", "vieval_runner", "run", str(config_path)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = runner.run(load_config(config_path, ["steps=[0]"]), console=None)
+    assert first.exit_status == 0 and first.evaluated == [0]
+    filler = _fill(tiny_disk)
+
+    full = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = full.stdout + full.stderr
+    assert full.returncode == 4, out
+    (message,) = [line for line in full.stderr.splitlines() if line.strip()]
+    assert message.startswith(f"vieval run: the disk of store {root} is full"), message
+    assert "needs about" in message and "step 100" in message, message
+    for noise in ("Logging error", "Traceback", "panicked", "failed"):
+        assert noise not in out, out
+    assert len(out.splitlines()) < 25, out  # was 1,215 lines
+    assert _assert_consistent(root, 9) == [0]  # nothing committed is lost
+    logs = list((root / "logs").glob("*.log"))
+    assert len(logs) == 2  # the second run's log was opened, then stopped quietly
+    assert filler.exists()  # (a later run resumes: see test_interrupted_run_resumes...)

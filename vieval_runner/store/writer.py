@@ -34,6 +34,7 @@ from vieval_runner.store.tables import (
     create_table,
     fit_to_table,
     open_table,
+    table_exists,
     with_retry,
     writing,
 )
@@ -50,6 +51,9 @@ def create_store(root: str, storage_options: Options = None) -> None:
 
     # one thread per table: delta-rs creates without the GIL, so a new store takes half the time
     def create(table: str) -> None:
+        if table_exists(str(root), table, storage_options):
+            open_table(str(root), table, storage_options)  # its format check; nothing to write
+            return
         what = f"creating table {table}"
         writing(str(root), what, 0, lambda: create_table(str(root), table, storage_options))
 
@@ -64,8 +68,10 @@ def _overwrite(
     predicate: str,
     storage_options: Options,
     writer_properties: WriterProperties | None = None,
+    what: str | None = None,
 ) -> int:
-    """One predicate-overwrite commit, retried on conflict; returns the committed version."""
+    """One predicate-overwrite commit, retried on conflict; returns the committed version.
+    ``what``: the write as an error message names it."""
 
     def attempt() -> int:
         dt = open_table(root, table, storage_options)  # fresh snapshot on every try
@@ -80,18 +86,20 @@ def _overwrite(
         )
         return dt.version()
 
-    what = f"writing {table} where {predicate}"
+    what = what or f"writing {table} where {predicate}"
     return writing(root, what, data.nbytes, lambda: with_retry(attempt, f"{what} in {root}"))
 
 
-def _append(root: str, table: str, data: pa.Table, storage_options: Options) -> int:
+def _append(
+    root: str, table: str, data: pa.Table, storage_options: Options, what: str | None = None
+) -> int:
     def attempt() -> int:
         dt = open_table(root, table, storage_options)
         fitted, schema_mode = fit_to_table(data, dt)
         write_deltalake(dt, fitted, mode="append", schema_mode=schema_mode)
         return dt.version()
 
-    what = f"appending to {table}"
+    what = what or f"appending to {table}"
     return writing(root, what, data.nbytes, lambda: with_retry(attempt, f"{what} in {root}"))
 
 
@@ -207,12 +215,15 @@ def commit_step(
     where = f"predictions of run {ev['run_id']!r} step {ev['step']}"
     data = rows_to_table(rows, PREDICTIONS_SCHEMA, where)
     predicate = f"run_id = {sql_str(ev['run_id'])} AND step = {int(ev['step'])}"
+    step = f"step {ev['step']} of run {ev['run_id']!r}"
     pause_point("before-predictions")
-    version = _overwrite(root, PREDICTIONS, data, predicate, storage_options)
+    version = _overwrite(
+        root, PREDICTIONS, data, predicate, storage_options, what=f"committing {step}"
+    )
     pause_point("between")
     ev["predictions_version"] = version
     marker = rows_to_table([ev], EVALUATIONS_SCHEMA, "evaluation")
-    _append(root, EVALUATIONS, marker, storage_options)
+    _append(root, EVALUATIONS, marker, storage_options, what=f"committing {step} (evaluation row)")
     pause_point("after-evaluation")
     return version
 
