@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 # set before anything imports transformers / huggingface_hub: nothing may be downloaded
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -125,3 +126,19 @@ def shared_vision_run(tiny_run, tmp_path_factory):
     assert changed and len(keys.vision) > 10
     save_file(state, run_dir / "checkpoint-200" / "model.safetensors", metadata={"format": "pt"})
     return TinyRun(source.base_model_dir, run_dir, source.steps, "qwen2_vl")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 4 MiB tmpfs to fill up (needs root and mount); skipped where it cannot be made."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -47,6 +47,18 @@ class RunLogHandler(logging.FileHandler):
         if self.failure is None:
             super().emit(record)
 
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as exc:  # the unwritten rest of the buffer: the disk is still full
+            self.failure = self.failure or f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:
+            self.failure = self.failure or f"{type(exc).__name__}: {exc}"
+
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
         if self.failure is not None:
             return
