@@ -22,6 +22,7 @@ from vieval_runner import cli, report
 from vieval_runner.store import (
     COMMIT_POINTS,
     check_store,
+    commit_step,
     open_store,
     orphaned_steps,
 )
@@ -192,3 +193,24 @@ def test_kill_during_re_evaluation_of_a_committed_step(pristine, tmp_path, point
     assert_shows(what_readers_see(root, 200, tmp_path), newest)
     after = check_store(str(root))
     assert after["orphans"] == [] and after["replaced"] == [] and after["lost"] == []
+
+
+def test_a_pinned_reader_hides_evaluations_committed_after_its_version(tmp_path):
+    """``as_of`` a predictions version: an evaluation whose rows came in a later version is
+    not shown, even when it finished (was scored) before that version was committed, as with
+    ``overlap`` (step N is scored while step N-1 commits)."""
+    from datetime import UTC, datetime
+
+    from vieval_runner.store import create_store
+
+    root = str(tmp_path / "store")
+    create_store(root)
+    rows = [{"specimen_id": "a", "raw_text": "[]", "parse_status": "empty"}]
+    scored_early = datetime.now(UTC)
+    v5 = commit_step(root, {"run_id": "r", "step": 5}, rows)
+    commit_step(root, {"run_id": "r", "step": 6, "finished_at": scored_early}, rows)
+    pinned = open_store(root, as_of=v5)
+    assert pinned.steps("r") == [5]
+    assert pinned.aggregates("r").column("step").to_pylist() == [5]
+    assert pinned.step("r", 6).num_rows == 0
+    assert open_store(root).steps("r") == [5, 6]

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import pyarrow as pa
+from deltalake import QueryBuilder
+
+from vieval_runner.store.schema import PREDICTIONS, PREDICTIONS_SCHEMA, StoreError, conform
+from vieval_runner.store.tables import open_table
+
 
 def markers(evaluations: Iterable[Mapping]) -> dict[tuple[str, int], dict]:
     """``(run_id, step) -> marker row`` from evaluation rows ordered oldest first."""
@@ -26,3 +32,20 @@ def has_rows(marker: Mapping) -> bool:
     """Whether the marker's step should have prediction rows (an empty split has none)."""
     n = marker.get("n_specimens")
     return n is None or n > 0
+
+
+def predictions_at(
+    root: str, options: dict[str, str] | None, version: int, sql: str, what: str
+) -> pa.Table:
+    """``sql`` on the predictions table at ``version``: a committed step's rows after an
+    unfinished later commit replaced them. StoreError once vacuum has removed that version."""
+    try:
+        dt = open_table(root, PREDICTIONS, options, version=version)
+        return conform(pa.table(QueryBuilder().register(PREDICTIONS, dt).execute(sql)),
+                       PREDICTIONS_SCHEMA)  # fmt: skip
+    except Exception as exc:
+        raise StoreError(
+            f"{root}: {what}: its committed predictions (version {version}) were replaced by "
+            f"an unfinished commit and cannot be read any more ({exc}); evaluate the step "
+            "again (`vieval check` lists such steps)"
+        ) from None

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable, QueryBuilder
 
-from vieval_runner.store.commits import has_rows, markers
+from vieval_runner.store.commits import has_rows, markers, predictions_at
 from vieval_runner.store.schema import (
     EVALUATIONS,
     EVALUATIONS_SCHEMA,
@@ -237,16 +237,7 @@ class StoreReader:
             return table
         if version == self._tables[PREDICTIONS].version():
             return table
-        try:
-            old = open_table(self.root, PREDICTIONS, self._options, version=version)
-            return conform(pa.table(QueryBuilder().register("predictions", old).execute(sql)),
-                           PREDICTIONS_SCHEMA)  # fmt: skip
-        except Exception as exc:  # e.g. vacuumed past its retention
-            raise StoreError(
-                f"{self.root}: step {step} of run {run_id!r}: its committed predictions "
-                f"(version {version}) were replaced by an unfinished commit and cannot be "
-                f"read ({exc}); evaluate the step again (`vieval check` lists such steps)"
-            ) from None
+        return predictions_at(self.root, self._options, version, sql, f"step {step} of {run_id!r}")
 
     def _evict(self) -> None:
         total = sum(t.nbytes for _, t in self._steps.values())
@@ -281,7 +272,7 @@ class StoreReader:
             for step in replaced:
                 rows = self.step(run_id, step)
                 parts.append(rows.filter(pc.equal(rows.column("specimen_id"), specimen_id)))
-            return _by_specimen_step(pa.concat_tables(parts)) if replaced else parts[0]
+            return _by_specimen_step(_concat(parts)) if replaced else parts[0]
         start, length = index.get(specimen_id, (0, 0))
         return table.slice(start, length)
 
@@ -304,9 +295,7 @@ class StoreReader:
             s for s, m in sorted(self.committed(run_id).items()) if s not in present and has_rows(m)
         ]
         if replaced:
-            table = _by_specimen_step(
-                pa.concat_tables([table, *(self.step(run_id, s) for s in replaced)])
-            )
+            table = _by_specimen_step(_concat([table, *(self.step(run_id, s) for s in replaced)]))
         held = sum(t.nbytes for _, t, _, _ in self._histories.values() if t is not None)
         if held + table.nbytes > self._cache_bytes // 2:
             return None, {}, replaced
@@ -401,6 +390,11 @@ class StoreReader:
         """The run's Trainer log history (loss curves), ascending by step."""
         sql = f"SELECT * FROM training_log WHERE run_id = {sql_str(run_id)} ORDER BY step"
         return self._sql(TRAINING_LOG, sql)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Rows of different versions (a later one may hold extra columns) as one table."""
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def _by_specimen_step(table: pa.Table) -> pa.Table:
