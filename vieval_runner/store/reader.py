@@ -193,11 +193,15 @@ class StoreReader:
     def committed(self, run_id: str) -> dict[int, dict]:
         """``step -> marker``: the run's committed steps, each with the evaluation row that
         committed it (its latest ok one). Every reader of steps goes through this."""
+        return dict(self._markers(run_id))
+
+    def _markers(self, run_id: str) -> dict[int, dict]:
+        """``committed(run_id)`` without the copy (callers only read it)."""
         if self._committed is None:
             self._committed = {}
             for (run, step), row in markers(self.evaluations().to_pylist()).items():
                 self._committed.setdefault(run, {})[step] = row
-        return dict(self._committed.get(run_id, {}))
+        return self._committed.get(run_id, {})
 
     @_locked
     def steps(self, run_id: str) -> list[int]:
@@ -210,7 +214,7 @@ class StoreReader:
         """All specimens' predictions of one run at one committed step, sorted by
         specimen_id (cached): exactly the rows its marker committed; empty if uncommitted."""
         key = (run_id, int(step))
-        marker = self.committed(run_id).get(int(step))
+        marker = self._markers(run_id).get(int(step))
         if marker is None:
             return PREDICTIONS_EMPTY
         signature = (self._step_files().get(int(step), ()), marker["eval_id"])
@@ -255,7 +259,7 @@ class StoreReader:
         cache is queried per call instead.
         """
         files = self._step_files()
-        committed = self.committed(run_id)
+        committed = self._markers(run_id)
         signature = tuple((s, files.get(s, ()), m["eval_id"]) for s, m in sorted(committed.items()))
         hit = self._histories.get(run_id)
         if hit is None or hit[0] != signature:
