@@ -215,3 +215,48 @@ def test_a_run_on_a_full_disk_stops_at_once_with_one_message(tmp_path, tiny_run,
     logs = list((root / "logs").glob("*.log"))
     assert len(logs) == 1  # the failing run's log was opened, then stopped quietly
     assert filler.exists()  # (a later run resumes: see test_interrupted_run_resumes...)
+
+
+def test_a_run_killed_between_a_steps_two_commits_shows_none_of_it(tmp_path, tiny_run):
+    """The reported case: SIGKILL after a step's predictions commit, before its evaluation
+    row. No reader shows the step, `vieval check` reports it, the next run evaluates it
+    again and the orphans are gone."""
+    from vieval_runner import report
+
+    config_path = _config_file(tmp_path, tiny_run("qwen25_vl"), batch_size=9, max_new_tokens=8)
+    config = load_config(config_path)
+    root = tmp_path / "store"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VIEVAL_TEST_PAUSE_AT="between")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vieval_runner", "run", str(config_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in proc.stderr:  # step 0's commit waits at the point until killed
+            seen.append(line)
+            if line.strip() == "vieval-paused between":
+                break
+        assert seen and seen[-1].strip() == "vieval-paused between", "".join(seen)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    run_id = config.effective_run_id
+    reader = store.open_store(str(root))
+    assert reader.steps(run_id) == [] and reader.step(run_id, 0).num_rows == 0
+    assert report.summarize(reader, run_id)[0]["steps"] == []
+    (orphan,) = store.check_store(str(root))["orphans"]
+    assert (orphan["step"], orphan["rows"]) == (0, 9)
+
+    outcome = runner.run(config, console=None)
+    assert outcome.exit_status == 0 and sorted(outcome.evaluated) == [0, 100, 200, 300]
+    assert _assert_consistent(root, 9) == [0, 100, 200, 300]
+    assert store.check_store(str(root))["orphans"] == []
