@@ -214,3 +214,29 @@ def test_a_pinned_reader_hides_evaluations_committed_after_its_version(tmp_path)
     assert pinned.aggregates("r").column("step").to_pylist() == [5]
     assert pinned.step("r", 6).num_rows == 0
     assert open_store(root).steps("r") == [5, 6]
+
+
+def test_a_replaced_step_whose_version_was_vacuumed_is_reported_lost(tmp_path):
+    from vieval_runner.store import StoreError, compact, create_store
+    from vieval_runner.testing.stores import kill_commit_at
+
+    root = str(tmp_path / "store")
+    create_store(root)
+    rows = [{"specimen_id": "a", "raw_text": "[]", "parse_status": "empty"}]
+    commit_step(root, {"run_id": "r", "step": 5}, rows)
+    kill_commit_at(root, "between", {"run_id": "r", "step": 5}, rows)
+    assert [r["step"] for r in check_store(root)["replaced"]] == [5]
+    compact(root, retention_hours=0, force=True)  # removes the version the marker recorded
+    found = check_store(root)
+    assert [r["step"] for r in found["lost"]] == [5] and found["replaced"] == []
+    with pytest.raises(StoreError, match="evaluate the step again"):
+        open_store(root).step("r", 5)
+    commit_step(root, {"run_id": "r", "step": 5}, rows)  # the next run of the step mends it
+    assert open_store(root).step("r", 5).num_rows == 1
+    assert check_store(root) == {
+        "store": root,
+        "committed": 1,
+        "orphans": [],
+        "replaced": [],
+        "lost": [],
+    }

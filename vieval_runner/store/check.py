@@ -38,7 +38,7 @@ def _orphans(groups: Iterable[dict], evaluations: list[dict]) -> list[dict]:
             continue
         own = by_id.get(g["eval_id"])
         if own is None:
-            why = "no evaluation row: its writer stopped between the two commits"
+            why = "no evaluation row: its writer stopped (killed, crashed, out of disk) between the two commits"
         elif own.get("status") != "ok":
             why = f"its evaluation failed: {own.get('error') or 'unknown error'}"
         else:
