@@ -154,20 +154,24 @@ def free_bytes(root: str) -> int | None:
         return None
 
 
-def ensure_space(root: str, what: str, data_bytes: int) -> None:
-    """StoreFull before writing ``data_bytes`` (plus the commit reserve) to a local store
-    whose disk has less room: refusing up front leaves no half-written files, and delta-rs
-    never meets ENOSPC mid-write (where object_store panics: arrow-rs-object-store #810)."""
-    needed = data_bytes + COMMIT_RESERVE_BYTES
+def ensure_space(
+    root: str, what: str, data_bytes: int, reserve: int = COMMIT_RESERVE_BYTES
+) -> None:
+    """StoreFull before writing ``data_bytes`` (plus ``reserve``) to a local store whose disk
+    has less room: refusing up front leaves no half-written files, and delta-rs never meets
+    ENOSPC mid-write (where object_store panics: arrow-rs-object-store #810)."""
+    needed = data_bytes + reserve
     free = free_bytes(root)
     if free is not None and free < needed:
         raise StoreFull(root, what, needed, free, "No space left on device")
 
 
-def writing(root: str, what: str, data_bytes: int, fn: Callable[[], T]) -> T:
+def writing(
+    root: str, what: str, data_bytes: int, fn: Callable[[], T], reserve: int = COMMIT_RESERVE_BYTES
+) -> T:
     """``ensure_space`` then ``fn()`` (a write with its own retry); a write that still meets a
     full disk raises StoreFull naming the store, the write and the space it needed."""
-    ensure_space(root, what, data_bytes)
+    ensure_space(root, what, data_bytes, reserve)
     try:
         return fn()
     except StoreFull:
@@ -176,5 +180,5 @@ def writing(root: str, what: str, data_bytes: int, fn: Callable[[], T]) -> T:
         if not is_disk_full(exc):
             raise
         detail = "No space left on device" if "quota" not in str(exc).lower() else "quota full"
-        needed = data_bytes + COMMIT_RESERVE_BYTES
+        needed = data_bytes + reserve
         raise StoreFull(root, what, needed, free_bytes(root), detail) from exc

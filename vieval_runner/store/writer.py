@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from vieval_runner.store.schema import (
     sql_str,
 )
 from vieval_runner.store.tables import (
+    COMMIT_RESERVE_BYTES,
     create_table,
     fit_to_table,
     open_table,
@@ -91,7 +93,12 @@ def _overwrite(
 
 
 def _append(
-    root: str, table: str, data: pa.Table, storage_options: Options, what: str | None = None
+    root: str,
+    table: str,
+    data: pa.Table,
+    storage_options: Options,
+    what: str | None = None,
+    reserve: int = COMMIT_RESERVE_BYTES,
 ) -> int:
     def attempt() -> int:
         dt = open_table(root, table, storage_options)
@@ -100,7 +107,8 @@ def _append(
         return dt.version()
 
     what = what or f"appending to {table}"
-    return writing(root, what, data.nbytes, lambda: with_retry(attempt, f"{what} in {root}"))
+    retried = functools.partial(with_retry, attempt, f"{what} in {root}")
+    return writing(root, what, data.nbytes, retried, reserve)
 
 
 def _eval_defaults(eval_row: Mapping, status: str) -> dict:
@@ -223,7 +231,9 @@ def commit_step(
     pause_point("between")
     ev["predictions_version"] = version
     marker = rows_to_table([ev], EVALUATIONS_SCHEMA, "evaluation")
-    _append(root, EVALUATIONS, marker, storage_options, what=f"committing {step} (evaluation row)")
+    # the predictions write checked room for this row too (the reserve): no second margin
+    what = f"committing {step} (evaluation row)"
+    _append(root, EVALUATIONS, marker, storage_options, what=what, reserve=0)
     pause_point("after-evaluation")
     return version
 
