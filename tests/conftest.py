@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 # set before anything imports transformers / huggingface_hub: nothing may be downloaded
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -149,3 +150,19 @@ def s3_bucket(s3_server, request):
 
     stem = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:30].strip("-")
     return s3_server.create_bucket(f"{stem}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 4 MiB tmpfs to fill up (needs root and mount); skipped where it cannot be made."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

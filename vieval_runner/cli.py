@@ -1,7 +1,10 @@
-"""`vieval` command line: run | watch | rescore | summary | compare | view | export | compact | demo | parse.
+"""`vieval` command line: run | watch | rescore | summary | compare | check | view | export |
+compact | demo | parse.
 
 Exit status: 0 success, 2 bad input or config (the message names the file/row/key),
-1 internal error, 3 a run in which some checkpoints failed (the message says which).
+1 internal error, 3 a run in which some checkpoints failed (the message says which) or a
+`vieval check` that found unfinished commits, 4 the store's disk is full (the message names
+the store and the space needed; every committed step is kept).
 Heavy libraries are imported inside the commands so `vieval parse` stays fast.
 """
 
@@ -12,6 +15,8 @@ import json
 import sys
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_CHECKPOINTS_FAILED = 0, 1, 2, 3
+EXIT_CHECK_FOUND = 3  # `vieval check`: orphans or steps to evaluate again
+EXIT_STORE_FULL = 4
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -106,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     _stats_arguments(p)
     _add_storage_options(p)
+
+    p = sub.add_parser(
+        "check", help="list unfinished commits (orphan predictions) and steps to evaluate again"
+    )
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("rescore", help="re-parse and re-score stored raw text (no model needed)")
     p.add_argument("store")
@@ -329,6 +340,37 @@ def _run_step(text: str, default_run: str) -> tuple[str, int]:
     return run or default_run, int(step)
 
 
+def cmd_check(args) -> int:
+    from vieval_runner import store
+
+    found = store.check_store(args.store)
+    problems = len(found["orphans"]) + len(found["replaced"]) + len(found["lost"])
+    if args.json:
+        print(json.dumps(found, default=str))
+        return EXIT_CHECK_FOUND if problems else EXIT_OK
+    print(f"store {args.store}: {found['committed']} committed step(s)")
+    for o in found["orphans"]:
+        print(
+            f"orphan: run {o['run_id']} step {o['step']}: {o['rows']} prediction row(s) of "
+            f"evaluation {o['eval_id']} ({o['why']}); readers ignore them, the next run of "
+            "the step replaces them"
+        )
+    for r in found["replaced"]:
+        print(
+            f"replaced: run {r['run_id']} step {r['step']}: its committed predictions are "
+            f"read at version {r['predictions_version']} (an unfinished commit replaced them); "
+            "evaluate the step again before vacuum removes that version"
+        )
+    for r in found["lost"]:
+        print(
+            f"lost: run {r['run_id']} step {r['step']}: its committed predictions cannot be "
+            "read any more; evaluate the step again"
+        )
+    if not problems:
+        print("no unfinished commits: every stored prediction belongs to a committed step")
+    return EXIT_CHECK_FOUND if problems else EXIT_OK
+
+
 def _as_of(value: str | None):
     if value is None:
         return None
@@ -420,6 +462,7 @@ COMMANDS = {
     "watch": lambda args: cmd_run(args, watch=True),
     "summary": cmd_summary,
     "compare": cmd_compare,
+    "check": cmd_check,
     "rescore": cmd_rescore,
     "view": cmd_view,
     "export": cmd_export,
@@ -478,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{what}; the store keeps every step committed so far", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     except Exception as exc:
+        full = getattr(sys.modules.get("vieval_runner.store.schema"), "StoreFull", ())
+        if isinstance(exc, full):  # before StoreError (bad input): its own status
+            print(f"vieval {args.command}: {exc}", file=sys.stderr, flush=True)
+            return EXIT_STORE_FULL
         if isinstance(exc, _bad_input_errors()):
             print(f"vieval {args.command}: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -17,6 +17,7 @@ import yaml
 from vieval_runner import store
 from vieval_runner.config import load_config
 from vieval_runner.pipeline import run as runner
+from vieval_runner.testing.fixtures import fill_disk as _fill
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,22 +147,6 @@ def test_sigkill_during_store_commits_leaves_the_store_readable(tmp_path):
     assert 7 in _assert_consistent(root, n)
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 3 MiB tmpfs (needs root and mount); skipped where it cannot be made."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_during_commits_keeps_the_store_consistent(tiny_disk):
     root = tiny_disk / "store"
     store.create_store(str(root))
@@ -177,12 +162,101 @@ def test_disk_full_during_commits_keeps_the_store_consistent(tiny_disk):
                 {"eval_id": uuid.uuid4().hex, "run_id": "r", "step": step, "status": "ok"},
                 rows,
             )
-        except Exception as exc:  # the disk is full: the commit fails loudly
+        except store.StoreFull as exc:  # the disk is full: one clear error
             error = exc
             break
         committed.append(step)
     assert error is not None, "the tiny disk never filled up"
     assert committed, "not even one step fitted"
-    # every step that committed is readable and whole; the failed one is absent
-    steps = _assert_consistent(root, n)
-    assert set(committed) <= set(steps) and len(steps) <= len(committed) + 1
+    assert str(root) in str(error) and "needs about" in str(error)
+    # every step that committed is readable and whole; the failed one is not shown at all
+    assert _assert_consistent(root, n) == committed
+    assert store.check_store(str(root))["lost"] == []
+
+
+def test_a_write_that_meets_enospc_raises_store_full(tiny_disk):
+    """delta-rs's own ENOSPC error (the write's size under-estimated) becomes StoreFull too."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from vieval_runner.store.tables import COMMIT_RESERVE_BYTES, writing
+
+    _fill(tiny_disk, leave=COMMIT_RESERVE_BYTES + 256 * 1024)
+    big = pa.table({"x": [os.urandom(1024).hex() for _ in range(2048)]})  # ~4 MiB
+    target = str(tiny_disk / "t")
+    with pytest.raises(store.StoreFull) as info:
+        writing(target, "writing t", 0, lambda: write_deltalake(target, big))
+    assert str(tiny_disk / "t") in str(info.value) and "No space left on device" in str(info.value)
+
+
+def test_a_run_on_a_full_disk_stops_at_once_with_one_message(tmp_path, tiny_run, tiny_disk):
+    """One message naming the store and the space needed, exit 4, no log-handler tracebacks,
+    no further steps tried; the step committed before stays whole."""
+    root = tiny_disk / "store"
+    config_path = _config_file(
+        tmp_path, tiny_run("qwen25_vl"), store=str(root), batch_size=9, max_new_tokens=8
+    )
+    command = [sys.executable, "-m", "vieval_runner", "run", str(config_path)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = runner.run(load_config(config_path, ["steps=[0]"]), console=None)
+    assert first.exit_status == 0 and first.evaluated == [0]
+    filler = _fill(tiny_disk)
+
+    full = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = full.stdout + full.stderr
+    assert full.returncode == 4, out
+    (message,) = [line for line in full.stderr.splitlines() if line.strip()]
+    assert message.startswith(f"vieval run: the disk of store {root} is full"), message
+    assert "needs about" in message and "step 100" in message, message
+    for noise in ("Logging error", "Traceback", "panicked", "failed"):
+        assert noise not in out, out
+    assert len(out.splitlines()) < 25, out  # was 1,215 lines
+    assert _assert_consistent(root, 9) == [0]  # nothing committed is lost
+    logs = list((root / "logs").glob("*.log"))
+    assert len(logs) == 1  # the failing run's log was opened, then stopped quietly
+    assert filler.exists()  # (a later run resumes: see test_interrupted_run_resumes...)
+
+
+def test_a_run_killed_between_a_steps_two_commits_shows_none_of_it(tmp_path, tiny_run):
+    """The reported case: SIGKILL after a step's predictions commit, before its evaluation
+    row. No reader shows the step, `vieval check` reports it, the next run evaluates it
+    again and the orphans are gone."""
+    from vieval_runner import report
+
+    config_path = _config_file(tmp_path, tiny_run("qwen25_vl"), batch_size=9, max_new_tokens=8)
+    config = load_config(config_path)
+    root = tmp_path / "store"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VIEVAL_TEST_PAUSE_AT="between")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vieval_runner", "run", str(config_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in proc.stderr:  # step 0's commit waits at the point until killed
+            seen.append(line)
+            if line.strip() == "vieval-paused between":
+                break
+        assert seen and seen[-1].strip() == "vieval-paused between", "".join(seen)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    run_id = config.effective_run_id
+    reader = store.open_store(str(root))
+    assert reader.steps(run_id) == [] and reader.step(run_id, 0).num_rows == 0
+    assert report.summarize(reader, run_id)[0]["steps"] == []
+    (orphan,) = store.check_store(str(root))["orphans"]
+    assert (orphan["step"], orphan["rows"]) == (0, 9)
+
+    outcome = runner.run(config, console=None)
+    assert outcome.exit_status == 0 and sorted(outcome.evaluated) == [0, 100, 200, 300]
+    assert _assert_consistent(root, 9) == [0, 100, 200, 300]
+    assert store.check_store(str(root))["orphans"] == []

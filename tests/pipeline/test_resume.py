@@ -65,3 +65,31 @@ def test_config_hash_ignores_the_setup_checks(tmp_path, tiny_run):
     assert resume.config_hash(_config(run, tmp_path, data=data)) == base
     lora = {"require_same_base": True}
     assert resume.config_hash(_config(run, tmp_path, lora=lora)) == base
+
+
+def test_a_step_left_with_orphans_is_evaluated_again(tmp_path, tiny_run):
+    """A re-evaluation killed between its two commits leaves orphans on a step that has an
+    older, matching ok evaluation: the next run evaluates it again (which replaces them)."""
+    from vieval_runner import store
+    from vieval_runner.testing.stores import kill_commit_at
+
+    run = tiny_run("qwen25_vl")
+    config = _config(run, tmp_path)
+    found = step.select_checkpoints(config)
+    store.create_store(config.store)
+    rows = [{"specimen_id": "a", "raw_text": "[]", "parse_status": "empty"}]
+    for ckpt in found[1:3]:  # steps 100 and 200 stored for this checkpoint content and config
+        done = {"run_id": config.effective_run_id, "step": ckpt.step, "status": "ok",
+                "checkpoint_hash": ckpts.checkpoint_hash(ckpt.path),
+                "config_hash": resume.config_hash(config)}  # fmt: skip
+        store.commit_step(config.store, done, rows)
+    again = {"run_id": config.effective_run_id, "step": 200, "status": "ok"}
+    kill_commit_at(config.store, "between", again, rows)
+    assert store.orphaned_steps(config.store, config.effective_run_id) == {200}
+
+    outcome = step.RunOutcome(store=config.store, run_id=config.effective_run_id)
+    console = Console(record=True, width=200)
+    todo = resume.plan_checkpoints(config, found, console, outcome)
+    assert [c.step for c, _ in todo] == [0, 200, 300]
+    assert outcome.skipped == [100]
+    assert "steps [200] hold predictions of an unfinished commit" in console.export_text()

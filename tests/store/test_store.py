@@ -394,6 +394,12 @@ def test_older_compatible_store_opens_and_accepts_writes(tmp_path):
         ),
         mode="append",
     )
+    # its evaluation row: the step's commit marker, as every writer has always appended
+    write_deltalake(
+        table_uri(root, "evaluations"),
+        pa.table({"eval_id": ["e"], "run_id": ["r"], "step": [5], "status": ["ok"]}),
+        mode="append",
+    )
     r = open_store(root)
     got = r.step("r", 5)
     assert got.column("raw_text").to_pylist() == ["hi"]
@@ -402,7 +408,7 @@ def test_older_compatible_store_opens_and_accepts_writes(tmp_path):
     commit_step(root, {"run_id": "r", "step": 6, "f1": 0.5}, rows(1, "new"))
     r.refresh()
     assert r.step("r", 6).column("input_width").to_pylist() == [448]
-    assert r.aggregates("r").column("f1").to_pylist() == [0.5]
+    assert r.aggregates("r").column("f1").to_pylist() == [None, 0.5]  # steps 5, 6
 
 
 def test_specimens_written_once_per_dataset_version_with_thumbnail(store, tmp_path):
@@ -567,7 +573,7 @@ def test_token_columns_are_nullable_and_added_to_stores_without_them(tmp_path):
     from deltalake import write_deltalake
 
     from vieval_runner.records import Prediction
-    from vieval_runner.store import PREDICTIONS_SCHEMA, prediction_row
+    from vieval_runner.store import EVALUATIONS_SCHEMA, PREDICTIONS_SCHEMA, prediction_row
 
     root = str(tmp_path / "before")
     create_store(root)
@@ -584,6 +590,12 @@ def test_token_columns_are_nullable_and_added_to_stores_without_them(tmp_path):
     plain.update(run_id="r", step=1, eval_id="e", specimen_id="a", raw_text="[]")
     write_deltalake(
         table_uri(root, "predictions"), pa.Table.from_pylist([plain], older), mode="append"
+    )
+    marker = {"eval_id": "e", "run_id": "r", "step": 1, "status": "ok"}
+    write_deltalake(
+        table_uri(root, "evaluations"),
+        pa.Table.from_pylist([marker], EVALUATIONS_SCHEMA),
+        mode="append",
     )
     reader = open_store(root)
     assert reader.step("r", 1).column("token_logprobs").to_pylist() == [None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import platform
@@ -44,6 +46,40 @@ def local_log_folder() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "vieval" / "logs"
 
 
+class RunLogHandler(logging.FileHandler):
+    """The run log's file handler: a write that fails (a full disk) never raises and never
+    prints logging's "--- Logging error ---" traceback. The first failure stops the log
+    (``failure`` says why); only one that is not a full disk says so, in one line, since the
+    run's own message explains a full disk."""
+
+    failure: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is None:
+            super().emit(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as exc:  # the unwritten rest of the buffer: the disk is still full
+            self.failure = self.failure or f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:
+            self.failure = self.failure or f"{type(exc).__name__}: {exc}"
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if self.failure is not None:
+            return
+        error = sys.exc_info()[1]
+        self.failure = f"{type(error).__name__}: {error}"
+        if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)):
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"vieval: log file {self.baseFilename} stopped ({self.failure})\n")
+
+
 def attach_run_log(config: Config) -> Path | None:
     """Log to ``STORE/logs/vieval-<utc time>.log`` (local stores; an object-store root logs
     to :func:`local_log_folder`) with the config (secrets redacted) and versions."""
@@ -54,9 +90,12 @@ def attach_run_log(config: Config) -> Path | None:
     if "://" in config.store and not is_remote(config.store):
         return None  # another URL scheme (file://, memory://): no folder of ours to log to
     folder = local_log_folder() if is_remote(config.store) else Path(config.store) / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"vieval-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = RunLogHandler(path, encoding="utf-8")
+    except OSError:  # e.g. a full disk: the run says so when it first writes the store
+        return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.info("command: %s", " ".join(sys.argv))

@@ -38,15 +38,6 @@ def _specimens_by_id(reader) -> dict[str, Specimen]:
     }
 
 
-def _latest_ok_evaluation(reader, run_id: str, step: int) -> dict | None:
-    rows = [
-        e
-        for e in reader.evaluations(run_id).to_pylist()
-        if e["step"] == step and e["status"] == "ok"
-    ]
-    return rows[-1] if rows else None
-
-
 def rescore_store(
     root: str,
     run_id: str | None = None,
@@ -60,10 +51,9 @@ def rescore_store(
     specimens = _specimens_by_id(reader)
     done = []
     for run in [run_id] if run_id else reader.runs():
+        committed = reader.committed(run)  # step -> the evaluation that committed it
         for step in reader.steps(run):
-            previous = _latest_ok_evaluation(reader, run, step)
-            if previous is None:
-                continue
+            previous = committed[step]
             config = Config.model_validate(json.loads(previous["config"]))
             rows = reader.step(run, step).to_pylist()
             step_specimens, predictions = [], []

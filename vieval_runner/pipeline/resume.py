@@ -95,6 +95,14 @@ def plan_checkpoints(
         else store.stored_evaluations(config.store, storage_options=config.storage_options or None)
     )
     run_id, wanted = config.effective_run_id, config_hash(config)
+    if done:  # a step holding an unfinished commit's orphans is evaluated again: that cleans it
+        orphaned = store.orphaned_steps(config.store, run_id)
+        done = [r for r in done if not (r.get("run_id") == run_id and r.get("step") in orphaned)]
+        if orphaned:
+            console.print(
+                f"[dim]steps {sorted(orphaned)} hold predictions of an unfinished commit "
+                "(ignored by readers): evaluating them again replaces them[/]"
+            )
     comparable = {
         r.get("step")
         for r in done

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vieval_runner import checkpoints as ckpts
+from vieval_runner import store
 from vieval_runner.config import Config
 from vieval_runner.pipeline import overlap, resume, step, tracking
 from vieval_runner.pipeline.preflight import empty_selection
@@ -58,6 +59,8 @@ def evaluate_checkpoints(
         by_step = {ckpt.step: (ckpt, digest) for ckpt, digest in todo}
 
         def failed(at_step: int, exc: BaseException) -> None:
+            if isinstance(exc, store.StoreFull):
+                raise exc  # nothing more fits: stop the run (the CLI says where and how much)
             ckpt, digest = by_step[at_step]
             message = f"{type(exc).__name__}: {exc}"
             outcome.failed[at_step] = message
@@ -84,8 +87,8 @@ def evaluate_checkpoints(
                         following=following,
                     )
                     outcome.evaluated.append(ckpt.step)
-                except DataError:
-                    raise  # the split itself is bad (an image that does not decode): no step can run
+                except (DataError, store.StoreFull):
+                    raise  # a bad split (an image that does not decode), a full disk: no step can run
                 except Exception as exc:  # one bad checkpoint must not stop the run
                     failed(ckpt.step, exc)
                 progress.remove_task(batches)

@@ -203,6 +203,8 @@ def finish_step(
         log.info("step %s committed: %s", ckpt.step, json.dumps(timings))
         try:
             store_training_log(session, ckpt)
+        except store.StoreFull:
+            raise
         except Exception as exc:  # the step is committed: a bad trainer state must not undo it
             log.warning("training log not stored after step %s: %s", ckpt.step, exc)
 
@@ -230,5 +232,7 @@ def record_failure(
         row["device"] = device
     try:
         store.record_failed_evaluation(session.config.store, row, **store_options(session.config))
+    except store.StoreFull:
+        raise
     except Exception:  # e.g. the disk is full: the console and log still say it
         log.exception("could not record the failure of step %s in the store", ckpt.step)

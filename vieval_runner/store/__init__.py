@@ -1,6 +1,7 @@
 """The versioned Delta Lake store: ``specimens``, ``predictions``, ``evaluations``,
 ``training_log`` tables under one root. See ``docs/store.md``."""
 
+from vieval_runner.store.check import check_store, orphaned_steps
 from vieval_runner.store.maintenance import compact
 from vieval_runner.store.reader import StoreReader, open_store
 from vieval_runner.store.schema import (
@@ -14,9 +15,11 @@ from vieval_runner.store.schema import (
     SPECIMENS_SCHEMA,
     TRAINING_LOG_SCHEMA,
     StoreError,
+    StoreFull,
     table_uri,
 )
 from vieval_runner.store.writer import (
+    COMMIT_POINTS,
     commit_step,
     create_store,
     has_dataset_version,
@@ -31,6 +34,7 @@ from vieval_runner.store.writer import (
 __all__ = [
     "AGGREGATE_METRICS",
     "BOX",
+    "COMMIT_POINTS",
     "EVALUATIONS_SCHEMA",
     "FORMAT_KEY",
     "FORMAT_VERSION",
@@ -39,12 +43,15 @@ __all__ = [
     "SPECIMENS_SCHEMA",
     "TRAINING_LOG_SCHEMA",
     "StoreError",
+    "StoreFull",
     "StoreReader",
+    "check_store",
     "commit_step",
     "compact",
     "create_store",
     "has_dataset_version",
     "open_store",
+    "orphaned_steps",
     "prediction_row",
     "record_failed_evaluation",
     "stored_evaluations",

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, QueryBuilder
 
 from vieval_runner.objectstore import scrub
+from vieval_runner.store.commits import has_rows, markers, predictions_at
 from vieval_runner.store.schema import (
     EVALUATIONS,
     EVALUATIONS_SCHEMA,
@@ -93,7 +94,7 @@ class StoreReader:
             self._pin(as_of)
         self._images: OrderedDict[tuple[str, str | None], bytes | None] = OrderedDict()
         self._steps: OrderedDict[tuple[str, int], tuple[tuple, pa.Table]] = OrderedDict()
-        self._histories: dict[str, tuple[tuple, pa.Table | None, dict[str, tuple[int, int]]]] = {}
+        self._histories: dict[str, tuple[tuple, pa.Table | None, dict, list[int]]] = {}
         self._reset_derived()
 
     def _pin(self, as_of: int | str | datetime) -> None:
@@ -122,9 +123,9 @@ class StoreReader:
     def _reset_derived(self) -> None:
         self._qb: QueryBuilder | None = None
         self._files: dict[int, tuple] | None = None
-        self._run_steps: dict[str, list[int]] = {}
         self._runs: list[str] | None = None
         self._evals: pa.Table | None = None
+        self._committed: dict[str, dict[int, dict]] | None = None
         self._images.clear()
 
     # ---- low level ------------------------------------------------------------------------
@@ -184,43 +185,66 @@ class StoreReader:
 
     @_locked
     def runs(self) -> list[str]:
-        """Every run with predictions or evaluations (failed ones included), sorted."""
+        """Every run with an evaluation row (failed ones included), sorted. Predictions with
+        no evaluation row (an unfinished commit's orphans) make no run."""
         if self._runs is None:
             found = set(self.evaluations().column("run_id").to_pylist())
-            preds = self._sql(PREDICTIONS, "SELECT DISTINCT run_id FROM predictions")
-            found.update(preds.column("run_id").to_pylist())
             self._runs = sorted(r for r in found if r is not None)
         return list(self._runs)
 
     @_locked
+    def committed(self, run_id: str) -> dict[int, dict]:
+        """``step -> marker``: the run's committed steps, each with the evaluation row that
+        committed it (its latest ok one). Every reader of steps goes through this."""
+        return dict(self._markers(run_id))
+
+    def _markers(self, run_id: str) -> dict[int, dict]:
+        """``committed(run_id)`` without the copy (callers only read it)."""
+        if self._committed is None:
+            self._committed = {}
+            for (run, step), row in markers(self.evaluations().to_pylist()).items():
+                self._committed.setdefault(run, {})[step] = row
+        return self._committed.get(run_id, {})
+
+    @_locked
     def steps(self, run_id: str) -> list[int]:
-        """Steps of ``run_id`` that have predictions, ascending."""
-        if run_id not in self._run_steps:
-            sql = f"SELECT DISTINCT step FROM predictions WHERE run_id = {sql_str(run_id)}"
-            found = self._sql(PREDICTIONS, sql).column("step").to_pylist()
-            self._run_steps[run_id] = sorted(found)
-        return list(self._run_steps[run_id])
+        """Committed steps of ``run_id`` that hold predictions, ascending (a step counts once
+        its ok evaluation row is stored; one of an empty split holds none)."""
+        return sorted(s for s, m in self.committed(run_id).items() if has_rows(m))
 
     @_locked
     def step(self, run_id: str, step: int) -> pa.Table:
-        """All specimens' predictions of one run at one step, sorted by specimen_id (cached)."""
+        """All specimens' predictions of one run at one committed step, sorted by
+        specimen_id (cached): exactly the rows its marker committed; empty if uncommitted."""
         key = (run_id, int(step))
-        files = self._step_files().get(int(step), ())
+        marker = self._markers(run_id).get(int(step))
+        if marker is None:
+            return PREDICTIONS_EMPTY
+        signature = (self._step_files().get(int(step), ()), marker["eval_id"])
         hit = self._steps.get(key)
-        if hit is not None and hit[0] == files:
+        if hit is not None and hit[0] == signature:
             self._steps.move_to_end(key)
             return hit[1]
-        if not files:
-            table = PREDICTIONS_EMPTY
-        else:
-            sql = (
-                f"SELECT * FROM predictions WHERE step = {int(step)} AND run_id = {sql_str(run_id)}"
-            )
-            table = self._sql(PREDICTIONS, sql)
-            table = table.take(pc.sort_indices(table, [("specimen_id", "ascending")]))
-        self._steps[key] = (files, table)
+        table = self._marker_rows(run_id, int(step), marker)
+        table = table.take(pc.sort_indices(table, [("specimen_id", "ascending")]))
+        self._steps[key] = (signature, table)
         self._evict()
         return table
+
+    def _marker_rows(self, run_id: str, step: int, marker: dict) -> pa.Table:
+        """The rows ``marker`` committed: in the version read, or (when an unfinished later
+        commit replaced them) in the predictions version the marker recorded."""
+        sql = (
+            f"SELECT * FROM predictions WHERE step = {step} AND run_id = {sql_str(run_id)} "
+            f"AND eval_id = {sql_str(marker['eval_id'])}"
+        )
+        table = self._sql(PREDICTIONS, sql)
+        version = marker.get("predictions_version")
+        if table.num_rows or not has_rows(marker) or version is None:
+            return table
+        if version == self._tables[PREDICTIONS].version():
+            return table
+        return predictions_at(self.root, self._options, version, sql, f"step {step} of {run_id!r}")
 
     def _evict(self) -> None:
         total = sum(t.nbytes for _, t in self._steps.values())
@@ -238,40 +262,61 @@ class StoreReader:
         cache is queried per call instead.
         """
         files = self._step_files()
-        signature = tuple((s, files.get(s, ())) for s in self.steps(run_id))
+        committed = self._markers(run_id)
+        signature = tuple((s, files.get(s, ()), m["eval_id"]) for s, m in sorted(committed.items()))
         hit = self._histories.get(run_id)
         if hit is None or hit[0] != signature:
             self._histories.pop(run_id, None)  # free the stale copy before loading anew
             hit = (signature, *self._index_run(run_id))
             self._histories[run_id] = hit
-        _, table, index = hit
+        _, table, index, replaced = hit
         if table is None:  # too big to hold: one query per call
             sql = (
-                f"SELECT * FROM predictions WHERE run_id = {sql_str(run_id)} "
+                f"SELECT * FROM predictions WHERE {self._committed_rows(run_id)} "
                 f"AND specimen_id = {sql_str(specimen_id)} ORDER BY step"
             )
-            return self._sql(PREDICTIONS, sql)
+            parts = [self._sql(PREDICTIONS, sql)]
+            for step in replaced:
+                rows = self.step(run_id, step)
+                parts.append(rows.filter(pc.equal(rows.column("specimen_id"), specimen_id)))
+            return _by_specimen_step(_concat(parts)) if replaced else parts[0]
         start, length = index.get(specimen_id, (0, 0))
         return table.slice(start, length)
 
-    def _index_run(self, run_id: str) -> tuple[pa.Table | None, dict[str, tuple[int, int]]]:
+    def _committed_rows(self, run_id: str) -> str:
+        """SQL condition: the run's rows that its markers committed (orphans left out)."""
+        ids = [m["eval_id"] for m in self.committed(run_id).values()] or [""]
+        return f"run_id = {sql_str(run_id)} AND eval_id IN ({', '.join(map(sql_str, ids))})"
+
+    def _index_run(
+        self, run_id: str
+    ) -> tuple[pa.Table | None, dict[str, tuple[int, int]], list[int]]:
         sql = (
-            f"SELECT * FROM predictions WHERE run_id = {sql_str(run_id)} ORDER BY specimen_id, step"
+            f"SELECT * FROM predictions WHERE {self._committed_rows(run_id)} "
+            "ORDER BY specimen_id, step"
         )
         table = self._sql(PREDICTIONS, sql)
-        held = sum(t.nbytes for _, t, _ in self._histories.values() if t is not None)
+        # steps whose marker's rows an unfinished later commit replaced: read where they are
+        present = set(pc.unique(table.column("step")).to_pylist())
+        replaced = [
+            s for s, m in sorted(self.committed(run_id).items()) if s not in present and has_rows(m)
+        ]
+        if replaced:
+            table = _by_specimen_step(_concat([table, *(self.step(run_id, s) for s in replaced)]))
+        held = sum(t.nbytes for _, t, _, _ in self._histories.values() if t is not None)
         if held + table.nbytes > self._cache_bytes // 2:
-            return None, {}
+            return None, {}, replaced
         # Sorted, so each specimen's rows are contiguous: index run boundaries only.
         ids = table.column("specimen_id")
         n = len(ids)
         if n == 0:
-            return table, {}
+            return table, {}, replaced
         changes = pc.indices_nonzero(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)))
         starts = [0, *(i + 1 for i in changes.to_pylist())]
         ends = [*starts[1:], n]
         names = ids.take(pa.array(starts, pa.int64())).to_pylist()
-        return table, {k: (a, b - a) for k, a, b in zip(names, starts, ends, strict=True)}
+        index = {k: (a, b - a) for k, a, b in zip(names, starts, ends, strict=True)}
+        return table, index, replaced
 
     # ---- evaluations ----------------------------------------------------------------------
 
@@ -286,6 +331,10 @@ class StoreReader:
                     pa.scalar(self._as_of_time, pa.timestamp("us", tz="UTC")),
                 )
                 table = table.filter(pc.fill_null(keep, True))
+            if self._pinned:  # and evaluations whose predictions came after the pinned version
+                pinned = self._tables[PREDICTIONS].version()
+                keep = pc.less_equal(table.column("predictions_version"), pinned)
+                table = table.filter(pc.fill_null(keep, True))
             order = pc.sort_indices(table, [("finished_at", "ascending", "at_start")])
             self._evals = table.take(order)
         if run_id is None:
@@ -294,14 +343,11 @@ class StoreReader:
 
     @_locked
     def aggregates(self, run_id: str) -> pa.Table:
-        """One row per step: the latest successful evaluation (its aggregate metrics)."""
+        """One row per committed step, ascending: its marker (the latest ok evaluation)."""
         evals = self.evaluations(run_id)
-        ok = evals.filter(pc.equal(evals.column("status"), "ok"))
-        latest: dict[int, int] = {}
-        for i, step in enumerate(ok.column("step").to_pylist()):
-            latest[step] = i  # oldest first, so the last seen is the newest
-        rows = [latest[s] for s in sorted(latest)]
-        return ok.take(pa.array(rows, pa.int64()))
+        position = {e: i for i, e in enumerate(evals.column("eval_id").to_pylist())}
+        rows = [position[m["eval_id"]] for _, m in sorted(self.committed(run_id).items())]
+        return evals.take(pa.array(rows, pa.int64()))
 
     # ---- specimens and training log -------------------------------------------------------
 
@@ -351,6 +397,15 @@ class StoreReader:
         """The run's Trainer log history (loss curves), ascending by step."""
         sql = f"SELECT * FROM training_log WHERE run_id = {sql_str(run_id)} ORDER BY step"
         return self._sql(TRAINING_LOG, sql)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """Rows of different versions (a later one may hold extra columns) as one table."""
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _by_specimen_step(table: pa.Table) -> pa.Table:
+    return table.take(pc.sort_indices(table, [("specimen_id", "ascending"), ("step", "ascending")]))
 
 
 SCHEMAS_EMPTY = {name: schema.empty_table() for name, schema in _SCHEMAS.items()}

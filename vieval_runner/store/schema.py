@@ -30,6 +30,34 @@ class StoreError(Exception):
     """A store that cannot be opened or written, or a row that cannot be stored."""
 
 
+class StoreFull(StoreError):
+    """The store's disk (or quota) is full: nothing more can be committed there.
+
+    ``root``: the store; ``needed``: bytes the failed write needed (an estimate: the Arrow size
+    of its rows plus a reserve for the commit itself); ``free``: bytes free then (None: unknown,
+    e.g. object storage). The message names all three.
+    """
+
+    def __init__(self, root: str, what: str, needed: int, free: int | None, detail: str) -> None:
+        self.root, self.what, self.needed, self.free = root, what, needed, free
+        room = f"{human_bytes(free)} free" if free is not None else "free space unknown"
+        super().__init__(
+            f"the disk of store {root} is full ({detail}) while {what}: it needs about "
+            f"{human_bytes(needed)} more ({room}). Every step committed so far is kept; "
+            "free space there (or move the store) and run again to evaluate the rest."
+        )
+
+
+def human_bytes(n: int | None) -> str:
+    """``1536`` -> ``1.5 KiB`` (binary units, one decimal)."""
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 BOX = pa.struct(
     [
         ("x1", pa.float64()),

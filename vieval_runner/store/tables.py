@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,6 +22,7 @@ from vieval_runner.store.schema import (
     PARTITIONS,
     SCHEMAS,
     StoreError,
+    StoreFull,
     check_format,
     table_uri,
 )
@@ -133,3 +137,65 @@ def fit_to_table(data: pa.Table, dt: DeltaTable) -> tuple[pa.Table, str | None]:
             data = data.append_column(f.name, pa.nulls(data.num_rows, f.type))
     new = [n for n in data.column_names if n not in existing.names]
     return data, ("merge" if new else None)
+
+
+# What delta-rs / object_store / the OS say when a write finds no room (errno 28 and 122).
+_FULL_WORDS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+# Room kept for what a step's commit writes besides its rows (Parquet footers, the Delta log
+# entry with file statistics, the evaluation row's commit, the run's log lines).
+COMMIT_RESERVE_BYTES = 1 << 20
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write that failed because the disk or the quota is full (ENOSPC/EDQUOT)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(w in str(exc).lower() for w in _FULL_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(root: str) -> int | None:
+    """Bytes free on the filesystem of a local store (its nearest existing folder); None for
+    object storage or when the filesystem does not say."""
+    if "://" in root and not root.startswith("file://"):
+        return None
+    path = os.path.abspath(root.removeprefix("file://"))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def ensure_space(
+    root: str, what: str, data_bytes: int, reserve: int = COMMIT_RESERVE_BYTES
+) -> None:
+    """StoreFull before writing ``data_bytes`` (plus ``reserve``) to a local store whose disk
+    has less room: refusing up front leaves no half-written files, and delta-rs never meets
+    ENOSPC mid-write (where object_store panics: arrow-rs-object-store #810)."""
+    needed = data_bytes + reserve
+    free = free_bytes(root)
+    if free is not None and free < needed:
+        raise StoreFull(root, what, needed, free, "No space left on device")
+
+
+def writing(
+    root: str, what: str, data_bytes: int, fn: Callable[[], T], reserve: int = COMMIT_RESERVE_BYTES
+) -> T:
+    """``ensure_space`` then ``fn()`` (a write with its own retry); a write that still meets a
+    full disk raises StoreFull naming the store, the write and the space it needed."""
+    ensure_space(root, what, data_bytes, reserve)
+    try:
+        return fn()
+    except StoreFull:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        detail = "No space left on device" if "quota" not in str(exc).lower() else "quota full"
+        needed = data_bytes + reserve
+        raise StoreFull(root, what, needed, free_bytes(root), detail) from exc

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
+import sys
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -27,7 +31,15 @@ from vieval_runner.store.schema import (
     rows_to_table,
     sql_str,
 )
-from vieval_runner.store.tables import create_table, fit_to_table, open_table, with_retry
+from vieval_runner.store.tables import (
+    COMMIT_RESERVE_BYTES,
+    create_table,
+    fit_to_table,
+    open_table,
+    table_exists,
+    with_retry,
+    writing,
+)
 
 Options = dict[str, str] | None
 
@@ -40,8 +52,15 @@ def create_store(root: str, storage_options: Options = None) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     # one thread per table: delta-rs creates without the GIL, so a new store takes half the time
+    def create(table: str) -> None:
+        if table_exists(str(root), table, storage_options):
+            open_table(str(root), table, storage_options)  # its format check; nothing to write
+            return
+        what = f"creating table {table}"
+        writing(str(root), what, 0, lambda: create_table(str(root), table, storage_options))
+
     with ThreadPoolExecutor(len(TABLES), thread_name_prefix="vieval-create-store") as pool:
-        list(pool.map(lambda table: create_table(str(root), table, storage_options), TABLES))
+        list(pool.map(create, TABLES))
 
 
 def _overwrite(
@@ -51,8 +70,10 @@ def _overwrite(
     predicate: str,
     storage_options: Options,
     writer_properties: WriterProperties | None = None,
+    what: str | None = None,
 ) -> int:
-    """One predicate-overwrite commit, retried on conflict; returns the committed version."""
+    """One predicate-overwrite commit, retried on conflict; returns the committed version.
+    ``what``: the write as an error message names it."""
 
     def attempt() -> int:
         dt = open_table(root, table, storage_options)  # fresh snapshot on every try
@@ -67,17 +88,27 @@ def _overwrite(
         )
         return dt.version()
 
-    return with_retry(attempt, f"writing {table} where {predicate} in {root}")
+    what = what or f"writing {table} where {predicate}"
+    return writing(root, what, data.nbytes, lambda: with_retry(attempt, f"{what} in {root}"))
 
 
-def _append(root: str, table: str, data: pa.Table, storage_options: Options) -> int:
+def _append(
+    root: str,
+    table: str,
+    data: pa.Table,
+    storage_options: Options,
+    what: str | None = None,
+    reserve: int = COMMIT_RESERVE_BYTES,
+) -> int:
     def attempt() -> int:
         dt = open_table(root, table, storage_options)
         fitted, schema_mode = fit_to_table(data, dt)
         write_deltalake(dt, fitted, mode="append", schema_mode=schema_mode)
         return dt.version()
 
-    return with_retry(attempt, f"appending to {table} in {root}")
+    what = what or f"appending to {table}"
+    retried = functools.partial(with_retry, attempt, f"{what} in {root}")
+    return writing(root, what, data.nbytes, retried, reserve)
 
 
 def _eval_defaults(eval_row: Mapping, status: str) -> dict:
@@ -147,16 +178,43 @@ def prediction_row(prediction: Prediction) -> dict:
     return row
 
 
+PAUSE_ENV = "VIEVAL_TEST_PAUSE_AT"
+COMMIT_POINTS = ("before-predictions", "between", "after-evaluation")
+
+
+def pause_point(point: str) -> None:
+    """Test hook for the kill tests (docs/store.md, "The commit protocol").
+
+    With ``VIEVAL_TEST_PAUSE_AT=<point>`` (one of ``COMMIT_POINTS``) in the environment, the
+    writer prints ``vieval-paused <point>`` to stderr on reaching that point of
+    ``commit_step`` and sleeps until killed, so a test can SIGKILL it there exactly. Unset,
+    as in production, it is one environment lookup per commit and does nothing.
+    """
+    if os.environ.get(PAUSE_ENV) != point:
+        return
+    sys.stderr.write(f"vieval-paused {point}\n")
+    sys.stderr.flush()
+    while True:
+        time.sleep(3600)
+
+
 def commit_step(
     root: str,
     eval_row: Mapping,
     prediction_rows: Sequence[Mapping],
     storage_options: Options = None,
 ) -> int:
-    """Replace one (run, step)'s predictions in ONE commit, then log the evaluation.
+    """Commit one evaluated (run, step): its predictions, then its evaluation row.
 
-    Readers see either the previous or the new step, never a mix; the previous one stays
-    readable by table version. Returns the new predictions table version.
+    1. predictions: ONE predicate-overwrite commit replaces the (run, step)'s rows (orphans
+       of an unfinished earlier commit included) with rows carrying this ``eval_id``;
+    2. evaluations: ONE append of the evaluation row, with ``predictions_version`` = the
+       version of commit 1. This row is the step's commit marker.
+
+    Readers show a step only once its marker is committed, and then exactly the marker's
+    predictions, so a writer killed (or out of disk) between 1 and 2 leaves orphan rows that
+    every reader ignores, ``vieval check`` reports and the next commit of the step replaces.
+    Returns the new predictions table version. StoreFull when the disk is full.
     """
     root = str(root)
     ev = _eval_defaults(eval_row, status=eval_row.get("status") or "ok")
@@ -166,11 +224,18 @@ def commit_step(
     where = f"predictions of run {ev['run_id']!r} step {ev['step']}"
     data = rows_to_table(rows, PREDICTIONS_SCHEMA, where)
     predicate = f"run_id = {sql_str(ev['run_id'])} AND step = {int(ev['step'])}"
-    version = _overwrite(root, PREDICTIONS, data, predicate, storage_options)
-    ev["predictions_version"] = version
-    _append(
-        root, EVALUATIONS, rows_to_table([ev], EVALUATIONS_SCHEMA, "evaluation"), storage_options
+    step = f"step {ev['step']} of run {ev['run_id']!r}"
+    pause_point("before-predictions")
+    version = _overwrite(
+        root, PREDICTIONS, data, predicate, storage_options, what=f"committing {step}"
     )
+    pause_point("between")
+    ev["predictions_version"] = version
+    marker = rows_to_table([ev], EVALUATIONS_SCHEMA, "evaluation")
+    # the predictions write checked room for this row too (the reserve): no second margin
+    what = f"committing {step} (evaluation row)"
+    _append(root, EVALUATIONS, marker, storage_options, what=what, reserve=0)
+    pause_point("after-evaluation")
     return version
 
 

@@ -150,3 +150,20 @@ def padded_batch(loaded, specimens):
     prepared = sorted(prepare(loaded, specimens), key=lambda p: -p.prompt_len)
     assert prepared[0].prompt_len > prepared[-1].prompt_len  # real padding in the batch
     return decoding.to_device(loaded, collate(loaded, prepared))
+
+
+def fill_disk(disk: Path, leave: int = 0) -> Path:
+    """Fill the filesystem of ``disk`` (a folder) until the OS says ENOSPC, then free
+    ``leave`` bytes; returns the filler file (delete it to free the space)."""
+    import os
+
+    filler = Path(disk) / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush on close
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler

@@ -4,6 +4,11 @@ store's own writer API (test-only; the product never imports ``vieval_runner.tes
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -166,3 +171,37 @@ def make_vqa_store(root: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+
+_WRITER = """
+import json, sys
+from vieval_runner.store import commit_step
+job = json.load(sys.stdin)
+commit_step(job["root"], job["eval_row"], job["rows"])
+"""
+
+
+def kill_commit_at(root: Path | str, point: str, eval_row: dict, rows: list[dict]) -> None:
+    """``commit_step(root, eval_row, rows)`` in a real writer process, SIGKILLed at ``point``
+    of the commit protocol (``VIEVAL_TEST_PAUSE_AT``; rows and row as JSON)."""
+    tree = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, VIEVAL_TEST_PAUSE_AT=point, PYTHONPATH=tree)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER],
+        env=env,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        proc.stdin.write(json.dumps({"root": str(root), "eval_row": eval_row, "rows": rows}))
+        proc.stdin.close()
+        line = proc.stderr.readline()  # the writer waits at the point until killed
+        if line.strip() != f"vieval-paused {point}":
+            raise AssertionError(f"the writer did not pause at {point}: {line}{proc.stderr.read()}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -30,9 +30,11 @@ def run_meta(
     ``specimen_tasks`` (the tasks of all known specimens) decides the task of a run whose
     evaluations do not say it. StoreUnavailable when its steps or evaluations cannot be read.
     """
+    # committed steps and the evaluation that committed each: the store's one reading rule
+    committed = st.read(lambda r: r.committed(run_id), retries)
     steps = [int(s) for s in st.read(lambda r: r.steps(run_id), retries)]
+    eval_ids: dict[str, Any] = {str(s): m.get("eval_id") for s, m in committed.items()}
     evals = st.read(lambda r: r.evaluations(run_id).to_pylist(), retries)
-    eval_ids: dict[str, Any] = {}
     failed: dict[int, dict] = {}  # step -> its latest failure, unless a later one succeeded
     tasks = []
     for e in evals:  # oldest first: later evaluations of a step win
@@ -43,7 +45,6 @@ def run_meta(
             failed[step] = {"step": step, "error": e.get("error") or ""}
         else:
             failed.pop(step, None)
-            eval_ids[str(step)] = e.get("eval_id")
             if e.get("task"):
                 tasks.append(e["task"])
     try:
