@@ -343,7 +343,7 @@ def _run_step(text: str, default_run: str) -> tuple[str, int]:
 def cmd_check(args) -> int:
     from vieval_runner import store
 
-    found = store.check_store(args.store)
+    found = store.check_store(args.store, storage_options=_storage_options(args))
     problems = len(found["orphans"]) + len(found["replaced"]) + len(found["lost"])
     if args.json:
         print(json.dumps(found, default=str))

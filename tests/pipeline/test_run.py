@@ -320,7 +320,13 @@ def test_no_room_for_the_prepared_split_stops_the_run_with_one_error(
     from vieval_runner.prepare import ram_budget as prepared_cache
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(prepared_cache.shutil, "disk_usage", lambda p: usage(10**12, 0, 10))
+    real = prepared_cache.shutil.disk_usage
+    scratch = str(tmp_path / "scratch")
+
+    def nearly_full(path):  # only the spill folder's disk is full, not the store's
+        return usage(10**12, 0, 10) if str(path).startswith(scratch) else real(path)
+
+    monkeypatch.setattr(prepared_cache.shutil, "disk_usage", nearly_full)
     config = run_config(
         tmp_path, tiny_run("qwen2_vl"), prepare_cache_ram_mb=0, reuse_prepared=False,
         cache_dir=str(tmp_path / "scratch"),

@@ -62,7 +62,7 @@ def test_run_from_s3_checkpoints_into_an_s3_store(tmp_path, tiny_run, s3_server,
         CopySource={"Bucket": s3_bucket, "Key": "run/checkpoint-300/model.safetensors"},
     )
     config = _s3_config(tmp_path, run, s3_server, s3_bucket)
-    found = step.select_checkpoints(config)
+    found = select_checkpoints(config)
     assert [(c.step, c.complete) for c in found] == [
         (0, True),
         (100, True),

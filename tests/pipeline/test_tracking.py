@@ -117,6 +117,9 @@ def test_callback_logs_into_the_trainers_own_runs(tmp_path, tiny_run, monkeypatc
     monkeypatch.chdir(tmp_path)  # MLflow's ./mlruns artifacts
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "trainer")
+    # the Trainer's MLflowCallback sets MLFLOW_EXPERIMENT_ID itself: gone again after the test
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
     for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("WANDB_SILENT", "true")

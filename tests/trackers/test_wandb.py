@@ -27,14 +27,15 @@ def logged(tmp_path_factory, tiny_run):
         env.setenv("WANDB_DIR", str(tmp))
         env.setenv("WANDB_SILENT", "true")
         env.setenv("WANDB_PROJECT", "vieval-tests")
+        import wandb
+
+        wandb.teardown()  # settings an earlier test's wandb.setup kept (its WANDB_DIR) go
         config = run_config(
             tmp, tiny_run("qwen25_vl"), steps=STEPS, report_to=["wandb"], report_sample=3
         )
         assert runner.run(config, quiet_console()).evaluated == STEPS
         again = config.model_copy(update={"steps": [200], "force": True})
         assert runner.run(again, quiet_console()).evaluated == [200]
-        import wandb
-
         wandb.teardown()  # wandb keeps its settings (WANDB_DIR ...) per process until then
     return config, tmp
 

@@ -96,7 +96,9 @@ def plan_checkpoints(
     )
     run_id, wanted = config.effective_run_id, config_hash(config)
     if done:  # a step holding an unfinished commit's orphans is evaluated again: that cleans it
-        orphaned = store.orphaned_steps(config.store, run_id)
+        orphaned = store.orphaned_steps(
+            config.store, run_id, storage_options=config.storage_options or None
+        )
         done = [r for r in done if not (r.get("run_id") == run_id and r.get("step") in orphaned)]
         if orphaned:
             console.print(

@@ -116,7 +116,10 @@ class Tracking:
         if self._by_step is None:  # steps stored before this session (resume, rerun)
             self._by_step = {}
             try:
-                rows = store.open_store(self.config.store).aggregates(self.config.effective_run_id)
+                reader = store.open_store(
+                    self.config.store, storage_options=self.config.storage_options or None
+                )
+                rows = reader.aggregates(self.config.effective_run_id)
                 for row in rows.to_pylist():
                     self._by_step[row["step"]] = {self.metric: row.get(self.metric)}
             except Exception as exc:  # the step's own value still counts
