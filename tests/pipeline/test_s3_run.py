@@ -15,6 +15,7 @@ from vieval_runner import store
 from vieval_runner.pipeline import rescore
 from vieval_runner.pipeline import run as runner
 from vieval_runner.pipeline import watch as watcher
+from vieval_runner.pipeline.step import select_checkpoints
 from vieval_runner.testing.fixtures import quiet_console, run_config
 from vieval_runner.testing.s3_server import SECRET_KEY
 

@@ -86,7 +86,8 @@ def test_a_missing_tracker_package_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_cli_report_to_sets_the_config(tmp_path):
-    from vieval_runner.cli import build_parser, run_overrides
+    from vieval_runner.cli.arguments import build_parser
+    from vieval_runner.cli.commands import run_overrides
 
     path = tmp_path / "eval.yaml"
     path.write_text("run_dir: r\nbase_model: b\nstore: s\ndata: {path: v.jsonl}\n")

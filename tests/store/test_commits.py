@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from vieval_runner import cli, report
+from vieval_runner.cli.exits import EXIT_CHECK_FOUND
 from vieval_runner.store import (
     COMMIT_POINTS,
     check_store,
@@ -148,7 +149,7 @@ def test_kill_during_first_evaluation_of_a_step(pristine, tmp_path, point, capsy
             (orphan,) = found["orphans"]
             assert (orphan["run_id"], orphan["step"], orphan["rows"]) == (RUN, 300, 6)
             assert "no evaluation row" in orphan["why"]
-            assert status == cli.EXIT_CHECK_FOUND
+            assert status == EXIT_CHECK_FOUND
             assert "orphan: run run-a step 300: 6 prediction row(s)" in capsys.readouterr().out
             assert orphaned_steps(str(root), RUN) == {300}
         else:
