@@ -53,6 +53,7 @@ class LoadedModel:
     _base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _base_replaced: bool = False  # a full checkpoint's tensors overwrote the base's
     _peft: Any = field(default=None, repr=False)  # the PeftModel wrapper while adapters are on
+    _requires_grad: Any = field(default=None, repr=False)  # base (param, flag)s peft froze
     _adapter_count: int = 0
     # content hash of the resident vision part, set by every swap; None: unknown (recompute)
     vision_hash: str | None = None

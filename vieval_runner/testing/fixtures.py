@@ -148,3 +148,25 @@ def padded_batch(loaded, specimens):
     prepared = sorted(prepare(loaded, specimens), key=lambda p: -p.prompt_len)
     assert prepared[0].prompt_len > prepared[-1].prompt_len  # real padding in the batch
     return decoding.to_device(loaded, collate(loaded, prepared))
+
+
+# The library versions the exact comparisons against transformers/peft/torch internals were
+# written for (the set in requirements.lock); a failure message names them and today's.
+WRITTEN_FOR = {"transformers": "5.25.0", "peft": "0.21.2", "torch": "2.14.1"}
+
+
+def versions_note() -> str:
+    """``written for transformers 5.25.0, peft 0.21.2, torch 2.14.1; now: ...`` for assertions
+    whose exact values depend on another library's internals, so drift says what moved."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    written = ", ".join(f"{k} {v}" for k, v in WRITTEN_FOR.items())
+    now = ", ".join(f"{k} {installed(k)}" for k in WRITTEN_FOR)
+    moved = [k for k, v in WRITTEN_FOR.items() if installed(k).split("+")[0] != v]
+    return f"written for {written}; now: {now}" + (f" (moved: {', '.join(moved)})" if moved else "")
