@@ -5,10 +5,10 @@ per checkpoint. The base stays resident; each checkpoint's adapter is loaded nex
 current one, activated, and the old one deleted (peft's ``load_adapter`` + ``set_adapter``),
 so any rank or target set works. Step 0 unloads every adapter: the base modules come back
 untouched, so the base's outputs are exact. Wrapping freezes the base parameters
-(``requires_grad=False``) and ``unload()`` leaves them frozen; torch picks a different
-``matmul`` kernel for a non-contiguous 3-D input when the weight does not require grad (Florence-2's
-channel attention: up to 4e-6 in the logits), so unloading restores each parameter's flag. peft is used directly: transformers' own
-``load_adapter`` needs peft >= 0.22.
+(``requires_grad=False``) and ``unload()`` leaves them frozen, while torch's ``matmul`` takes
+another kernel for a non-contiguous 3-D input when the weight is frozen (Florence-2's channel
+attention: up to 4e-6 in the logits), so unloading restores each parameter's flag. peft is
+used directly: transformers' own ``load_adapter`` needs peft >= 0.22.
 """
 
 from __future__ import annotations
