@@ -70,3 +70,15 @@ def test_platform_only_dependencies_get_a_marker():
         line for line in (ROOT / "requirements.lock").read_text().splitlines() if "nvidia-" in line
     ]
     assert all(line.endswith('; sys_platform == "linux"') for line in cuda)
+
+
+def test_versions_note_names_the_locked_versions_and_what_moved():
+    from vieval_runner.testing.fixtures import versions_note
+
+    pins = _pins()
+    note = versions_note()
+    written = note.split(";")[0]
+    assert written == "written for " + ", ".join(
+        f"{name} {pins[name]}" for name in ("transformers", "peft", "torch")
+    )
+    assert "now: transformers " in note
