@@ -177,7 +177,8 @@ def main(argv: list[str]) -> int:
             print(f"{name:<{width}}  {locked:<14} {have}")
         return 1
     elif command == "extraneous":
-        print("\n".join(extraneous(path)))
+        for name in extraneous(path):
+            print(name)
     else:
         print(__doc__)
         return 2

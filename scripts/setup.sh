@@ -26,7 +26,7 @@ else
   echo "setup: installing $LOCK ($(grep -c '==' "$LOCK") pinned packages, torch included) into .venv"
   .venv/bin/python -m pip install -q -r "$LOCK"
   .venv/bin/python -m pip install -q --no-deps -e .
-  mapfile -t extra < <(.venv/bin/python scripts/lockfile.py extraneous "$LOCK")
+  mapfile -t extra < <(.venv/bin/python scripts/lockfile.py extraneous "$LOCK" | grep .)
   if ((${#extra[@]})); then
     echo "setup: removing what $LOCK does not name: ${extra[*]}"
     .venv/bin/python -m pip uninstall -q -y "${extra[@]}"
