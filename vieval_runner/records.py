@@ -175,6 +175,8 @@ class LoadedModel:
     base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     base_replaced: bool = False  # a full checkpoint's tensors overwrote the base's
     peft_model: Any = field(default=None, repr=False)  # the PeftModel wrapper while adapters are on
+    # (parameter, requires_grad) of the base as it was before peft froze it (model.lora)
+    base_requires_grad: Any = field(default=None, repr=False)
     adapter_count: int = 0  # adapters loaded so far (names each new one uniquely)
     # content hash of the resident vision part, set by every swap; None: unknown (recompute)
     vision_hash: str | None = None

@@ -13,7 +13,12 @@ from vieval_runner.generate.decoding import hf_generate, lean_blocker, lean_gree
 from vieval_runner.generate.forced import ForcedTextLogitsProcessor
 from vieval_runner.generate.options import GenerateOptions
 from vieval_runner.prepare.inputs import prepare
-from vieval_runner.testing.fixtures import decoder_only_families, load_at_200, padded_batch
+from vieval_runner.testing.fixtures import (
+    decoder_only_families,
+    load_at_200,
+    padded_batch,
+    versions_note,
+)
 
 DECODER_ONLY = decoder_only_families()
 
@@ -39,8 +44,8 @@ def test_lean_loop_gives_hf_generate_tokens_and_scores(loaded_at, specimens, fam
     inputs = padded_batch(loaded, specimens)
     ref, ref_lp, new, new_lp = _both(loaded, inputs, 12)
     assert new.shape[1] >= ref.shape[1]
-    assert torch.equal(new[:, : ref.shape[1]], ref)
-    assert torch.allclose(new_lp[:, : ref.shape[1]], ref_lp, atol=1e-5)
+    assert torch.equal(new[:, : ref.shape[1]], ref), versions_note()
+    assert torch.allclose(new_lp[:, : ref.shape[1]], ref_lp, atol=1e-5), versions_note()
     assert len({tuple(r) for r in ref.tolist()}) > 1  # rows differ: the check can fail
 
 
@@ -59,7 +64,7 @@ def test_lean_loop_stops_like_hf_on_end_tokens(loaded_at, specimens, family):
 
     ref, _, new, _ = _both(loaded, inputs, 40, forced)
     assert ref.shape[1] < 40  # every row ended: HF stopped early
-    assert torch.equal(new[:, : ref.shape[1]], ref)
+    assert torch.equal(new[:, : ref.shape[1]], ref), versions_note()
     assert new.shape[1] == ref.shape[1]  # on the CPU the loop checks every step
 
 
@@ -79,8 +84,8 @@ def test_score_settings_of_the_generation_config_are_applied(loaded_at, specimen
     finally:
         gen.repetition_penalty, gen.no_repeat_ngram_size, gen.suppress_tokens = 1.0, 0, None
     assert not torch.equal(ref, plain)  # the settings changed the output: the test can fail
-    assert torch.equal(new[:, : ref.shape[1]], ref)
-    assert torch.allclose(new_lp[:, : ref.shape[1]], ref_lp, atol=1e-5)
+    assert torch.equal(new[:, : ref.shape[1]], ref), versions_note()
+    assert torch.allclose(new_lp[:, : ref.shape[1]], ref_lp, atol=1e-5), versions_note()
 
 
 def test_blockers_name_why_hf_generate_is_used(loaded_at):
@@ -215,7 +220,7 @@ def test_decoding_steps_get_the_masks_hf_builds(loaded_at, specimens, family, mo
     assert len(ref) == len(new) > 0
     for ours, theirs in zip(new, ref, strict=True):
         assert theirs is not None and ours.shape == theirs.shape and ours.dtype == theirs.dtype
-        assert ours.is_contiguous() and torch.equal(ours, theirs)
+        assert ours.is_contiguous() and torch.equal(ours, theirs), versions_note()
     assert not bool(ref[-1].all())  # padding present: masks that differ would show
 
 

@@ -15,7 +15,12 @@ from vieval_runner.generate.batches import generate
 from vieval_runner.generate.decoding import hf_generate, lean_greedy
 from vieval_runner.generate.options import GenerateOptions
 from vieval_runner.prepare.inputs import prepare
-from vieval_runner.testing.fixtures import decoder_only_families, load_at_200, padded_batch
+from vieval_runner.testing.fixtures import (
+    decoder_only_families,
+    load_at_200,
+    padded_batch,
+    versions_note,
+)
 
 DECODER_ONLY = decoder_only_families()
 
@@ -46,8 +51,8 @@ def test_static_lean_loop_gives_hf_static_cache_tokens(loaded_at, specimens, fam
             loaded, inputs, 10, [], True, static_cache=True, graphs="call"
         )
     n = ref.shape[1]
-    assert torch.equal(new[:, :n], ref)
-    assert torch.allclose(new_lp[:, :n], ref_lp, atol=1e-5)
+    assert torch.equal(new[:, :n], ref), versions_note()
+    assert torch.allclose(new_lp[:, :n], ref_lp, atol=1e-5), versions_note()
     assert torch.equal(replayed, new) and torch.equal(replayed_lp, new_lp)
     assert len({tuple(r) for r in ref.tolist()}) > 1  # rows differ: the check can fail
 

@@ -14,7 +14,7 @@ from vieval_runner.model import loading as models
 from vieval_runner.model.loading import detect_family, load_base, load_processor_for
 from vieval_runner.model.swap import restore_base, swap_weights
 from vieval_runner.records import CheckpointError
-from vieval_runner.testing.fixtures import logits_of, model_batch
+from vieval_runner.testing.fixtures import logits_of, model_batch, versions_note
 from vieval_runner.testing.tiny_models import FAMILIES_BUILDABLE
 
 
@@ -63,11 +63,11 @@ def test_swap_equals_fresh_from_pretrained_and_restores_base(tiny_run, family, s
     loaded = load_base(run.base_model_dir, device="cpu")
     inputs = model_batch(loaded, specimens)
     base = logits_of(loaded.model, inputs)
-    assert torch.equal(base, logits_of(_fresh(run.base_model_dir), inputs))
+    assert torch.equal(base, logits_of(_fresh(run.base_model_dir), inputs)), versions_note()
     ckpt = run.run_dir / "checkpoint-200"
     swap_weights(loaded, ckpt)
     swapped = logits_of(loaded.model, inputs)
-    assert torch.equal(swapped, logits_of(_fresh(ckpt), inputs))  # bit-identical
+    assert torch.equal(swapped, logits_of(_fresh(ckpt), inputs)), versions_note()  # bit-identical
     assert (swapped - base).abs().max().item() > 1e-3  # the swap changed something
     assert loaded.current == str(ckpt)
     restore_base(loaded)

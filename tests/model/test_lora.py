@@ -15,7 +15,7 @@ from vieval_runner.checkpoints import find_checkpoints
 from vieval_runner.model.loading import apply_checkpoint, load_base
 from vieval_runner.model.swap import swap_weights
 from vieval_runner.records import CheckpointError
-from vieval_runner.testing.fixtures import logits_of, model_batch
+from vieval_runner.testing.fixtures import logits_of, model_batch, versions_note
 
 
 def _merged(base_dir, adapter_dir):
@@ -66,11 +66,21 @@ def test_adapter_swap_equals_merged_reference(tiny_lora_run, family, specimens):
     reference = logits_of(_merged(run.base_model_dir, run.run_dir / "checkpoint-200"), inputs)
     # merging changes the arithmetic order only: equal to float32 rounding of the logit scale
     scale = max(1.0, reference.abs().max().item())
-    assert (swapped - reference).abs().max().item() <= 1e-5 * scale
+    assert (swapped - reference).abs().max().item() <= 1e-5 * scale, versions_note()
     assert (swapped - base).abs().max().item() > 1e-2  # the adapter changed the outputs
     assert loaded.current == str(ckpts[200].path) and loaded.adapter is not None
     apply_checkpoint(loaded, ckpts[0])
-    assert torch.equal(logits_of(loaded.model, inputs), base)
+    # step 0 after an adapter is a fresh base load, bit for bit: same weights, same flags
+    # (peft freezes the base parameters and torch's matmul path depends on requires_grad)
+    fresh = load_base(run.base_model_dir, device="cpu").model
+    flags = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
+    assert flags == {n: p.requires_grad for n, p in fresh.named_parameters()}
+    at_0 = logits_of(loaded.model, inputs)
+    assert torch.equal(at_0, logits_of(fresh, inputs)), (
+        f"step 0 after an adapter differs from a fresh base load by "
+        f"{(at_0 - base).abs().max().item():.3g}; {versions_note()}"
+    )
+    assert torch.equal(at_0, base)
 
 
 def test_switching_adapters_and_back_is_exact_and_step0_is_the_base(tiny_lora_run, specimens):
@@ -89,13 +99,13 @@ def test_switching_adapters_and_back_is_exact_and_step0_is_the_base(tiny_lora_ru
     # only the active adapter stays on the model: the old ones are deleted
     assert list(loaded.peft_model.peft_config) == [loaded.adapter]
     apply_checkpoint(loaded, ckpts[100])
-    assert torch.equal(logits_of(loaded.model, inputs), outputs[100])
+    assert torch.equal(logits_of(loaded.model, inputs), outputs[100]), versions_note()
     apply_checkpoint(loaded, ckpts[0])  # step 0 after an adapter: the base, exactly
-    assert torch.equal(logits_of(loaded.model, inputs), base)
+    assert torch.equal(logits_of(loaded.model, inputs), base), versions_note()
     assert type(loaded.model) is model_class and not _has_lora_layers(loaded.model)
     assert loaded.current == "base" and loaded.adapter is None
     apply_checkpoint(loaded, ckpts[300])  # and adapters go on again after the base
-    assert torch.equal(logits_of(loaded.model, inputs), outputs[300])
+    assert torch.equal(logits_of(loaded.model, inputs), outputs[300]), versions_note()
 
 
 def test_generation_uses_the_active_adapter(tiny_lora_run, specimens):

@@ -12,7 +12,7 @@ from vieval_runner.model.loading import load_base
 from vieval_runner.model.vision_attention import PACKED_SDPA, pack_vision_attention
 from vieval_runner.model.vision_attention import unpack_vision_attention as unpack
 from vieval_runner.prepare.inputs import prepare
-from vieval_runner.testing.fixtures import make_specimens
+from vieval_runner.testing.fixtures import make_specimens, versions_note
 from vieval_runner.testing.tiny_models import build_tiny_model
 
 QWEN = ["qwen2_vl", "qwen25_vl", "qwen3_vl"]
@@ -78,7 +78,8 @@ def test_tower_outputs_are_identical_with_fewer_attention_calls(
 
     assert len(packed) == len(reference) > 0
     for ours, theirs in zip(packed, reference, strict=True):
-        assert torch.equal(ours, theirs)  # bit for bit: same kernel, same values per image
+        # bit for bit: same kernel, same values per image
+        assert torch.equal(ours, theirs), versions_note()
     layers = loaded.model.config.vision_config.depth
     assert loop_calls >= layers * len(chosen)  # HF: at least one call per image and layer
     distinct = len({t * h * w for t, h, w in grid.tolist()})  # image lengths in patches

@@ -25,7 +25,7 @@ from vieval_runner.generate.options import GenerateOptions
 from vieval_runner.pipeline import rescore, results
 from vieval_runner.prepare.inputs import prepare
 from vieval_runner.records import Box
-from vieval_runner.testing.fixtures import make_specimens
+from vieval_runner.testing.fixtures import make_specimens, versions_note
 
 # ---------------------------------------------------------------- the assignment itself
 
@@ -194,7 +194,7 @@ def test_two_boxes_written_with_different_probabilities_get_their_own_scores(
         assert pred.parse_status == "ok" and len(pred.pred_boxes) == 2
         want = [math.exp(sum(ref[i] for i in ix) / len(ix)) for ix in tokens]
         got = [b.score for b in pred.pred_boxes]
-        assert got == pytest.approx(want, rel=1e-5), (family, got, want)
+        assert got == pytest.approx(want, rel=1e-5), (family, got, want, versions_note())
         assert got[1] - got[0] > 0.05  # the boosted-more box scores clearly higher
         assert pred.confidence is not None and got[0] < pred.confidence < got[1]
 

@@ -4,8 +4,11 @@ A Trainer training a ``PeftModel`` saves ``adapter_config.json`` + ``adapter_mod
 per checkpoint. The base stays resident; each checkpoint's adapter is loaded next to the
 current one, activated, and the old one deleted (peft's ``load_adapter`` + ``set_adapter``),
 so any rank or target set works. Step 0 unloads every adapter: the base modules come back
-untouched, so the base's outputs are exact. peft is used directly: transformers' own
-``load_adapter`` needs peft >= 0.22.
+untouched, so the base's outputs are exact. Wrapping freezes the base parameters
+(``requires_grad=False``) and ``unload()`` leaves them frozen, while torch's ``matmul`` takes
+another kernel for a non-contiguous 3-D input when the weight is frozen (Florence-2's channel
+attention: up to 4e-6 in the logits), so unloading restores each parameter's flag. peft is
+used directly: transformers' own ``load_adapter`` needs peft >= 0.22.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def swap_adapter(loaded: LoadedModel, checkpoint_dir: str | Path) -> None:
     created = loaded.peft_model is None
     try:
         if created:
+            loaded.base_requires_grad = [(p, p.requires_grad) for p in loaded.model.parameters()]
             with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecates
                 warnings.simplefilter("ignore", FutureWarning)
                 loaded.peft_model = PeftModel(loaded.model, config, adapter_name=name)
@@ -116,5 +120,8 @@ def remove_adapters(loaded: LoadedModel) -> None:
     # unload() puts each wrapped layer's untouched base layer back in place (no merge)
     loaded.model = loaded.peft_model.unload()
     loaded.model.eval()
+    for param, requires_grad in loaded.base_requires_grad or []:  # peft froze them; torch's
+        param.requires_grad_(requires_grad)  # matmul path depends on the flag, so restore it
+    loaded.base_requires_grad = None
     loaded.peft_model = None
     loaded.adapter = None

@@ -167,3 +167,39 @@ def fill_disk(disk: Path, leave: int = 0) -> Path:
     if leave:
         os.truncate(filler, max(0, filler.stat().st_size - leave))
     return filler
+
+
+# The libraries whose internals exact comparisons depend on; their versions in the tested set
+# (requirements.lock, beside the package in a checkout) are what the assertions were written
+# for. Outside a checkout: the set of the last lock.
+INTERNALS = {"transformers": "5.25.0", "peft": "0.21.2", "torch": "2.14.1"}
+_LOCK = Path(__file__).resolve().parents[2] / "requirements.lock"
+
+
+def _written_for() -> dict[str, str]:
+    found = dict(INTERNALS)
+    if _LOCK.is_file():
+        for line in _LOCK.read_text().splitlines():
+            name, _, version = line.partition(";")[0].strip().partition("==")
+            if name in found:
+                found[name] = version
+    return found
+
+
+def versions_note() -> str:
+    """``written for transformers 5.25.0, peft 0.21.2, torch 2.14.1; now: ...`` for assertions
+    whose exact values depend on another library's internals, so drift says what moved."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name).split("+")[0]
+        except PackageNotFoundError:
+            return "absent"
+
+    written = _written_for()
+    now = {name: installed(name) for name in written}
+    moved = [name for name in written if now[name] != written[name]]
+    note = "written for " + ", ".join(f"{k} {v}" for k, v in written.items())
+    note += "; now: " + ", ".join(f"{k} {v}" for k, v in now.items())
+    return note + (f" (moved: {', '.join(moved)})" if moved else "")
