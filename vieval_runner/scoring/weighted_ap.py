@@ -170,8 +170,19 @@ def _paired_iou(p: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """``{"ap", "ap50", "ap75"}`` per row of ``weights [B, N]``; NaN where no reference counts."""
+    """``{"ap", "ap50", "ap75"}`` per row of ``weights [B, N]``; NaN where no reference counts.
+
+    Rows go through in chunks: the per-threshold cumulative sums are ``[B, T, D]`` arrays, and
+    a few resamples at a time keep them in cache (the same numbers as all rows at once)."""
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    rows = max(1, 2_000_000 // max(1, len(IOU_THRESHOLDS) * table.tps.shape[1]))
+    if weights.shape[0] > rows:
+        parts = [_weighted_ap(table, weights[i : i + rows]) for i in range(0, len(weights), rows)]
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    return _weighted_ap(table, weights)
+
+
+def _weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndarray]:
     n_b, n_t, n_d = weights.shape[0], len(IOU_THRESHOLDS), table.tps.shape[1]
     n_ref = weights @ table.refs
     precision = np.zeros((n_b, n_t, len(RECALL_THRESHOLDS)))
