@@ -175,7 +175,7 @@ def weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndar
     Rows go through in chunks: the per-threshold cumulative sums are ``[B, T, D]`` arrays, and
     a few resamples at a time keep them in cache (the same numbers as all rows at once)."""
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    rows = max(1, 2_000_000 // max(1, len(IOU_THRESHOLDS) * table.tps.shape[1]))
+    rows = max(1, 4_000_000 // max(1, len(IOU_THRESHOLDS) * table.tps.shape[1]))
     if weights.shape[0] > rows:
         parts = [_weighted_ap(table, weights[i : i + rows]) for i in range(0, len(weights), rows)]
         return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
@@ -189,10 +189,15 @@ def _weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.nda
     if n_d:
         w = weights[:, table.image][:, None, :]  # [B, 1, D]
         tp = np.cumsum(w * table.tps[None], axis=-1)
-        fp = np.cumsum(w * table.fps[None], axis=-1)
+        counted = table.tps + table.fps  # detections not ignored, per threshold
+        if (counted == counted[:1]).all():  # the same at every threshold (no ignored refs):
+            # fp + tp is one threshold-free sum (exact for the integer bootstrap weights)
+            both = np.cumsum(w * counted[None, :1], axis=-1)
+        else:
+            both = tp + np.cumsum(w * table.fps[None], axis=-1)
         with np.errstate(divide="ignore", invalid="ignore"):
             rc = tp / n_ref[:, None, None]
-        pr = tp / (fp + tp + np.spacing(1))
+        pr = tp / (both + np.spacing(1))
         pr = np.maximum.accumulate(pr[..., ::-1], axis=-1)[..., ::-1]  # COCO's envelope
         for b in range(n_b):
             for t in range(n_t):
