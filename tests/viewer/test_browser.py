@@ -20,8 +20,6 @@ from vieval_runner.testing.stores import (
     make_vqa_store,
 )
 from vieval_runner.viewer import export_html, serve
-from vieval_runner.viewer.chromium import CHROMIUM
-from vieval_runner.viewer.chromium import CHROMIUM_ARGS as ARGS
 
 pytestmark = pytest.mark.browser
 
@@ -34,17 +32,6 @@ DOCS = (
     else Path(tempfile.mkdtemp(prefix="vieval-screens-"))
 )
 TOL = 1.5  # px
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: install the distribution's chromium package")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,12 @@ endpoint, and the page in a real headless Chromium (Playwright; the system brows
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import pytest
 
 from vieval_runner.testing.stat_stores import UNDECODABLE_LABEL, build_stat_store
 from vieval_runner.viewer import serve
-from vieval_runner.viewer.chromium import CHROMIUM
-from vieval_runner.viewer.chromium import CHROMIUM_ARGS as ARGS
 from vieval_runner.viewer.rows import visible
 
 
@@ -63,17 +60,6 @@ def test_intervals_recomputed_for_a_store_that_stored_none(tmp_path):
     want = step_intervals("grounding", rows)["f1"]
     got = next(a for a in run["aggregates"] if a["step"] == 300)["f1_ci95"]
     assert got == want
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: install the distribution's chromium package")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.mark.browser
