@@ -1,4 +1,4 @@
-"""Bootstrap intervals, paired tests and weighted AP against scipy / pycocotools references."""
+"""Bootstrap intervals and paired tests against scipy / statsmodels-style references."""
 
 from __future__ import annotations
 
@@ -6,15 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from vieval_runner.records import Box
 from vieval_runner.scoring import intervals, stats
-from vieval_runner.scoring.weighted_ap import (
-    AREA_RANGES,
-    area_range_ap,
-    detection_table,
-    weighted_ap,
-)
-from vieval_runner.testing.stat_stores import cocoeval_precision
 
 
 def _counts(seed: int, n: int):
@@ -171,71 +163,3 @@ def test_compare_steps_binary_uses_mcnemar_and_counts():
     assert got["difference"] == pytest.approx(3 / 5 - 2 / 5)
     assert got["p_value"] == pytest.approx(sps.binomtest(2, 3, 0.5).pvalue)
     assert got["test"].startswith("exact McNemar")
-
-
-# ---- weighted AP against pycocotools ---------------------------------------------------------
-
-
-def scored_step(seed: int, n: int = 40):
-    rng = np.random.default_rng(seed)
-    preds, refs = [], []
-    for i in range(n):
-        ref = []
-        for _ in range(int(rng.integers(0, 4))):
-            x, y = rng.uniform(0, 300, 2)
-            w, h = rng.choice([8.0, 40.0, 130.0]) * rng.uniform(0.7, 1.3, 2)
-            ref.append(Box(x, y, x + w, y + h))
-        pred = []
-        for b in ref:
-            if rng.uniform() < 0.8:
-                j = rng.normal(0, rng.choice([1.0, 4.0, 15.0]), 4)
-                x1, y1, x2, y2 = np.array(b.as_list()) + j
-                pred.append(Box(min(x1, x2), min(y1, y2), max(x1, x2) + 1, max(y1, y2) + 1))
-        for _ in range(int(rng.integers(0, 3))):
-            x, y = rng.uniform(0, 300, 2)
-            w, h = rng.choice([8.0, 40.0, 130.0]) * rng.uniform(0.7, 1.3, 2)
-            pred.append(Box(x, y, x + w, y + h))
-        pred = [Box(*b.as_list(), score=round(float(rng.uniform()), 2)) for b in pred]
-        preds.append(pred if i % 9 != 4 else [])
-        refs.append(ref)
-    return preds, refs
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_area_range_ap_equals_pycocotools(seed):
-    preds, refs = scored_step(seed)
-    prec = cocoeval_precision(preds, refs)
-    for a, area in enumerate(("all", "small", "medium", "large")):
-        p = prec[:, :, a]
-        got = area_range_ap(preds, refs, area)
-        if (p > -1).sum() == 0:
-            assert got is None
-            continue
-        assert got["ap"] == pytest.approx(p[p > -1].mean(), abs=1e-6), area
-        assert got["ap50"] == pytest.approx(p[0].mean(), abs=1e-6), area
-    assert area_range_ap(preds, refs, "small")["ap"] != pytest.approx(
-        area_range_ap(preds, refs, "large")["ap"], abs=1e-3
-    )
-
-
-def test_weighted_ap_equals_pycocotools_on_duplicated_images():
-    preds, refs = scored_step(4, 25)
-    weights = np.random.default_rng(0).integers(0, 3, 25)
-    # a resample drawn as counts equals COCOeval on the images repeated that many times
-    # (scores made unique so that tie order between copies cannot matter)
-    preds = [
-        [Box(*b.as_list(), score=b.score + 1e-6 * i) for b in bs] for i, bs in enumerate(preds)
-    ]
-    dup_p = [p for p, w in zip(preds, weights, strict=True) for _ in range(w)]
-    dup_r = [r for r, w in zip(refs, weights, strict=True) for _ in range(w)]
-    prec = cocoeval_precision(dup_p, dup_r)[:, :, 0]
-    got = weighted_ap(detection_table(preds, refs, AREA_RANGES["all"]), weights[None])
-    assert got["ap"][0] == pytest.approx(prec.mean(), abs=1e-6)
-
-
-def test_ap_interval_brackets_point_estimate():
-    preds, refs = scored_step(6, 120)
-    point = area_range_ap(preds, refs)
-    ci = intervals.ap_intervals(preds, refs, n_resamples=200)
-    assert ci["ap"][0] < point["ap"] < ci["ap"][1]
-    assert ci["ap50"][0] < point["ap50"] < ci["ap50"][1]

@@ -4,8 +4,9 @@ intervals, and paired comparisons of two steps on the specimens they share.
 Per-specimen inputs are the stored prediction columns (``tp fp fn acc_at_50 iou_mean`` for
 grounding, the answer metrics for VQA), so everything is recomputable from a store without
 a model. AP intervals re-weight detections matched once (`weighted_ap`); they use
-``ap_resamples`` (default 200) draws because each draw is a cumulative sum over all
-detections at 10 IoU thresholds, not a matrix product.
+``ap_resamples`` (default 200) draws because each draw is a cumulative sum over the step's
+true positives at 10 IoU thresholds, not one matrix product (about 0.3 s for 200 draws of a
+10,000-specimen step on 2 CPU cores).
 """
 
 from __future__ import annotations

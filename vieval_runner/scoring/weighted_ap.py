@@ -172,10 +172,10 @@ def _paired_iou(p: np.ndarray, r: np.ndarray) -> np.ndarray:
 def weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndarray]:
     """``{"ap", "ap50", "ap75"}`` per row of ``weights [B, N]``; NaN where no reference counts.
 
-    Rows go through in chunks: the per-threshold cumulative sums are ``[B, T, D]`` arrays, and
-    a few resamples at a time keep them in cache (the same numbers as all rows at once)."""
+    Rows go through in chunks, so that the ``[B, D]`` cumulative sums of a step with many
+    detections stay within a few hundred MB (the same numbers as all rows at once)."""
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    rows = max(1, 4_000_000 // max(1, len(IOU_THRESHOLDS) * table.tps.shape[1]))
+    rows = max(1, 4_000_000 // max(1, table.tps.shape[1]))
     if weights.shape[0] > rows:
         parts = [_weighted_ap(table, weights[i : i + rows]) for i in range(0, len(weights), rows)]
         return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
@@ -183,27 +183,36 @@ def weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndar
 
 
 def _weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndarray]:
-    n_b, n_t, n_d = weights.shape[0], len(IOU_THRESHOLDS), table.tps.shape[1]
+    """COCOeval.accumulate's precision at the 101 recall thresholds, one row per resample.
+
+    Only true positives are visited per threshold: recall rises only there, and precision
+    after a false positive is below the one at the true positive before it, so COCO's
+    envelope and recall lookup read the same values off the true positives alone. The
+    counted detections' cumulative weight (the denominator) is one sum shared by every
+    threshold when none of them ignores a detection."""
+    n_b, n_t = weights.shape[0], len(IOU_THRESHOLDS)
     n_ref = weights @ table.refs
     precision = np.zeros((n_b, n_t, len(RECALL_THRESHOLDS)))
-    if n_d:
-        w = weights[:, table.image][:, None, :]  # [B, 1, D]
-        tp = np.cumsum(w * table.tps[None], axis=-1)
-        counted = table.tps + table.fps  # detections not ignored, per threshold
-        if (counted == counted[:1]).all():  # the same at every threshold (no ignored refs):
-            # fp + tp is one threshold-free sum (exact for the integer bootstrap weights)
-            both = np.cumsum(w * counted[None, :1], axis=-1)
-        else:
-            both = tp + np.cumsum(w * table.fps[None], axis=-1)
+    w = weights[:, table.image]  # [B, D]
+    counted = table.tps | table.fps  # detections not ignored, per threshold
+    shared = bool((counted == counted[:1]).all())
+    for t in range(n_t if table.tps.shape[1] else 0):
+        if t == 0 or not shared:
+            kept = np.flatnonzero(counted[t])
+            w_kept = w[:, kept]
+            both_all = np.cumsum(w_kept, axis=1)  # [B, counted detections]
+        hits = np.flatnonzero(table.tps[t, kept])  # true positives among the counted
+        if not len(hits):
+            continue  # precision stays 0 at every recall threshold
+        tp = np.cumsum(w_kept[:, hits], axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            rc = tp / n_ref[:, None, None]
-        pr = tp / (both + np.spacing(1))
-        pr = np.maximum.accumulate(pr[..., ::-1], axis=-1)[..., ::-1]  # COCO's envelope
+            rc = tp / n_ref[:, None]
+        pr = tp / (both_all[:, hits] + np.spacing(1))
+        pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # COCO's envelope
         for b in range(n_b):
-            for t in range(n_t):
-                idx = np.searchsorted(rc[b, t], RECALL_THRESHOLDS, side="left")
-                ok = idx < n_d
-                precision[b, t, ok] = pr[b, t, idx[ok]]
+            idx = np.searchsorted(rc[b], RECALL_THRESHOLDS, side="left")
+            ok = idx < len(hits)
+            precision[b, t, ok] = pr[b, idx[ok]]
     undefined = n_ref <= 0
     ap = precision.mean(axis=(1, 2))
     out = {"ap": ap, "ap50": precision[:, 0].mean(axis=1), "ap75": precision[:, 5].mean(axis=1)}
