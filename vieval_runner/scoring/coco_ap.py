@@ -10,7 +10,10 @@ Agreement with pycocotools ``COCOeval`` is tested.
 
 from __future__ import annotations
 
+import gc
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -26,16 +29,34 @@ def _annotations(boxes_per_image: list[list[Box]], scored: bool) -> list[dict]:
     # What COCO.loadRes adds to results (area = w * h, ids from 1, no crowd) is written here
     # for both sides, so neither goes through loadRes' per-result copying (a quarter of the
     # time at 100,000 specimens). COCOeval treats id 0 as "unmatched": ids start at 1.
-    anns = []
-    for image_id, boxes in enumerate(boxes_per_image, 1):
-        for b in boxes:
-            w, h = b.x2 - b.x1, b.y2 - b.y1
-            ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": _CATEGORY,
-                   "bbox": [b.x1, b.y1, w, h], "area": w * h, "iscrowd": 0}  # fmt: skip
-            if scored:
-                ann["score"] = b.score
-            anns.append(ann)
+    flat = [(i, b) for i, boxes in enumerate(boxes_per_image, 1) for b in boxes]
+    anns = [
+        {"id": k, "image_id": i, "category_id": _CATEGORY,
+         "bbox": [b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1], "area": (b.x2 - b.x1) * (b.y2 - b.y1),
+         "iscrowd": 0}
+        for k, (i, b) in enumerate(flat, 1)
+    ]  # fmt: skip
+    if scored:
+        for ann, (_, b) in zip(anns, flat, strict=True):
+            ann["score"] = b.score
     return anns
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (restored after, if it was on).
+
+    Building and indexing a step's annotation dicts allocates millions of objects that live
+    until the evaluation ends; every allocation-count threshold crossed starts a collection
+    that walks all of them again (at 100,000 specimens: 9.0 s with collections, 7.3 s
+    without). Nothing here makes reference cycles worth collecting early."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def _coco(boxes_per_image: list[list[Box]], scored: bool, quiet) -> object:
@@ -72,18 +93,20 @@ def coco_average_precision(
     from faster_coco_eval import COCOeval_faster
 
     quiet = logging.getLogger("faster_coco_eval").debug  # its progress lines, not stdout
-    gt, dt = _coco(ref_boxes, False, quiet), _coco(pred_boxes, True, quiet)
-    evaluator = COCOeval_faster(
-        gt, dt, "bbox", ranges={"all": list(_AREA_ALL)}, print_function=quiet
-    )
-    evaluator.params.maxDets = [max_dets]
-    evaluator.params.areaRng = [list(_AREA_ALL)]
-    evaluator.params.areaRngLbl = ["all"]
-    evaluator.evaluate()
-    evaluator.accumulate()
-    # precision: [iou threshold, recall point, category, area range, maxDets]
-    precision = np.asarray(evaluator.eval["precision"])[:, :, 0, 0, -1]
-    thresholds = np.asarray(evaluator.params.iouThrs)
+    with _gc_paused():
+        gt, dt = _coco(ref_boxes, False, quiet), _coco(pred_boxes, True, quiet)
+        evaluator = COCOeval_faster(
+            gt, dt, "bbox", ranges={"all": list(_AREA_ALL)}, print_function=quiet
+        )
+        evaluator.params.maxDets = [max_dets]
+        evaluator.params.areaRng = [list(_AREA_ALL)]
+        evaluator.params.areaRngLbl = ["all"]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        # precision: [iou threshold, recall point, category, area range, maxDets]
+        precision = np.asarray(evaluator.eval["precision"])[:, :, 0, 0, -1]
+        thresholds = np.asarray(evaluator.params.iouThrs)
+        del gt, dt, evaluator  # freed here, while collections are still paused
     return {
         "ap": float(precision.mean()),
         "ap50": float(precision[np.isclose(thresholds, 0.5)].mean()),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
@@ -286,18 +285,18 @@ def _box_rows(value: object, what: str) -> list[dict] | None:
     return out
 
 
-def _clean_value(name: str, value: object, typ: pa.DataType, what: str) -> object:
-    if value is None:
-        return None
+def _cleaner(name: str, typ: pa.DataType):
+    """How one column's non-null values are made storable: ``fn(value, what)``, or None
+    where they are stored as given (NaN included: it is a value, e.g. IoU of nothing)."""
     if typ == BOXES:
-        return _box_rows(value, f"{what} column {name!r}")
-    if name in JSON_COLUMNS and not isinstance(value, str):
-        return json.dumps(value, sort_keys=True, default=str)
+        return lambda value, what: _box_rows(value, f"{what} column {name!r}")
+    if name in JSON_COLUMNS:
+        return lambda value, what: (
+            value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        )
     if typ == TIMESTAMP:
-        return to_timestamp(value, f"{what} column {name!r}")
-    if pa.types.is_floating(typ) and isinstance(value, float) and math.isnan(value):
-        return value  # NaN is a value (e.g. IoU of nothing); keep it as the scorer made it
-    return value
+        return lambda value, what: to_timestamp(value, f"{what} column {name!r}")
+    return None
 
 
 def _extra_type(name: str, values: list, what: str) -> pa.DataType:
@@ -319,14 +318,17 @@ def rows_to_table(rows: Iterable[Mapping], schema: pa.Schema, what: str) -> pa.T
     extra: list[str] = []
     for row in rows:
         extra.extend(k for k in row if k not in names and k not in extra)
-    cleaned: dict[str, list] = {name: [] for name in [*schema.names, *extra]}
     types = {f.name: f.type for f in schema}
-    for i, row in enumerate(rows):
-        for name in cleaned:
-            value = row.get(name)
-            if name in types:
-                value = _clean_value(name, value, types[name], f"{what} row {i}")
-            cleaned[name].append(value)
+    # column by column: the type's cleaning is chosen once, not per value
+    cleaned: dict[str, list] = {}
+    for name in [*schema.names, *extra]:
+        values = [row.get(name) for row in rows]
+        clean = _cleaner(name, types[name]) if name in types else None
+        if clean is not None:
+            values = [
+                None if v is None else clean(v, f"{what} row {i}") for i, v in enumerate(values)
+            ]
+        cleaned[name] = values
     arrays, fields = [], []
     for name, values in cleaned.items():
         typ = types.get(name) or _extra_type(name, values, what)
