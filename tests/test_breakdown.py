@@ -93,3 +93,33 @@ def test_vqa_breakdown_by_question_word_and_tiny_compare(tmp_path):
     # step 0 answers none exactly, step 100 two of three: McNemar on 2 discordant pairs
     assert (got["better"], got["worse"], got["unchanged"], got["n"]) == (2, 0, 1, 3)
     assert got["p_value"] == binomtest(2, 2, 0.5).pvalue == 0.5  # tiny n: never significant
+
+
+def test_vqa_bleu_per_slice_and_paired_bleu_against_sacrebleu(tmp_path):
+    from vieval_runner import evidence
+    from vieval_runner.testing.vqa_stat_store import (
+        build_vqa_stat_store,
+        corpus_bleu,
+        sacrebleu_interval,
+        sacrebleu_paired_interval,
+        vqa_specimens,
+    )
+
+    answers = build_vqa_stat_store(tmp_path / "st")
+    specimens = vqa_specimens()
+    refs = [s.ref_answers for s in specimens]
+    reader = store.open_store(str(tmp_path / "st"))
+    rows = breakdown.breakdown(reader, "label", steps=[100], n_resamples=200)
+    assert {r["slice"]: r["n"] for r in rows} == {"How": 20, "What": 20, "Where": 20}
+    for r in rows:  # reference: sacrebleu on the slice's answers and their resamples
+        idx = [i for i, s in enumerate(specimens) if s.prompt.startswith(r["slice"] + " ")]
+        got, their = [answers[100][i] for i in idx], [refs[i] for i in idx]
+        assert r["bleu"] == pytest.approx(corpus_bleu(got, their), abs=1e-9)
+        assert r["bleu_ci95"] == pytest.approx(sacrebleu_interval(got, their, 200), abs=1e-9)
+
+    got = evidence.compare(reader, "vqa", "vqa", 0, "vqa", 100, "bleu", n_resamples=300)
+    difference = corpus_bleu(answers[100], refs) - corpus_bleu(answers[0], refs)
+    assert got["difference"] == pytest.approx(difference, abs=1e-9)
+    paired = sacrebleu_paired_interval(answers[0], answers[100], refs, 300)
+    assert got["ci95"] == pytest.approx(paired, abs=1e-9)
+    assert got["p_value"] < 0.05 and got["better"] > got["worse"]

@@ -283,6 +283,34 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, tiny_run):
     assert "Traceback" not in err
 
 
+def test_summary_ap_resamples_reach_the_ap_intervals(tmp_path, capsys):
+    from vieval_runner import store
+    from vieval_runner.records import Box
+    from vieval_runner.scoring import intervals
+    from vieval_runner.testing.stat_stores import build_stat_store
+
+    specimens = build_stat_store(tmp_path / "st", n=60)
+
+    def ap_ci95(*extra: str) -> list:
+        assert cli.main(["summary", str(tmp_path / "st"), "--json", *extra]) == 0
+        (run,) = json.loads(capsys.readouterr().out)["runs"]
+        return next(s["ap_ci95"] for s in run["steps"] if s["step"] == 100)
+
+    table = store.open_store(str(tmp_path / "st")).step("run", 100)
+    preds = [[Box.from_row(b) for b in bs] for bs in table.column("pred_boxes").to_pylist()]
+    refs = [s.ref_boxes for s in specimens]  # specimen ids sort as written
+    fifty = intervals.ap_intervals(preds, refs, n_resamples=50)["ap"]
+    assert ap_ci95("--ap-resamples", "50") == fifty
+    assert ap_ci95() == intervals.ap_intervals(preds, refs)["ap"] != fifty
+    # and the per-size AP of `--by size`
+    assert cli.main(["summary", str(tmp_path / "st"), "--json", "--by", "size", "--run", "run",
+                     "--ap-resamples", "50"]) == 0  # fmt: skip
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["step"] == 100]
+    for row in rows:
+        got = intervals.ap_intervals(preds, refs, n_resamples=50, area=row["slice"])
+        assert row["ap_ci95"] == got["ap"], row["slice"]
+
+
 def test_compare_two_steps_json_and_bad_step(tmp_path):
     from scipy.stats import binomtest
 

@@ -72,6 +72,14 @@ def test_wrong_type_and_literal(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["device=tpu"])
 
 
+def test_ap_bootstrap_resamples_default_and_lower_bound(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL)).scoring.ap_bootstrap_resamples == 200
+    ok = load_config(write(tmp_path, MINIMAL), ["scoring.ap_bootstrap_resamples=50"])
+    assert ok.scoring.ap_bootstrap_resamples == 50
+    with pytest.raises(ConfigError, match="ap_bootstrap_resamples"):
+        load_config(write(tmp_path, MINIMAL), ["scoring.ap_bootstrap_resamples=49"])
+
+
 def test_missing_required_key(tmp_path):
     with pytest.raises(ConfigError, match="missing required key 'store'"):
         load_config(write(tmp_path, MINIMAL.replace("store: store\n", "")))

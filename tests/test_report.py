@@ -65,3 +65,41 @@ def test_summary_intervals_significance_and_80_columns(tmp_path):
         assert f" {header} " in text.splitlines()[2] + " ", header
     assert "not significantly better than the next best" in text
     assert "significantly better than the first step" in text
+
+
+def test_vqa_summary_bleu_interval_stored_or_recomputed_from_the_answers(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    from vieval_runner import evidence, store
+    from vieval_runner.report import summarize
+    from vieval_runner.testing.vqa_stat_store import (
+        build_vqa_stat_store,
+        corpus_bleu,
+        sacrebleu_interval,
+        vqa_specimens,
+    )
+
+    answers = build_vqa_stat_store(tmp_path / "st")
+    refs = [s.ref_answers for s in vqa_specimens()]
+    reader = store.open_store(str(tmp_path / "st"))
+    stored = {e["step"]: json.loads(e["ci95"])["bleu"] for e in reader.evaluations().to_pylist()}
+    (recomputed,) = summarize(reader, n_resamples=300, seed=4)
+    for row in recomputed["steps"]:
+        got = answers[row["step"]]
+        assert row["bleu"] == pytest.approx(corpus_bleu(got, refs), abs=1e-9)
+        # reference: sacrebleu's corpus BLEU of each resample, from the stored answer text and
+        # the specimens' references (the stored interval used other settings)
+        ref = sacrebleu_interval(got, refs, n_resamples=300, seed=4)
+        assert row["bleu_ci95"] == pytest.approx(ref, abs=1e-9)
+
+    # at the settings the evaluation stored its interval with, it is taken as stored: no
+    # answer is read again
+    def unread(*args, **kwargs):
+        raise AssertionError("reference answers read although the stored interval fits")
+
+    monkeypatch.setattr(evidence, "reference_answers", unread)
+    (summary,) = summarize(reader)
+    assert {row["step"]: row["bleu_ci95"] for row in summary["steps"]} == stored
+    assert all(row["token_f1_ci95"][0] < row["token_f1"] for row in summary["steps"])

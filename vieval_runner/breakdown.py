@@ -21,7 +21,7 @@ from rich.table import Table
 from vieval_runner import evidence, report
 from vieval_runner.records import Box
 from vieval_runner.scoring import intervals
-from vieval_runner.scoring.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
+from vieval_runner.scoring.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_sums
 from vieval_runner.scoring.weighted_ap import AREA_RANGES, area_range_ap
 from vieval_runner.store import StoreError
 
@@ -59,11 +59,14 @@ def _specimens(reader) -> dict:
     table = reader.specimens()
     cols = {c: table.column(c).to_pylist() for c in ("specimen_id", "prompt", "ref_boxes")}
     metas = table.column("metadata").to_pylist() if "metadata" in table.column_names else None
+    have = "ref_answers" in table.column_names
+    answers = table.column("ref_answers").to_pylist() if have else [None] * table.num_rows
     out = {}
     for i, sid in enumerate(cols["specimen_id"]):
         meta = json.loads(metas[i]) if metas and metas[i] else {}
         refs = [Box.from_row(b) for b in cols["ref_boxes"][i] or []]
-        out[sid] = {"prompt": cols["prompt"][i], "ref_boxes": refs, "metadata": meta}
+        out[sid] = {"prompt": cols["prompt"][i], "ref_boxes": refs, "metadata": meta,
+                    "ref_answers": list(answers[i] or [])}  # fmt: skip
     return out
 
 
@@ -74,6 +77,7 @@ def breakdown(
     steps: list[int] | None = None,
     *,
     n_resamples: int = DEFAULT_RESAMPLES,
+    ap_resamples: int = intervals.AP_RESAMPLES,
     seed: int = DEFAULT_SEED,
 ) -> list[dict]:
     """Rows ``{run_id, by, slice, step, n, <metric>, <metric>_ci95 ...}`` for every step of
@@ -85,21 +89,23 @@ def breakdown(
             f"{reader.root}: no specimen has a field {by!r} (use size, label"
             f"{', ' + ', '.join(fields) if fields else ''})"
         )
+    kw = {"n_resamples": n_resamples, "ap_resamples": ap_resamples, "seed": seed}
     rows = []
     for run in [run_id] if run_id else reader.runs():
         task = report.run_task(reader, run)
         slices = _slice_values(by, task, specimens)
         for step in steps if steps is not None else reader.steps(run):
-            rows += _step_rows(reader, run, step, task, by, slices, specimens, n_resamples, seed)
+            rows += _step_rows(reader, run, step, task, by, slices, specimens, kw)
     return rows
 
 
-def _step_rows(reader, run, step, task, by, slices, specimens, n_resamples, seed) -> list[dict]:
-    data = evidence.step_rows(reader, run, step, boxes=task == "grounding")
+def _step_rows(reader, run, step, task, by, slices, specimens, kw) -> list[dict]:
+    answers = {s: v["ref_answers"] for s, v in specimens.items()} if task == "vqa" else None
+    data = evidence.step_rows(reader, run, step, boxes=task == "grounding", answers=answers)
     ids = data["specimen_id"]
     names = [slices.get(s, "(unknown)") for s in ids]
     finish = intervals.finisher(task)
-    cols = intervals.columns_of(task, data)
+    cols = intervals.columns_of(task, data)  # once: BLEU's statistics tokenize every answer
     order = SIZES if by == "size" else sorted(set(names))
     out = []
     for name in order:
@@ -108,18 +114,19 @@ def _step_rows(reader, run, step, task, by, slices, specimens, n_resamples, seed
         row = {"run_id": run, "by": by, "slice": name, "step": step, "n": n}
         if n:
             point = finish(cols[keep].sum(0)[None])
+            cis = bootstrap_sums(cols[keep], finish, n_resamples=kw["n_resamples"],
+                                 seed=kw["seed"])  # fmt: skip
+            if task == "vqa" and not intervals.has_bleu(cols):
+                del point["bleu"], cis["bleu"]
             row |= {k: _num(v[0]) for k, v in point.items()}
-            cis = intervals.step_intervals(task, {k: [v[i] for i in np.flatnonzero(keep)]
-                                                  for k, v in data.items()},
-                                           n_resamples=n_resamples, seed=seed)  # fmt: skip
             row |= {f"{k}_ci95": v for k, v in cis.items()}
         if by == "size" and task == "grounding":
-            row |= _size_ap(data, ids, specimens, name, n_resamples, seed)
+            row |= _size_ap(data, ids, specimens, name, kw)
         out.append(row)
     return out
 
 
-def _size_ap(data, ids, specimens, area, n_resamples, seed) -> dict:
+def _size_ap(data, ids, specimens, area, kw) -> dict:
     """COCOeval's AP for one area range, over every specimen of the step."""
     if not all(s in specimens for s in ids):
         return {}
@@ -127,8 +134,8 @@ def _size_ap(data, ids, specimens, area, n_resamples, seed) -> dict:
     got = area_range_ap(preds, refs, area)
     if got is None:
         return {"ap50": None, "ap": None}
-    ci = intervals.ap_intervals(preds, refs, area=area, seed=seed,
-                                n_resamples=min(n_resamples, intervals.AP_RESAMPLES))  # fmt: skip
+    ci = intervals.ap_intervals(preds, refs, area=area, seed=kw["seed"],
+                                n_resamples=kw["ap_resamples"])  # fmt: skip
     return {"ap50": got["ap50"], "ap": got["ap"], "ap50_ci95": ci["ap50"], "ap_ci95": ci["ap"]}
 
 

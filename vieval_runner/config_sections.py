@@ -61,6 +61,11 @@ class ScoringConfig(StrictModel):
     bootstrap_resamples: int = Field(
         2000, ge=100, description="Bootstrap resamples for the stored 95% intervals of each step."
     )
+    ap_bootstrap_resamples: int = Field(
+        200,
+        ge=50,
+        description="Bootstrap resamples for the stored AP50/AP intervals (each costs far more).",
+    )
     bootstrap_seed: int = Field(
         0, ge=0, description="Seed of the bootstrap resamples (fixed: intervals are reproducible)."
     )

@@ -2,7 +2,8 @@
 whether the best step is significantly better, all from stored per-specimen rows.
 
 No model is needed: the rows hold each specimen's tp/fp/fn, acc@0.5 and answer metrics, the
-predicted boxes and their scores; reference boxes come from the specimens table.
+predicted boxes and their scores, the predicted answer; reference boxes and answers come from
+the specimens table (the step's dataset version).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import numpy as np
 
 from vieval_runner.records import Box
 from vieval_runner.scoring import intervals
+from vieval_runner.scoring.intervals import AP_RESAMPLES
 from vieval_runner.scoring.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 from vieval_runner.store import StoreError
 
 ROW_COLUMNS = (
     "specimen_id",
     *("tp", "fp", "fn", "precision", "recall", "f1", "iou_mean", "acc_at_50"),
-    *("exact_match", "vqa_accuracy", "token_f1", "rouge_l", "anls"),
+    *("exact_match", "vqa_accuracy", "token_f1", "bleu", "rouge_l", "anls", "pred_answer"),
 )
 COMPARE_METRICS = {
     "grounding": ("f1", "precision", "recall", "acc_at_50"),
@@ -27,8 +29,16 @@ COMPARE_METRICS = {
 }
 
 
-def step_rows(reader, run_id: str, step: int, boxes: bool = False) -> dict[str, list]:
-    """One step's stored per-specimen columns (sorted by specimen id), as lists."""
+def step_rows(
+    reader,
+    run_id: str,
+    step: int,
+    boxes: bool = False,
+    answers: Mapping[str, list[str]] | None = None,
+) -> dict[str, list]:
+    """One step's stored per-specimen columns (sorted by specimen id), as lists; with
+    ``answers`` (specimen_id -> reference answers) a ``ref_answers`` column too (None where
+    a specimen has none), which gives BLEU its interval."""
     table = reader.step(run_id, step)
     cols = [c for c in ROW_COLUMNS if c in table.column_names]
     rows = {c: table.column(c).to_pylist() for c in cols}
@@ -36,6 +46,8 @@ def step_rows(reader, run_id: str, step: int, boxes: bool = False) -> dict[str, 
         rows["pred_boxes"] = [
             [Box.from_row(b) for b in bs or []] for bs in table.column("pred_boxes").to_pylist()
         ]
+    if answers is not None:
+        rows["ref_answers"] = [answers.get(i) for i in rows["specimen_id"]]
     return rows
 
 
@@ -47,24 +59,47 @@ def references(reader, dataset_version: str | None = None) -> dict[str, list[Box
     return {i: [Box.from_row(b) for b in r or []] for i, r in zip(ids, refs, strict=True)}
 
 
+def reference_answers(reader, dataset_version: str | None = None) -> dict[str, list[str]]:
+    """specimen_id -> reference answers (the newest stored copy of each specimen)."""
+    table = reader.specimens(dataset_version=dataset_version)
+    ids = table.column("specimen_id").to_pylist()
+    if "ref_answers" not in table.column_names:
+        return {}
+    refs = table.column("ref_answers").to_pylist()
+    return {i: list(r or []) for i, r in zip(ids, refs, strict=True)}
+
+
+def step_references(reader, run_id: str, step: int, task: str) -> dict:
+    """The references of a step's specimens in its dataset version: boxes (grounding) or
+    answers (VQA)."""
+    version = reader.committed(run_id).get(step, {}).get("dataset_version")
+    load = references if task == "grounding" else reference_answers
+    return load(reader, version)
+
+
 def step_intervals(
     reader,
     run_id: str,
     step: int,
     task: str,
-    refs: Mapping[str, list[Box]] | None = None,
+    refs: Mapping[str, list] | None = None,
     *,
     n_resamples: int = DEFAULT_RESAMPLES,
+    ap_resamples: int = AP_RESAMPLES,
     seed: int = DEFAULT_SEED,
 ) -> dict[str, list[float | None]]:
-    """``{"<metric>_ci95": [low, high]}`` of one stored step (AP too when refs are given)."""
-    rows = step_rows(reader, run_id, step, boxes=task == "grounding" and refs is not None)
+    """``{"<metric>_ci95": [low, high]}`` of one stored step. ``refs`` (specimen_id ->
+    reference boxes for grounding, answers for VQA) adds AP50/AP or BLEU."""
+    grounding = task == "grounding"
+    answers = refs if refs is not None and not grounding else None
+    rows = step_rows(reader, run_id, step, boxes=grounding and refs is not None, answers=answers)
     preds = ref_boxes = None
     if "pred_boxes" in rows and refs is not None:
         ids = rows["specimen_id"]
         if all(i in refs for i in ids):
             preds, ref_boxes = rows["pred_boxes"], [refs[i] for i in ids]
-    got = intervals.step_intervals(task, rows, preds, ref_boxes, n_resamples=n_resamples, seed=seed)
+    got = intervals.step_intervals(task, rows, preds, ref_boxes, n_resamples=n_resamples,
+                                   ap_resamples=ap_resamples, seed=seed)  # fmt: skip
     return {f"{k}_ci95": v for k, v in got.items()}
 
 
@@ -101,12 +136,23 @@ def compare(
         if step not in reader.steps(run):
             have = ", ".join(map(str, reader.steps(run))) or "none"
             raise StoreError(f"{reader.root}: run {run!r} has no step {step} (steps: {have})")
-    rows_a, rows_b = _aligned(step_rows(reader, run_a, step_a), step_rows(reader, run_b, step_b))
+    answers_a = answers_b = None
+    if metric == "bleu":  # its statistics come from the answers' text: only BLEU reads them
+        answers_a = step_references(reader, run_a, step_a, task)
+        answers_b = step_references(reader, run_b, step_b, task)
+    rows_a, rows_b = _aligned(
+        step_rows(reader, run_a, step_a, answers=answers_a),
+        step_rows(reader, run_b, step_b, answers=answers_b),
+    )
     if not rows_a["specimen_id"]:
         raise StoreError(
             f"run {run_a!r} step {step_a} and run {run_b!r} step {step_b} share no specimen"
         )
-    got = intervals.compare_steps(task, metric, rows_a, rows_b, n_resamples=n_resamples, seed=seed)
+    try:
+        got = intervals.compare_steps(task, metric, rows_a, rows_b, n_resamples=n_resamples,
+                                      seed=seed)  # fmt: skip
+    except ValueError as err:  # BLEU of a specimen whose references are not stored
+        raise StoreError(f"{reader.root}: {err}") from err
     return {
         "metric": metric,
         "run_a": run_a,

@@ -11,6 +11,8 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from vieval_runner import evidence, scoring
+from vieval_runner.config_sections import ScoringConfig
+from vieval_runner.scoring.intervals import AP_RESAMPLES
 from vieval_runner.scoring.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 GROUNDING_COLUMNS = (
@@ -73,6 +75,7 @@ def summarize(
     *,
     with_intervals: bool = True,
     n_resamples: int = DEFAULT_RESAMPLES,
+    ap_resamples: int = AP_RESAMPLES,
     seed: int = DEFAULT_SEED,
 ) -> list[dict]:
     """One dict per run: task, per-step aggregate rows (with ``<metric>_ci95`` intervals from
@@ -99,7 +102,7 @@ def summarize(
         best_evidence = None
         if with_intervals and by_step:
             kw = {"n_resamples": n_resamples, "seed": seed}
-            _add_intervals(reader, run, task, by_step, evaluations, kw)
+            _add_intervals(reader, run, task, by_step, kw | {"ap_resamples": ap_resamples})
             steps = [by_step[s] for s in sorted(by_step)]
             best_evidence = evidence.best_step_evidence(
                 reader, run, task, metric, steps, best, **kw
@@ -131,25 +134,50 @@ def coords_advice(steps: list[dict]) -> str | None:
     return f"{fired[-1]['coords_advice']} (step{'s' if len(fired) > 1 else ''} {where})"
 
 
-def _add_intervals(reader, run: str, task: str, by_step: dict, evaluations: list, kw: dict) -> None:
-    """``<metric>_ci95`` per step from the stored per-specimen rows. AP intervals (seconds at
-    10,000 specimens) are taken from the evaluation's stored ``ci95`` when it holds them at
-    the default resamples and seed, and recomputed otherwise."""
-    versions = {e["step"]: e.get("dataset_version") for e in evaluations if e.get("status") == "ok"}
-    defaults = kw == {"n_resamples": DEFAULT_RESAMPLES, "seed": DEFAULT_SEED}
+# Intervals slow to recompute (AP: seconds at 10,000 specimens; BLEU: tokenizing every answer)
+# and the resample setting each is computed with.
+SLOW_INTERVALS = {"grounding": (("ap50", "ap"), "ap_resamples"), "vqa": (("bleu",), "n_resamples")}
+
+
+def _add_intervals(reader, run: str, task: str, by_step: dict, kw: dict) -> None:
+    """``<metric>_ci95`` per step from the stored per-specimen rows. AP's and BLEU's are
+    taken from the evaluation's stored ``ci95`` when it holds them computed with the
+    requested resamples and seed (its config says which), and recomputed otherwise."""
+    slow, setting = SLOW_INTERVALS.get(task, ((), ""))
+    load = evidence.references if task == "grounding" else evidence.reference_answers
     refs_by_version: dict = {}
     for step, row in by_step.items():
         stored = _stored_ci(row.pop("ci95", None))
-        refs = None
-        if task == "grounding" and row.get("ap") is not None:
-            if defaults and stored.get("ap") and stored.get("ap50"):
-                row.update(ap_ci95=stored["ap"], ap50_ci95=stored["ap50"])
+        refs, reused = None, {}
+        if slow and row.get(slow[-1]) is not None:
+            made_with = _stored_settings(row.get("config"))
+            if all(stored.get(k) for k in slow) and all(
+                made_with[k] == kw[k] for k in (setting, "seed")
+            ):
+                reused = {f"{k}_ci95": stored[k] for k in slow}
             else:
-                version = versions.get(step)
+                version = row.get("dataset_version")
                 if version not in refs_by_version:
-                    refs_by_version[version] = evidence.references(reader, version)
+                    refs_by_version[version] = load(reader, version)
                 refs = refs_by_version[version]
         row.update(evidence.step_intervals(reader, run, step, task, refs, **kw))
+        row.update(reused)
+
+
+def _stored_settings(config) -> dict:
+    """The resamples and seed an evaluation's stored ``ci95`` was computed with: its config's
+    scoring section, the defaults where that names none (AP used 200 before it could)."""
+    try:
+        tree = json.loads(config) if isinstance(config, str) else {}
+        section = tree.get("scoring") or {}
+    except (ValueError, AttributeError):
+        section = {}
+    default = ScoringConfig()
+    return {
+        "n_resamples": section.get("bootstrap_resamples", default.bootstrap_resamples),
+        "ap_resamples": section.get("ap_bootstrap_resamples", default.ap_bootstrap_resamples),
+        "seed": section.get("bootstrap_seed", default.bootstrap_seed),
+    }
 
 
 def _stored_ci(raw) -> dict:

@@ -284,3 +284,54 @@ def test_free_generation_keeps_tokens_aligned_with_the_decoded_text(loaded_at_20
         assert out.confidence == pytest.approx(math.exp(mean), rel=1e-5)
         if family == "florence2":
             assert not out.text.startswith(tok.bos_token)
+
+
+# ---------------------------------------------------------------- stored intervals
+
+
+def _scoring_config(tmp_path, task: str, **scoring) -> object:
+    return config_from_dict(
+        {"run_dir": str(tmp_path / "run"), "base_model": str(tmp_path / "base"),
+         "store": str(tmp_path / "store"), "task": task, "data": {"path": str(tmp_path)},
+         "device": "cpu", "scoring": scoring}
+    )  # fmt: skip
+
+
+def test_stored_vqa_intervals_include_bleu_from_the_answers(tmp_path):
+    from vieval_runner.records import Prediction
+    from vieval_runner.testing.vqa_stat_store import (
+        corpus_bleu,
+        sacrebleu_interval,
+        vqa_answers,
+        vqa_specimens,
+    )
+
+    specimens = vqa_specimens(60, seed=2)
+    answers = vqa_answers(specimens, 0.5, seed=3)
+    predictions = [Prediction(s.specimen_id, a, "ok", pred_answer=a)
+                   for s, a in zip(specimens, answers, strict=True)]  # fmt: skip
+    config = _scoring_config(tmp_path, "vqa", bootstrap_resamples=300, bootstrap_seed=7)
+    aggregates = results.score_predictions(config, specimens, predictions, device="cpu")
+    refs = [s.ref_answers for s in specimens]
+    assert aggregates["bleu"] == pytest.approx(corpus_bleu(answers, refs), abs=1e-9)
+    # reference: sacrebleu's corpus BLEU of every resample (the configured count and seed)
+    ref = sacrebleu_interval(answers, refs, n_resamples=300, seed=7)
+    assert aggregates["ci95"]["bleu"] == pytest.approx(ref, abs=1e-9)
+
+
+def test_stored_ap_intervals_use_the_configured_ap_resamples(tmp_path):
+    from vieval_runner.records import Prediction
+    from vieval_runner.scoring import intervals
+    from vieval_runner.testing.stat_stores import stat_specimens
+
+    specimens = stat_specimens(40)
+    preds = [[Box(b.x1 + 3 * (i % 4), b.y1, b.x2, b.y2, b.label, score=0.1 + 0.02 * i)
+              for b in s.ref_boxes] for i, s in enumerate(specimens)]  # fmt: skip
+    predictions = [Prediction(s.specimen_id, "x", "ok", pred_boxes=p)
+                   for s, p in zip(specimens, preds, strict=True)]  # fmt: skip
+    refs = [s.ref_boxes for s in specimens]
+    for count in (50, 200):
+        config = _scoring_config(tmp_path, "grounding", ap_bootstrap_resamples=count)
+        got = results.score_predictions(config, specimens, predictions, device="cpu")["ci95"]
+        assert got["ap"] == intervals.ap_intervals(preds, refs, n_resamples=count)["ap"]
+    assert got["ap"] != intervals.ap_intervals(preds, refs, n_resamples=50)["ap"]

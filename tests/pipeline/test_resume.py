@@ -65,6 +65,10 @@ def test_config_hash_ignores_the_setup_checks(tmp_path, tiny_run):
     assert resume.config_hash(_config(run, tmp_path, data=data)) == base
     lora = {"require_same_base": True}
     assert resume.config_hash(_config(run, tmp_path, lora=lora)) == base
+    # the AP interval's resamples change no prediction or metric either
+    scoring = {"ap_bootstrap_resamples": 1000}
+    assert resume.config_hash(_config(run, tmp_path, scoring=scoring)) == base
+    assert resume.config_hash(_config(run, tmp_path, scoring={"iou_threshold": 0.6})) != base
 
 
 def test_a_step_left_with_orphans_is_evaluated_again(tmp_path, tiny_run):

@@ -161,6 +161,20 @@ def test_vqa_run_and_rescore(tmp_path, tiny_run):
     assert [r["exact_match"] for r in rescored] == [r["exact_match"] for r in rows]
     evaluations = reader.evaluations(config.effective_run_id).to_pylist()
     assert len(evaluations) == 4 and all(e["status"] == "ok" for e in evaluations)
+    # every evaluation (run and rescore) stores BLEU's interval with the others: sacrebleu's
+    # corpus BLEU of each resample of the step's answers (few specimens: drawn as indices).
+    # The tiny model's answers match nothing (BLEU 0); test_results.py checks a real spread
+    from vieval_runner.testing.vqa_stat_store import corpus_bleu, sacrebleu_interval
+
+    refs = {r["specimen_id"]: r["ref_answers"] for r in reader.specimens().to_pylist()}
+    for e in evaluations:
+        step = reader.step(config.effective_run_id, e["step"]).to_pylist()
+        answers = [r["pred_answer"] or "" for r in step]
+        their = [refs[r["specimen_id"]] for r in step]
+        ci95 = json.loads(e["ci95"])
+        assert set(ci95) == {"exact_match", "vqa_accuracy", "token_f1", "bleu", "rouge_l", "anls"}
+        assert e["bleu"] == pytest.approx(corpus_bleu(answers, their), abs=1e-9)
+        assert ci95["bleu"] == pytest.approx(sacrebleu_interval(answers, their, 2000), abs=1e-9)
 
 
 def test_lora_run_uses_the_base_processor_and_says_so_once(tmp_path, tiny_lora_run):

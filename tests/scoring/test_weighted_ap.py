@@ -91,3 +91,19 @@ def test_ap_interval_brackets_point_estimate():
     ci = intervals.ap_intervals(preds, refs, n_resamples=200)
     assert ci["ap"][0] < point["ap"] < ci["ap"][1]
     assert ci["ap50"][0] < point["ap50"] < ci["ap50"][1]
+
+
+def test_ap_resamples_set_only_the_ap_draws():
+    from vieval_runner import scoring
+
+    preds, refs = scored_step(6, 120)
+    per = scoring.score_grounding(preds, refs, ["ok"] * 120)
+    rows = {k: [d[k] for d in per] for k in per[0]}
+    few = intervals.step_intervals("grounding", rows, preds, refs, ap_resamples=50)
+    default = intervals.step_intervals("grounding", rows, preds, refs)
+    assert default == intervals.step_intervals("grounding", rows, preds, refs, ap_resamples=200)
+    assert few["ap"] != default["ap"] and few["ap50"] != default["ap50"]
+    assert {k: few[k] for k in ("f1", "precision", "recall", "acc_at_50")} == {
+        k: default[k] for k in ("f1", "precision", "recall", "acc_at_50")
+    }
+    assert few["ap"] == intervals.ap_intervals(preds, refs, n_resamples=50)["ap"]

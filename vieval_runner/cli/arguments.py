@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="size|label|FIELD",
         help="break the metrics down by box size, label or a field",
     )
-    add_stats_arguments(p)
+    add_stats_arguments(p, ap=True)
     add_storage_options(p)
 
     p = sub.add_parser(
@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_stats_arguments(p: argparse.ArgumentParser) -> None:
+def add_stats_arguments(p: argparse.ArgumentParser, ap: bool = False) -> None:
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (2000)")
+    if ap:  # only the summary bounds AP (compare has no AP comparison)
+        p.add_argument(
+            "--ap-resamples", type=int, default=200, help="bootstrap resamples of AP50/AP (200)"
+        )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0: reproducible)")

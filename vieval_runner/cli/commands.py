@@ -117,7 +117,7 @@ def cmd_summary(args) -> int:
     reader = store.open_store(
         args.store, as_of=as_of(args.as_of), storage_options=storage_options(args)
     )
-    kw = {"n_resamples": args.resamples, "seed": args.seed}
+    kw = {"n_resamples": args.resamples, "ap_resamples": args.ap_resamples, "seed": args.seed}
     if args.by:
         from vieval_runner import breakdown
 

@@ -55,6 +55,8 @@ def config_hash(config: Config) -> str:
         relevant.pop(key, None)
     # which images the limit lets in shows in the dataset version, not in each prediction
     relevant.get("data", {}).pop("max_image_pixels", None)
+    # intervals only; stores written before the setting existed keep their hashes
+    relevant.get("scoring", {}).pop("ap_bootstrap_resamples", None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -3,10 +3,12 @@ intervals, and paired comparisons of two steps on the specimens they share.
 
 Per-specimen inputs are the stored prediction columns (``tp fp fn acc_at_50 iou_mean`` for
 grounding, the answer metrics for VQA), so everything is recomputable from a store without
-a model. AP intervals re-weight detections matched once (`weighted_ap`); they use
-``ap_resamples`` (default 200) draws because each draw is a cumulative sum over the step's
-true positives at 10 IoU thresholds, not one matrix product (about 0.3 s for 200 draws of a
-10,000-specimen step on 2 CPU cores).
+a model. VQA's corpus BLEU is a function of summed per-answer n-gram statistics (`bleu`),
+recomputed from the stored answer and its references when the rows carry ``pred_answer`` and
+``ref_answers``; without them BLEU gets no interval. AP intervals re-weight detections
+matched once (`weighted_ap`); they use ``ap_resamples`` (default 200) draws because each
+draw is a cumulative sum over the step's true positives at 10 IoU thresholds, not one matrix
+product (about 0.3 s for 200 draws of a 10,000-specimen step on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from vieval_runner.records import Box
+from vieval_runner.scoring import bleu
 from vieval_runner.scoring.stats import (
     CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -32,7 +35,8 @@ from vieval_runner.scoring.weighted_ap import AREA_RANGES, detection_table, weig
 
 AP_RESAMPLES = 200
 GROUNDING_INTERVAL_METRICS = ("f1", "precision", "recall", "acc_at_50")
-VQA_INTERVAL_METRICS = ("exact_match", "vqa_accuracy", "token_f1", "rouge_l", "anls")
+VQA_MEAN_METRICS = ("exact_match", "vqa_accuracy", "token_f1", "rouge_l", "anls")
+VQA_INTERVAL_METRICS = (*VQA_MEAN_METRICS, "bleu")
 AP_METRICS = ("ap50", "ap")
 # Per-specimen outcomes that are 0/1: two steps are compared with the exact McNemar test.
 BINARY_METRICS = frozenset({"acc_at_50", "exact_match"})
@@ -73,20 +77,40 @@ def finish_grounding(sums: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def vqa_columns(rows: Mapping[str, Sequence]) -> np.ndarray:
-    """``[n, 2m]`` per-specimen (value, present) pairs of the VQA mean metrics."""
+    """``[n, 2m + 11]`` per-specimen (value, present) pairs of the VQA mean metrics, then
+    BLEU's: present, and the answer's n-gram statistics (`bleu.sentence_statistics`).
+
+    BLEU is present only when every specimen has its answer text and references: corpus
+    BLEU of a subset would not be the step's BLEU."""
+    n = len(rows["exact_match"])
     cols = []
-    for name in VQA_INTERVAL_METRICS:
-        v = _num(rows.get(name) or [None] * len(rows["exact_match"]))
+    for name in VQA_MEAN_METRICS:
+        v = _num(rows.get(name) or [None] * n)
         cols += [np.nan_to_num(v), ~np.isnan(v)]
-    return np.stack(cols, axis=1) if cols else np.zeros((0, 0))
+    stats = np.zeros((n, 1 + bleu.N_STATS))
+    answers, refs = rows.get("pred_answer"), rows.get("ref_answers")
+    if n and answers is not None and refs is not None and all(refs):
+        stats = np.concatenate([np.ones((n, 1)), bleu.sentence_statistics(answers, refs)], 1)
+    return np.concatenate([np.stack(cols, axis=1), stats], axis=1)
 
 
 def finish_vqa(sums: np.ndarray) -> dict[str, np.ndarray]:
+    k = 2 * len(VQA_MEAN_METRICS)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return {
-            name: np.where(sums[:, 2 * k + 1] > 0, sums[:, 2 * k] / sums[:, 2 * k + 1], np.nan)
-            for k, name in enumerate(VQA_INTERVAL_METRICS)
+        out = {
+            name: np.where(sums[:, 2 * j + 1] > 0, sums[:, 2 * j] / sums[:, 2 * j + 1], np.nan)
+            for j, name in enumerate(VQA_MEAN_METRICS)
         }
+    present = sums[:, k] > 0
+    out["bleu"] = np.full(len(sums), np.nan)
+    if present.any():
+        out["bleu"][present] = bleu.corpus_scores(sums[present, k + 1 :])
+    return out
+
+
+def has_bleu(columns: np.ndarray) -> bool:
+    """Whether VQA columns carry BLEU statistics (the rows had answers and references)."""
+    return bool(columns.shape[0]) and bool(columns[0, 2 * len(VQA_MEAN_METRICS)])
 
 
 def columns_of(task: str, rows: Mapping[str, Sequence]) -> np.ndarray:
@@ -113,16 +137,20 @@ def step_intervals(
     """``{metric: [low, high]}`` specimen-level percentile bootstrap intervals of one step.
 
     ``rows`` holds the stored per-specimen columns. With boxes (grounding), AP50 and AP get
-    intervals too when every predicted box is scored.
+    intervals too when every predicted box is scored; with ``pred_answer`` and
+    ``ref_answers`` (VQA), BLEU does (no ``bleu`` key otherwise).
     """
+    columns = columns_of(task, rows)
     out = bootstrap_sums(
-        columns_of(task, rows),
+        columns,
         finisher(task),
         n_resamples=n_resamples,
         seed=seed,
         confidence=confidence,
         method=method,
     )
+    if task == "vqa" and not has_bleu(columns):
+        out.pop("bleu", None)
     if task == "grounding" and pred_boxes is not None and ref_boxes is not None:
         out |= ap_intervals(pred_boxes, ref_boxes, n_resamples=ap_resamples, seed=seed,
                             confidence=confidence, area=area)  # fmt: skip
@@ -166,13 +194,21 @@ def compare_steps(
     bootstrap interval, p-value, and how many specimens got better / worse / stayed.
 
     0/1 outcomes (acc@0.5, exact match) use the exact McNemar test on specimens where both
-    have the outcome; the rest a paired permutation test of the step statistic.
+    have the outcome; the rest a paired permutation test of the step statistic (for BLEU,
+    corpus BLEU: a swapped specimen moves its n-gram statistics, as in sacrebleu's paired
+    approximate randomization). Better / worse counts use the stored per-specimen value
+    (sentence BLEU for BLEU).
     """
     finish = finisher(task)
-    if metric not in finish(np.zeros((1, columns_of(task, rows_a).shape[1] or 1))):
+    names = GROUNDING_INTERVAL_METRICS if task == "grounding" else VQA_INTERVAL_METRICS
+    if metric not in names:
         raise ValueError(f"no paired comparison for metric {metric!r} of a {task} step")
     cols_a, cols_b = columns_of(task, rows_a), columns_of(task, rows_b)
-    values_a, values_b = _num(rows_a[metric]), _num(rows_b[metric])
+    if metric == "bleu" and not (has_bleu(cols_a) and has_bleu(cols_b)):
+        raise ValueError("comparing BLEU needs both steps' answers and reference answers")
+    n_rows = len(cols_a)
+    values_a = _num(rows_a.get(metric) or [None] * n_rows)
+    values_b = _num(rows_b.get(metric) or [None] * n_rows)
     both = ~np.isnan(values_a) & ~np.isnan(values_b)
     if metric in BINARY_METRICS:
         cols_a, cols_b = cols_a[both], cols_b[both]
