@@ -126,7 +126,9 @@ def test_bleu_equals_sacrebleu_directly():
     agg = aggregate_vqa(per, preds, refs)
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(3)]
     expect = sacrebleu.corpus_bleu([p or "" for p in preds], streams).score
-    assert agg["bleu"] == pytest.approx(expect)
+    assert agg["bleu"] == pytest.approx(expect, abs=1e-12)  # from the summed bleu_stats
+    stripped = [{k: v for k, v in d.items() if k != "bleu_stats"} for d in per]
+    assert aggregate_vqa(stripped, preds, refs)["bleu"] == pytest.approx(expect, abs=1e-12)
     same = aggregate_vqa(score_vqa([r[0] for r in refs], refs), [r[0] for r in refs], refs)
     assert same["bleu"] == pytest.approx(100.0)
 
@@ -221,7 +223,7 @@ def test_vqa_exact_match_and_per_specimen_keys():
     assert [d["exact_match"] for d in got] == [1.0, 1.0, 0.0]
     assert all(d["bertscore"] is None for d in got)
     assert set(got[0]) == {"exact_match", "vqa_accuracy", "token_f1", "bleu", "rouge_l", "anls",
-                           "bertscore", "failure_category", "failure_action"}  # fmt: skip
+                           "bertscore", "failure_category", "failure_action", "bleu_stats"}  # fmt: skip
     assert set(VQA_CATEGORIES) <= set(FAILURE_ACTIONS)
 
 

@@ -196,14 +196,13 @@ def score_predictions(
     columns = {k: [d.get(k) for d in per] for k in per[0]} if per else {}
     if per:
         boxes = (pred_boxes, ref_boxes) if config.task == "grounding" else (None, None)
-        if config.task == "vqa":  # BLEU's interval recomputes its n-gram statistics from these
-            columns |= {"pred_answer": answers, "ref_answers": refs}
         aggregates["ci95"] = scoring.step_intervals(
             config.task, columns, *boxes, n_resamples=sc.bootstrap_resamples,
             ap_resamples=sc.ap_bootstrap_resamples, seed=sc.bootstrap_seed,
         )  # fmt: skip
     for prediction, metrics in zip(predictions, per, strict=True):
         prediction.failure_category = metrics.pop("failure_category", "")
+        metrics.pop("bleu_stats", None)  # summed into corpus BLEU and its interval, not stored
         prediction.metrics = metrics
     return aggregates
 

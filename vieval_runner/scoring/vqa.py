@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
+from vieval_runner.scoring import bleu
 from vieval_runner.scoring.categories import FAILURE_ACTIONS, vqa_category
 from vieval_runner.scoring.stats import mean_present
 from vieval_runner.scoring.text import (
@@ -86,20 +89,22 @@ def score_vqa(
     specimen_ids: list[str] | None = None,
 ) -> list[dict]:
     """Per-specimen VQA metrics: ``exact_match, vqa_accuracy, token_f1, bleu, rouge_l, anls,
-    bertscore, failure_category, failure_action``. A None prediction scores as ""."""
-    import sacrebleu  # here, not at module top: grounding-only installs need not have it
-
+    bertscore, failure_category, failure_action``, and ``bleu_stats`` (the answer's BLEU
+    statistics, which corpus BLEU and its interval sum; not a stored column). A None
+    prediction scores as ""."""
     n = len(pred_answers)
     if len(ref_answers) != n or (prompts is not None and len(prompts) != n):
         raise ValueError(
             f"score_vqa: {n} predictions, {len(ref_answers)} reference lists and "
             f"{'no' if prompts is None else len(prompts)} prompts; they must be one per specimen"
         )
-    out = []
-    for i, (pred, refs) in enumerate(zip(pred_answers, ref_answers, strict=True)):
+    for i, refs in enumerate(ref_answers):
         if not refs:
             name = specimen_ids[i] if specimen_ids else f"#{i}"
             raise ValueError(f"score_vqa: specimen {name} has no reference answers")
+    bleu_scores, bleu_stats = bleu.sentence_bleu(pred_answers, ref_answers)
+    out = []
+    for i, (pred, refs) in enumerate(zip(pred_answers, ref_answers, strict=True)):
         p = normalize_vqa(pred)
         gold = answerable_refs(refs)
         em = float(pred is not None and any(p == normalize_vqa(r) for r in gold))
@@ -121,12 +126,13 @@ def score_vqa(
                 "exact_match": em,
                 "vqa_accuracy": vqa_accuracy(pred, refs),
                 "token_f1": f1,
-                "bleu": sacrebleu.sentence_bleu(pred or "", list(refs)).score,
+                "bleu": bleu_scores[i],
                 "rouge_l": max(rouge_l(pred, r) for r in refs),
                 "anls": max(anls_single(pred, r, anls_threshold) for r in refs),
                 "bertscore": None,
                 "failure_category": category,
                 "failure_action": FAILURE_ACTIONS[category],
+                "bleu_stats": bleu_stats[i].tolist(),
             }
         )
     return out
@@ -135,25 +141,30 @@ def score_vqa(
 def aggregate_vqa(
     per_specimen: list[dict], pred_answers: list[str | None], ref_answers: list[list[str]]
 ) -> dict:
-    """Per-step VQA metrics: means of the per-specimen scores, corpus BLEU (sacrebleu), and
-    the share of empty answers as ``parse_failure_rate``."""
+    """Per-step VQA metrics: means of the per-specimen scores, corpus BLEU (sacrebleu's
+    ``compute_bleu`` of the summed ``bleu_stats``, equal to ``corpus_bleu``; ``corpus_bleu``
+    itself where the rows lack them), and the share of empty answers as
+    ``parse_failure_rate``."""
     n = len(per_specimen)
     if not len(pred_answers) == len(ref_answers) == n:
         raise ValueError(
             f"aggregate_vqa: {n} specimens, {len(pred_answers)} predictions and "
             f"{len(ref_answers)} reference lists"
         )
-    import sacrebleu
+    import sacrebleu  # here, not at module top: grounding-only installs need not have it
 
-    bleu = None
-    if n:
+    corpus = None
+    if n and all(d.get("bleu_stats") is not None for d in per_specimen):
+        sums = np.sum([d["bleu_stats"] for d in per_specimen], axis=0)
+        corpus = float(bleu.corpus_scores(sums[None])[0])
+    elif n:
         # sacrebleu takes reference *streams*; None pads specimens with fewer references.
         width = max(len(r) for r in ref_answers)
         streams = [[r[k] if k < len(r) else None for r in ref_answers] for k in range(width)]
-        bleu = sacrebleu.corpus_bleu([p or "" for p in pred_answers], streams).score
+        corpus = sacrebleu.corpus_bleu([p or "" for p in pred_answers], streams).score
     means = ("exact_match", "vqa_accuracy", "token_f1", "rouge_l", "anls")
     return {k: mean_present([d[k] for d in per_specimen]) for k in means} | {
-        "bleu": bleu,
+        "bleu": corpus,
         "parse_failure_rate": (sum(not (p or "").strip() for p in pred_answers) / n if n else None),
         "n_specimens": n,
         "bertscore": None,
