@@ -107,3 +107,69 @@ def test_ap_resamples_set_only_the_ap_draws():
         k: default[k] for k in ("f1", "precision", "recall", "acc_at_50")
     }
     assert few["ap"] == intervals.ap_intervals(preds, refs, n_resamples=50)["ap"]
+
+
+def crowded_step(seed: int, n: int = 60):
+    """Images with 2-6 references, one sometimes repeated (equal IoUs: COCOeval keeps the last
+    of equal candidates), and 0-2 detections per reference with tied scores."""
+    rng = np.random.default_rng(seed)
+    preds, refs = [], []
+    for _ in range(n):
+        ref = []
+        for _ in range(int(rng.integers(2, 7))):
+            x, y = rng.integers(0, 60, 2)
+            w, h = rng.choice([6, 30, 120], 2)
+            ref.append(Box(float(x), float(y), float(x + w), float(y + h)))
+        ref += [ref[0]] * int(rng.integers(0, 2))
+        pred = [
+            Box(
+                b.x1 + int(rng.integers(-3, 4)),
+                b.y1,
+                b.x2,
+                b.y2 + int(rng.integers(0, 3)),
+                score=float(rng.choice([0.5, 0.7, 0.9])),
+            )  # fmt: skip
+            for b in ref
+            for _ in range(int(rng.integers(0, 3)))
+        ]
+        preds.append(pred)
+        refs.append(ref)
+    return preds, refs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_crowded_images_equal_pycocotools(seed):
+    preds, refs = crowded_step(seed)
+    prec = cocoeval_precision(preds, refs)  # pycocotools COCOeval, areaRng as it defines it
+    for a, area in enumerate(AREA_RANGES):
+        p = prec[:, :, a]
+        got = area_range_ap(preds, refs, area)
+        if (p > -1).sum() == 0:
+            assert got is None
+            continue
+        assert got["ap"] == pytest.approx(p[p > -1].mean(), abs=1e-6), area
+        assert got["ap75"] == pytest.approx(p[5].mean(), abs=1e-6), area
+
+
+def test_equal_ious_and_ignored_references_match_as_pycocotools():
+    # A detection equally close to two references (IoU 0.818 each) takes the later one
+    # (COCOeval's scan keeps the last of equal IoUs), which leaves the first for the next
+    # detection, its exact copy; had it taken the first, the copy would overlap what is left
+    # by 0.667 only, a false positive from IoU 0.7 on. Under "small", a detection overlapping a small and a larger (ignored)
+    # reference takes the small one although the other's IoU is higher (0.879 < 0.886).
+    tie = ([Box(1, 0, 11, 10, score=0.9), Box(0, 0, 10, 10, score=0.8)],
+           [Box(0, 0, 10, 10), Box(2, 0, 12, 10)])  # fmt: skip
+    ignored = ([Box(0, 0, 32, 32, score=0.7)], [Box(0, 0, 30, 30), Box(0, 0, 34, 34)])
+    preds, refs = crowded_step(7, 20)
+    preds, refs = [tie[0], ignored[0], *preds], [tie[1], ignored[1], *refs]
+    prec = cocoeval_precision(preds, refs)
+    for a, area in enumerate(AREA_RANGES):
+        p = prec[:, :, a]
+        got = area_range_ap(preds, refs, area)
+        assert got["ap"] == pytest.approx(p[p > -1].mean(), abs=1e-6), area
+    alone = cocoeval_precision([tie[0]], [tie[1]])[:, :, 0]
+    assert area_range_ap([tie[0]], [tie[1]])["ap"] == pytest.approx(alone.mean(), abs=1e-6)
+    assert alone[4] == pytest.approx(np.ones(101))  # at IoU 0.7 both detections are true positives
+    small = cocoeval_precision([ignored[0]], [ignored[1]])[:, :, 1]
+    assert area_range_ap([ignored[0]], [ignored[1]], "small")["ap"] == pytest.approx(small.mean())
+    assert small[0] == pytest.approx(np.ones(101))  # matched to the small one: a true positive

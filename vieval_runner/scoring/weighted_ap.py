@@ -35,11 +35,6 @@ def _box_array(boxes: Sequence[Box]) -> np.ndarray:
     return np.array([b.as_list() for b in boxes], dtype=np.float64).reshape(-1, 4)
 
 
-def pairwise_iou(preds: Sequence[Box], refs: Sequence[Box]) -> np.ndarray:
-    """``[P, R]`` IoU in float64 numpy (no torch: this runs per image on the reader side)."""
-    return pairwise_iou_arrays(_box_array(preds), _box_array(refs))
-
-
 def pairwise_iou_arrays(p: np.ndarray, r: np.ndarray) -> np.ndarray:
     """``[P, R]`` IoU of ``[P, 4]`` and ``[R, 4]`` xyxy arrays."""
     lt = np.maximum(p[:, None, :2], r[None, :, :2])
@@ -51,40 +46,75 @@ def pairwise_iou_arrays(p: np.ndarray, r: np.ndarray) -> np.ndarray:
         return np.where(union > 0, inter / union, 0.0)
 
 
-def _match_image(iou: np.ndarray, g_ignored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """COCOeval.evaluateImg's greedy matching for one image: ``(matched, ignored)`` ``[T, D]``.
+def _match_several(
+    box: np.ndarray,
+    img: np.ndarray,
+    gts: np.ndarray,
+    g_ig: np.ndarray,
+    g_start: np.ndarray,
+    n_ref: np.ndarray,
+    matched: np.ndarray,
+    ignored: np.ndarray,
+) -> None:
+    """COCOeval.evaluateImg's greedy matching for the images with several references, many
+    images at a time: images do not interact, so the k-th best-scored detection of every
+    image is matched in one array step. Per detection, in score order, at each threshold:
+    the untaken non-ignored reference with the highest IoU >= t (the last of equal ones, as
+    COCOeval's scan keeps it), else the untaken ignored one likewise. ``box`` rows are sorted
+    by image, then score; ``matched``/``ignored`` ``[T, D]`` are filled in place."""
+    dets = np.flatnonzero(n_ref[img] > 1)
+    if not len(dets):
+        return
+    images, det_start, det_count = np.unique(img[dets], return_index=True, return_counts=True)
+    # images with similar numbers of references and detections together: little padding
+    buckets = np.ceil(np.log2(n_ref[images])) * 16 + np.ceil(np.log2(det_count + 1))
+    for bucket in np.unique(buckets):
+        group = np.flatnonzero(buckets == bucket)
+        per_image = int(det_count[group].max() * n_ref[images[group]].max())
+        step = max(1, 2_000_000 // per_image)
+        for part in range(0, len(group), step):
+            sel = group[part : part + step]
+            _match_group(box, dets, det_start[sel], det_count[sel], images[sel], gts, g_ig,
+                         g_start, n_ref, matched, ignored)  # fmt: skip
 
-    ``iou`` rows are score-sorted detections, columns references with non-ignored first.
-    """
-    n_det, n_ref = iou.shape
-    matched = np.zeros((len(IOU_THRESHOLDS), n_det), dtype=bool)
-    ignored = np.zeros_like(matched)
-    if n_det == 0 or n_ref == 0:
-        return matched, ignored
-    if n_ref == 1:  # the first detection over the threshold takes the one reference
-        over = iou[:, 0][None, :] >= np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[:, None]
-        first = np.argmax(over, axis=1)
-        rows = np.flatnonzero(over.any(axis=1))
-        matched[rows, first[rows]] = True
-        ignored[rows, first[rows]] = bool(g_ignored[0])
-        return matched, ignored
-    for ti, t in enumerate(IOU_THRESHOLDS):
-        taken = np.zeros(n_ref, dtype=bool)
-        for d in range(n_det):
-            best, m = min(t, 1 - 1e-10), -1
-            for g in range(n_ref):
-                if taken[g]:
-                    continue
-                if m > -1 and not g_ignored[m] and g_ignored[g]:
-                    break
-                if iou[d, g] < best:
-                    continue
-                best, m = iou[d, g], g
-            if m > -1:
-                taken[m] = True
-                matched[ti, d] = True
-                ignored[ti, d] = g_ignored[m]
-    return matched, ignored
+
+def _match_group(box, dets, det_start, det_count, images, gts, g_ig, g_start, n_ref,
+                 matched, ignored) -> None:  # fmt: skip
+    n_k, n_g = int(det_count.max()), int(n_ref[images].max())
+    k_range, g_range = np.arange(n_k), np.arange(n_g)
+    d_valid = k_range[None, :] < det_count[:, None]  # [n, K]
+    d_index = dets[np.minimum(det_start[:, None] + k_range[None, :], len(dets) - 1)]
+    g_valid = g_range[None, :] < n_ref[images][:, None]  # [n, G]
+    g_index = np.minimum(g_start[images][:, None] + g_range[None, :], len(gts) - 1)
+    # references non-ignored first (stable), padding last: COCOeval's gtind order
+    key = np.where(g_valid, g_ig[g_index].astype(np.int8), 2)
+    perm = np.argsort(key, axis=1, kind="stable")
+    g_index = np.take_along_axis(g_index, perm, 1)
+    g_valid = np.take_along_axis(g_valid, perm, 1)
+    g_ignored = g_ig[g_index] & g_valid
+    p, r = box[d_index, :4], gts[g_index]  # [n, K, 4], [n, G, 4]
+    lt = np.maximum(p[:, :, None, :2], r[:, None, :, :2])
+    rb = np.minimum(p[:, :, None, 2:], r[:, None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_p, area_r = np.prod(p[..., 2:] - p[..., :2], -1), np.prod(r[..., 2:] - r[..., :2], -1)
+    union = area_p[:, :, None] + area_r[:, None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)  # [n, K, G], as pairwise_iou_arrays
+    rows = np.arange(len(images))
+    for t, threshold in enumerate(np.minimum(IOU_THRESHOLDS, 1 - 1e-10)):
+        taken = np.zeros((len(images), n_g), dtype=bool)
+        for k in range(n_k):
+            iou_k = iou[:, k, :]
+            ok = g_valid & ~taken & (iou_k >= threshold) & d_valid[:, k, None]
+            m = np.full(len(images), -1)
+            for kind in (ok & ~g_ignored, ok & g_ignored):  # non-ignored first
+                free = (m < 0) & kind.any(axis=1)
+                last_best = n_g - 1 - np.argmax(np.where(kind, iou_k, -1.0)[:, ::-1], axis=1)
+                m = np.where(free, last_best, m)
+            hit = rows[m >= 0]
+            taken[hit, m[hit]] = True
+            matched[t, d_index[hit, k]] = True
+            ignored[t, d_index[hit, k]] = g_ignored[hit, m[hit]]
 
 
 @dataclass
@@ -107,8 +137,8 @@ def detection_table(
 ) -> DetectionTable | None:
     """Match every image once (COCOeval's rules); None when some predicted box has no score.
 
-    Images with at most one reference (RefCOCO-style, the common case) are matched for the
-    whole step in array operations; the rest one image at a time."""
+    Images with one reference (RefCOCO-style, the common case) are matched for the whole step
+    at once; images with several, rank by rank over many images at a time (`_match_several`)."""
     if any(b.score is None for bs in pred_boxes for b in bs):
         return None
     lo, hi = area_range
@@ -145,12 +175,7 @@ def detection_table(
             chosen = k[hit[first]]
             matched[t, chosen] = True
             ignored[t, chosen] = g_ig[g_start[img[chosen]]]
-    for i in np.unique(img[n_ref[img] > 1]):
-        k = np.flatnonzero(img == i)
-        gi = slice(g_start[i], g_start[i] + n_ref[i])
-        g_order = np.argsort(g_ig[gi], kind="mergesort")
-        iou = pairwise_iou_arrays(box[k, :4], gts[gi][g_order])
-        matched[:, k], ignored[:, k] = _match_image(iou, g_ig[gi][g_order])
+    _match_several(box, img, gts, g_ig, g_start, n_ref, matched, ignored)
     d_area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
     ignored |= ~matched & ((d_area < lo) | (d_area > hi))[None, :]
     final = np.argsort(-box[:, 4], kind="mergesort")
