@@ -26,5 +26,7 @@ def test_quick_run_prints_every_figure_and_the_ratio_last():
     assert lines[2].startswith("rescore, 2 stored steps x 100 specimens")
     assert "store reads" in lines[2] and "scoring" in lines[2]
     assert lines[3].startswith("grounding step, 600 specimens")
-    assert "equal AP" in lines[4]  # pycocotools (dev extra) is the baseline
+    assert lines[4].startswith("scored grounding step, 600 specimens")
+    assert lines[5].startswith("its 95% intervals")
+    assert "equal AP" in lines[6]  # pycocotools (dev extra) is the baseline
     assert LAST_LINE.match(lines[-1]), lines[-1]
