@@ -49,6 +49,21 @@ def test_grouped_resampling_matches_scipy_distribution():
     assert ci[1] - ci[0] > 0.02  # wide enough for the tolerance to mean something
 
 
+def test_grouped_resampling_with_many_distinct_rows_matches_scipy():
+    # 225 distinct (tp, fp, fn) rows among 2,000 specimens: still one multinomial per
+    # resample (below n / 8 distinct rows), the same distribution as scipy's index draws
+    rng = np.random.default_rng(5)
+    tp, fp, fn = (rng.integers(0, k, 2000).astype(float) for k in (9, 5, 5))
+    cols = np.stack([tp, fp, fn, np.zeros(2000), np.zeros(2000)], axis=1)
+    assert len(np.unique(cols, axis=0)) == 225
+    got = stats.bootstrap_sums(cols, intervals.finish_grounding, n_resamples=20000)
+    ref = sps.bootstrap((tp, fp, fn), _f1, paired=True, vectorized=True, n_resamples=20000,
+                        method="percentile", rng=np.random.default_rng(2))  # fmt: skip
+    ci = [ref.confidence_interval.low, ref.confidence_interval.high]
+    assert got["f1"] == pytest.approx(ci, abs=1.5e-3)
+    assert ci[1] - ci[0] > 0.015
+
+
 def test_mean_interval_equals_scipy_bootstrap():
     rng = np.random.default_rng(3)
     em = (rng.uniform(size=250) < 0.6).astype(float)
