@@ -4,6 +4,7 @@ offline run's own files (its record log with wandb's protobuf classes, its media
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -45,7 +46,9 @@ def test_runs_resume_one_wandb_run_named_after_the_run_id(logged):
     folders = wandb_offline.run_folders(tmp)
     assert len(folders) == 2  # one offline folder per process, as wandb writes them ...
     wanted = run_id_for(config.effective_run_id)
-    assert all(f.name.endswith(f"-{wanted}") for f in folders)  # ... of the same run id
+    # ... of the same run id (wandb adds "-1" to a folder whose name, down to the second of
+    # its start time, an earlier one already has)
+    assert all(re.search(rf"-{re.escape(wanted)}(-\d+)?$", f.name) for f in folders), folders
     first = list(wandb_offline.records(wandb_offline.run_file(folders[0])))
     run = next(r.run for r in first if r.WhichOneof("record_type") == "run")
     assert run.display_name == config.effective_run_id and run.project == "vieval-tests"
