@@ -10,7 +10,6 @@ it), tested equal to pycocotools to 1e-6. pycocotools has no weighted form, henc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,21 +26,14 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def _area(boxes: Sequence[Box]) -> np.ndarray:
-    return np.array([(b.x2 - b.x1) * (b.y2 - b.y1) for b in boxes], dtype=np.float64)
-
-
-def _box_array(boxes: Sequence[Box]) -> np.ndarray:
-    return np.array([b.as_list() for b in boxes], dtype=np.float64).reshape(-1, 4)
-
-
 def pairwise_iou_arrays(p: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """``[P, R]`` IoU of ``[P, 4]`` and ``[R, 4]`` xyxy arrays."""
-    lt = np.maximum(p[:, None, :2], r[None, :, :2])
-    rb = np.minimum(p[:, None, 2:], r[None, :, 2:])
+    """``[..., P, R]`` IoU of ``[..., P, 4]`` and ``[..., R, 4]`` xyxy arrays (0 where the
+    union is empty)."""
+    lt = np.maximum(p[..., :, None, :2], r[..., None, :, :2])
+    rb = np.minimum(p[..., :, None, 2:], r[..., None, :, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    area_p, area_r = np.prod(p[:, 2:] - p[:, :2], -1), np.prod(r[:, 2:] - r[:, :2], -1)
-    union = area_p[:, None] + area_r[None, :] - inter
+    area_p, area_r = np.prod(p[..., 2:] - p[..., :2], -1), np.prod(r[..., 2:] - r[..., :2], -1)
+    union = area_p[..., :, None] + area_r[..., None, :] - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(union > 0, inter / union, 0.0)
 
@@ -92,14 +84,7 @@ def _match_group(box, dets, det_start, det_count, images, gts, g_ig, g_start, n_
     g_index = np.take_along_axis(g_index, perm, 1)
     g_valid = np.take_along_axis(g_valid, perm, 1)
     g_ignored = g_ig[g_index] & g_valid
-    p, r = box[d_index, :4], gts[g_index]  # [n, K, 4], [n, G, 4]
-    lt = np.maximum(p[:, :, None, :2], r[:, None, :, :2])
-    rb = np.minimum(p[:, :, None, 2:], r[:, None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    area_p, area_r = np.prod(p[..., 2:] - p[..., :2], -1), np.prod(r[..., 2:] - r[..., :2], -1)
-    union = area_p[:, :, None] + area_r[:, None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)  # [n, K, G], as pairwise_iou_arrays
+    iou = pairwise_iou_arrays(box[d_index, :4], gts[g_index])  # [n, K, G]
     rows = np.arange(len(images))
     for t, threshold in enumerate(np.minimum(IOU_THRESHOLDS, 1 - 1e-10)):
         taken = np.zeros((len(images), n_g), dtype=bool)
@@ -145,8 +130,12 @@ def detection_table(
     n_img, n_t = len(ref_boxes), len(IOU_THRESHOLDS)
     n_pred = np.array([len(p) for p in pred_boxes], dtype=np.int64)
     n_ref = np.array([len(r) for r in ref_boxes], dtype=np.int64)
-    dets = np.array([[*b.as_list(), b.score] for bs in pred_boxes for b in bs]).reshape(-1, 5)
-    gts = np.array([b.as_list() for bs in ref_boxes for b in bs]).reshape(-1, 4)
+    dets = np.array(
+        [(b.x1, b.y1, b.x2, b.y2, b.score) for bs in pred_boxes for b in bs], dtype=np.float64
+    ).reshape(-1, 5)
+    gts = np.array(
+        [(b.x1, b.y1, b.x2, b.y2) for bs in ref_boxes for b in bs], dtype=np.float64
+    ).reshape(-1, 4)
     g_area = (gts[:, 2] - gts[:, 0]) * (gts[:, 3] - gts[:, 1])
     g_ig = (g_area < lo) | (g_area > hi)
     g_start = np.concatenate([[0], np.cumsum(n_ref)[:-1]]).astype(np.int64)
@@ -233,11 +222,18 @@ def _weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.nda
         with np.errstate(divide="ignore", invalid="ignore"):
             rc = tp / n_ref[:, None]
         pr = tp / (both_all[:, hits] + np.spacing(1))
-        pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # COCO's envelope
+        n_k = len(hits)
+        idx = np.empty((n_b, len(RECALL_THRESHOLDS)), dtype=np.int64)
         for b in range(n_b):
-            idx = np.searchsorted(rc[b], RECALL_THRESHOLDS, side="left")
-            ok = idx < len(hits)
-            precision[b, t, ok] = pr[b, idx[ok]]
+            idx[b] = np.searchsorted(rc[b], RECALL_THRESHOLDS, side="left")
+        # COCO's envelope read at each recall point: the highest precision from that point
+        # on, as maxima over the stretches between consecutive points (one reduceat for all
+        # rows; a stretch that starts where the next does reads one element, never more
+        # than the true maximum), then a running maximum from the last point back
+        starts = (np.minimum(idx, n_k - 1) + n_k * np.arange(n_b)[:, None]).ravel()
+        stretch = np.maximum.reduceat(pr.ravel(), starts).reshape(idx.shape)
+        envelope = np.maximum.accumulate(stretch[:, ::-1], axis=1)[:, ::-1]
+        precision[:, t] = np.where(idx < n_k, envelope, 0.0)
     undefined = n_ref <= 0
     ap = precision.mean(axis=(1, 2))
     out = {"ap": ap, "ap50": precision[:, 0].mean(axis=1), "ap75": precision[:, 5].mean(axis=1)}
