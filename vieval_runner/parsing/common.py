@@ -197,17 +197,18 @@ class Collector:
 
         ``span``: where the box stood in the text being read (mapped to the raw text through
         ``where``); it becomes ``Box.span``."""
-        if len(xyxy) != 4 or any(v is None or math.isnan(v) for v in xyxy):
+        if len(xyxy) != 4 or not all(v is not None and v == v for v in xyxy):  # v != v: NaN
             self.flags.add("malformed")  # NaN has no place in the image: the box is dropped
             return
-        w, h = (float(v) for v in self.ctx.image_size)
-        x1, x2 = sorted((xyxy[0], xyxy[2]))
-        y1, y2 = sorted((xyxy[1], xyxy[3]))
+        w, h = float(self.ctx.image_size[0]), float(self.ctx.image_size[1])
+        # corners ordered (what sorted() does, written out: this runs once per box)
+        x1, x2 = (xyxy[2], xyxy[0]) if xyxy[2] < xyxy[0] else (xyxy[0], xyxy[2])
+        y1, y2 = (xyxy[3], xyxy[1]) if xyxy[3] < xyxy[1] else (xyxy[1], xyxy[3])
         tol = 1e-6 * max(w, h)  # float noise of bin arithmetic is not "out of range"
         if x1 < -tol or y1 < -tol or x2 > w + tol or y2 > h + tol:
             self.flags.add("out_of_range")
-        x1, x2 = (min(max(v, 0.0), w) for v in (x1, x2))
-        y1, y2 = (min(max(v, 0.0), h) for v in (y1, y2))
+        x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
+        y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
         text = label.strip() if isinstance(label, str) else ("" if label is None else str(label))
         if span is not None and self.where is not None:
             span = raw_span(self.where, *span)
@@ -227,9 +228,12 @@ class Collector:
         if len(raw) != 4:
             self.add(raw, label, span)
             return
-        xyxy = [None if v is None else v * s for v, s in zip(raw, (sx, sy, sx, sy), strict=True)]
-        finite = all(v is not None and math.isfinite(v) for v in raw)
-        self.add(xyxy, label, span, tuple(raw) if finite else None)  # type: ignore[arg-type]
+        a, b, c, d = raw
+        if None in (a, b, c, d):
+            self.add([a, b, c, d], label, span)  # a missing number: add() drops it as malformed
+            return
+        finite = math.isfinite(a) and math.isfinite(b) and math.isfinite(c) and math.isfinite(d)
+        self.add([a * sx, b * sy, c * sx, d * sy], label, span, (a, b, c, d) if finite else None)
 
     def result(self, text: str) -> ParseResult:
         """Status precedence: truncated > malformed > empty > out_of_range > ok.

@@ -55,9 +55,46 @@ def _skip_string(s: str, i: int, quote: str = '"') -> int | None:
     return None
 
 
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _json_children(s: str, span: Span) -> list[Span] | None:
+    """`children` of a group that is strict JSON, read by the json module's scanner (C); None
+    where it is not (the character walk below then decides)."""
+    start, end = span
+    is_dict = s[start] == "{"
+    close = "}" if is_dict else "]"
+    out: list[Span] = []
+    i = _WS.match(s, start + 1).end()
+    if i < end and s[i] == close:
+        return out if i == end - 1 else None
+    try:
+        while True:
+            if is_dict:
+                if s[i] != '"':
+                    return None
+                _, i = _DECODER.raw_decode(s, i)
+                i = _WS.match(s, i).end()
+                if s[i] != ":":
+                    return None
+                i = _WS.match(s, i + 1).end()
+            _, stop = _DECODER.raw_decode(s, i)
+            out.append((i, stop))
+            i = _WS.match(s, stop).end()
+            if s[i] == ",":
+                i = _WS.match(s, i + 1).end()
+                continue
+            return out if s[i] == close and i == end - 1 else None
+    except (ValueError, IndexError, RecursionError):
+        return None
+
+
 def children(s: str, span: Span) -> list[Span]:
     """Spans of the elements (list) or values (dict) of the bracket group ``s[span]``, split
     at top-level commas; strings in double or single quotes are skipped whole."""
+    if s[span[0] : span[0] + 1] in ("[", "{") and (fast := _json_children(s, span)) is not None:
+        return fast
     start, end = span
     out: list[Span] = []
     item, value, depth, i = start + 1, None, 0, start + 1
