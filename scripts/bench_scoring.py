@@ -303,7 +303,7 @@ def bench_rescore(n: int, steps: int, sample: int) -> None:
         reader_cls = type(store.open_store(str(root / "store")))
         patches = [(rescore, "score_predictions", clock("scoring", keep)),
                    (rescore, "_reparse", clock("parse", rescore._reparse)),
-                   (rescore.store, "commit_step", clock("commit", store.commit_step))]  # fmt: skip
+                   (rescore.store, "commit_steps", clock("commit", store.commit_steps))]  # fmt: skip
         patches += [(reader_cls, name, clock("store reads", getattr(reader_cls, name)))
                     for name in ("runs", "steps", "step", "evaluations", "specimens")]  # fmt: skip
         saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]

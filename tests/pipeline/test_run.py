@@ -155,7 +155,10 @@ def test_vqa_run_and_rescore(tmp_path, tiny_run):
     done = rescore.rescore_store(config.store, console=quiet_console())
     assert sorted(done) == [(config.effective_run_id, 0), (config.effective_run_id, 300)]
     reader = store.open_store(config.store)
-    assert reader.version["predictions"] == before + 2  # one new commit per step
+    # both rescored steps in one predictions commit, each marker pointing at that version
+    assert reader.version["predictions"] == before + 1
+    markers = reader.committed(config.effective_run_id)
+    assert {markers[s]["predictions_version"] for s in (0, 300)} == {before + 1}
     rescored = reader.step(config.effective_run_id, 300).to_pylist()
     assert [r["raw_text"] for r in rescored] == [r["raw_text"] for r in rows]
     assert [r["exact_match"] for r in rescored] == [r["exact_match"] for r in rows]

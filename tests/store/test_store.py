@@ -20,6 +20,7 @@ from vieval_runner.store import (
     FORMAT_VERSION,
     StoreError,
     commit_step,
+    commit_steps,
     compact,
     create_store,
     open_store,
@@ -259,6 +260,30 @@ def test_reevaluation_replaces_step_in_one_commit_and_time_travel(store):
     assert by_time.step("r", 100).column("raw_text").to_pylist()[0] == "old 0"
     with pytest.raises(StoreError, match="as of 999"):
         open_store(store, as_of=999)
+
+
+def test_several_steps_in_two_commits(store):
+    commit_step(store, {"run_id": "r", "step": 100, "f1": 0.1}, rows(4, "old"))
+    before = open_store(store).version["predictions"]
+    version = commit_steps(store, [
+        ({"run_id": "r", "step": 100, "f1": 0.5}, rows(2, "a")),  # replaces the old rows
+        ({"run_id": "r", "step": 200, "f1": 0.6}, rows(3, "b")),
+        ({"run_id": "q'x", "step": 100, "f1": 0.7}, rows(1, "c")),  # another run, quoted
+    ])  # fmt: skip
+    reader = open_store(store)
+    assert version == before + 1 == reader.version["predictions"]  # one predictions commit
+    dt = DeltaTable(table_uri(store, "evaluations"))
+    assert dt.history(limit=1)[0]["operation"] == "WRITE"  # and one append of three markers
+    assert len(dt.to_pyarrow_table().filter(pa.compute.field("f1") >= 0.5)) == 3
+    assert reader.step("r", 100).column("raw_text").to_pylist() == ["a 0", "a 1"]
+    assert reader.step("r", 200).column("raw_text").to_pylist() == ["b 0", "b 1", "b 2"]
+    assert reader.step("q'x", 100).column("raw_text").to_pylist() == ["c 0"]
+    markers = {(e["run_id"], e["step"]): e for e in reader.evaluations().to_pylist()}
+    assert {markers[k]["predictions_version"] for k in [("r", 200), ("q'x", 100)]} == {version}
+    assert reader.aggregates("r").column("f1").to_pylist() == [0.5, 0.6]
+    with pytest.raises(StoreError, match="step 200 of run 'r' twice in one commit"):
+        commit_steps(store, [({"run_id": "r", "step": 200}, rows(1, "d"))] * 2)
+    assert open_store(store).version["predictions"] == version  # nothing written
 
 
 def test_failed_evaluation_is_logged_and_keeps_predictions(store):

@@ -2,6 +2,7 @@
 ``training_log`` tables under one root. See ``docs/store.md``."""
 
 from vieval_runner.store.check import check_store, orphaned_steps
+from vieval_runner.store.commits import COMMIT_POINTS
 from vieval_runner.store.maintenance import compact
 from vieval_runner.store.reader import StoreReader, open_store
 from vieval_runner.store.schema import (
@@ -19,8 +20,8 @@ from vieval_runner.store.schema import (
     table_uri,
 )
 from vieval_runner.store.writer import (
-    COMMIT_POINTS,
     commit_step,
+    commit_steps,
     create_store,
     has_dataset_version,
     prediction_row,
@@ -47,6 +48,7 @@ __all__ = [
     "StoreReader",
     "check_store",
     "commit_step",
+    "commit_steps",
     "compact",
     "create_store",
     "has_dataset_version",

@@ -10,6 +10,9 @@ commits. See docs/store.md, "The commit protocol".
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
@@ -49,3 +52,23 @@ def predictions_at(
             f"an unfinished commit and cannot be read any more ({exc}); evaluate the step "
             "again (`vieval check` lists such steps)"
         ) from None
+
+
+PAUSE_ENV = "VIEVAL_TEST_PAUSE_AT"
+COMMIT_POINTS = ("before-predictions", "between", "after-evaluation")
+
+
+def pause_point(point: str) -> None:
+    """Test hook for the kill tests (docs/store.md, "The commit protocol").
+
+    With ``VIEVAL_TEST_PAUSE_AT=<point>`` (one of ``COMMIT_POINTS``) in the environment, the
+    writer prints ``vieval-paused <point>`` to stderr on reaching that point of
+    ``commit_step`` and sleeps until killed, so a test can SIGKILL it there exactly. Unset,
+    as in production, it is one environment lookup per commit and does nothing.
+    """
+    if os.environ.get(PAUSE_ENV) != point:
+        return
+    sys.stderr.write(f"vieval-paused {point}\n")
+    sys.stderr.flush()
+    while True:
+        time.sleep(3600)

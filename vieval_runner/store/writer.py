@@ -5,9 +5,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
-import sys
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -15,6 +12,7 @@ import pyarrow as pa
 from deltalake import WriterProperties, write_deltalake
 
 from vieval_runner.records import Prediction, Specimen
+from vieval_runner.store.commits import pause_point
 from vieval_runner.store.schema import (
     EVALUATIONS,
     EVALUATIONS_SCHEMA,
@@ -178,26 +176,6 @@ def prediction_row(prediction: Prediction) -> dict:
     return row
 
 
-PAUSE_ENV = "VIEVAL_TEST_PAUSE_AT"
-COMMIT_POINTS = ("before-predictions", "between", "after-evaluation")
-
-
-def pause_point(point: str) -> None:
-    """Test hook for the kill tests (docs/store.md, "The commit protocol").
-
-    With ``VIEVAL_TEST_PAUSE_AT=<point>`` (one of ``COMMIT_POINTS``) in the environment, the
-    writer prints ``vieval-paused <point>`` to stderr on reaching that point of
-    ``commit_step`` and sleeps until killed, so a test can SIGKILL it there exactly. Unset,
-    as in production, it is one environment lookup per commit and does nothing.
-    """
-    if os.environ.get(PAUSE_ENV) != point:
-        return
-    sys.stderr.write(f"vieval-paused {point}\n")
-    sys.stderr.flush()
-    while True:
-        time.sleep(3600)
-
-
 def commit_step(
     root: str,
     eval_row: Mapping,
@@ -216,24 +194,55 @@ def commit_step(
     every reader ignores, ``vieval check`` reports and the next commit of the step replaces.
     Returns the new predictions table version. StoreFull when the disk is full.
     """
+    return commit_steps(root, [(eval_row, prediction_rows)], storage_options)
+
+
+def commit_steps(
+    root: str,
+    steps: Sequence[tuple[Mapping, Sequence[Mapping]]],
+    storage_options: Options = None,
+) -> int:
+    """Commit several evaluated (run, step)s with `commit_step`'s protocol in two commits in
+    all: ONE predicate-overwrite of all their predictions, then ONE append of their
+    evaluation rows, each marker carrying that version (`vieval rescore` commits many steps
+    so: a commit costs about the same for one step as for ten). Returns the version."""
     root = str(root)
-    ev = _eval_defaults(eval_row, status=eval_row.get("status") or "ok")
-    if ev.get("n_specimens") is None:
-        ev["n_specimens"] = len(prediction_rows)
-    rows = _prediction_rows(ev, prediction_rows)
-    where = f"predictions of run {ev['run_id']!r} step {ev['step']}"
-    data = rows_to_table(rows, PREDICTIONS_SCHEMA, where)
-    predicate = f"run_id = {sql_str(ev['run_id'])} AND step = {int(ev['step'])}"
-    step = f"step {ev['step']} of run {ev['run_id']!r}"
+    evs, tables, seen = [], [], set()
+    for eval_row, prediction_rows in steps:
+        ev = _eval_defaults(eval_row, status=eval_row.get("status") or "ok")
+        if (ev["run_id"], ev["step"]) in seen:
+            raise StoreError(f"step {ev['step']} of run {ev['run_id']!r} twice in one commit")
+        seen.add((ev["run_id"], ev["step"]))
+        if ev.get("n_specimens") is None:
+            ev["n_specimens"] = len(prediction_rows)
+        rows = _prediction_rows(ev, prediction_rows)
+        where = f"predictions of run {ev['run_id']!r} step {ev['step']}"
+        tables.append(rows_to_table(rows, PREDICTIONS_SCHEMA, where))
+        evs.append(ev)
+    if not evs:
+        raise StoreError("commit_steps: nothing to commit")
+    data = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+    by_run: dict[str, list[int]] = {}
+    for ev in evs:
+        by_run.setdefault(ev["run_id"], []).append(int(ev["step"]))
+    predicate = " OR ".join(
+        f"(run_id = {sql_str(run)} AND step IN ({', '.join(map(str, sorted(steps)))}))"
+        for run, steps in by_run.items()
+    )
+    if len(evs) == 1:
+        predicate = f"run_id = {sql_str(evs[0]['run_id'])} AND step = {int(evs[0]['step'])}"
+    step = ", ".join(f"step {ev['step']} of run {ev['run_id']!r}" for ev in evs[:3])
+    step += f" and {len(evs) - 3} more" if len(evs) > 3 else ""
     pause_point("before-predictions")
     version = _overwrite(
         root, PREDICTIONS, data, predicate, storage_options, what=f"committing {step}"
     )
     pause_point("between")
-    ev["predictions_version"] = version
-    marker = rows_to_table([ev], EVALUATIONS_SCHEMA, "evaluation")
-    # the predictions write checked room for this row too (the reserve): no second margin
-    what = f"committing {step} (evaluation row)"
+    for ev in evs:
+        ev["predictions_version"] = version
+    marker = rows_to_table(evs, EVALUATIONS_SCHEMA, "evaluation")
+    # the predictions write checked room for these rows too (the reserve): no second margin
+    what = f"committing {step} (evaluation row{'s' if len(evs) > 1 else ''})"
     _append(root, EVALUATIONS, marker, storage_options, what=what, reserve=0)
     pause_point("after-evaluation")
     return version
