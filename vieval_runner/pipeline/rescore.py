@@ -13,6 +13,7 @@ from rich.console import Console
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config
 from vieval_runner.families import default_coords
+from vieval_runner.gc_paused import paused_gc
 from vieval_runner.pipeline.results import (
     frame_columns,
     parse_text,
@@ -61,45 +62,47 @@ def rescore_store(
     for run in [run_id] if run_id else reader.runs():
         committed = reader.committed(run)  # step -> the evaluation that committed it
         for step in reader.steps(run):
-            previous = committed[step]
-            config = Config.model_validate(json.loads(previous["config"]))
-            rows = reader.step(run, step).to_pylist()
-            step_specimens, predictions = [], []
-            for row in rows:
-                specimen = specimens.get(row["specimen_id"])
-                if specimen is None:
-                    raise store.StoreError(
-                        f"{root}: prediction for specimen {row['specimen_id']!r} (run {run}, step {step}) "
-                        "has no row in the specimens table"
-                    )
-                step_specimens.append(specimen)
-                predictions.append(_reparse(row, specimen, previous, config))
-            aggregates = score_predictions(config, step_specimens, predictions, device="cpu")
-            now = datetime.now(UTC)
-            recomputed = (*store.AGGREGATE_METRICS, *store.FRAME_CHECK_COLUMNS)
-            eval_row = {k: v for k, v in previous.items() if k not in recomputed}
-            eval_row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
-            coords = default_coords(previous.get("model_family"), config.coords)
-            eval_row.update(
-                frame_columns(step_specimens, predictions, previous["output_format"], coords)
-            )
-            eval_row["ci95"] = aggregates.get("ci95")
-            eval_row.update(
-                {
-                    "eval_id": uuid.uuid4().hex,
-                    "started_at": now,
-                    "finished_at": now,
-                    "parser_version": parsing.PARSER_VERSION,
-                    "scorer_version": scoring.SCORER_VERSION,
-                    "timings": json.dumps({"rescore_of": previous["eval_id"]}),
-                }
-            )
-            pending.append((eval_row, prediction_rows(run, step, eval_row["eval_id"], predictions)))
-            if sum(len(r) for _, r in pending) >= COMMIT_ROWS or len(pending) >= COMMIT_STEPS:
-                done += _commit(root, pending, storage_options, console)
+            with paused_gc():  # a step's worth of small objects: see gc_paused
+                pending.append(_rescored(root, reader, specimens, run, step, committed[step]))
+                if sum(len(r) for _, r in pending) >= COMMIT_ROWS or len(pending) >= COMMIT_STEPS:
+                    done += _commit(root, pending, storage_options, console)
     if pending:
         done += _commit(root, pending, storage_options, console)
     return done
+
+
+def _rescored(root, reader, specimens, run: str, step: int, previous: dict) -> tuple[dict, list]:
+    """One stored step parsed and scored again: its new evaluation row and prediction rows."""
+    config = Config.model_validate(json.loads(previous["config"]))
+    step_specimens, predictions = [], []
+    for row in reader.step(run, step).to_pylist():
+        specimen = specimens.get(row["specimen_id"])
+        if specimen is None:
+            raise store.StoreError(
+                f"{root}: prediction for specimen {row['specimen_id']!r} (run {run}, step {step}) "
+                "has no row in the specimens table"
+            )
+        step_specimens.append(specimen)
+        predictions.append(_reparse(row, specimen, previous, config))
+    aggregates = score_predictions(config, step_specimens, predictions, device="cpu")
+    now = datetime.now(UTC)
+    recomputed = (*store.AGGREGATE_METRICS, *store.FRAME_CHECK_COLUMNS)
+    eval_row = {k: v for k, v in previous.items() if k not in recomputed}
+    eval_row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
+    coords = default_coords(previous.get("model_family"), config.coords)
+    eval_row.update(frame_columns(step_specimens, predictions, previous["output_format"], coords))
+    eval_row["ci95"] = aggregates.get("ci95")
+    eval_row.update(
+        {
+            "eval_id": uuid.uuid4().hex,
+            "started_at": now,
+            "finished_at": now,
+            "parser_version": parsing.PARSER_VERSION,
+            "scorer_version": scoring.SCORER_VERSION,
+            "timings": json.dumps({"rescore_of": previous["eval_id"]}),
+        }
+    )
+    return eval_row, prediction_rows(run, step, eval_row["eval_id"], predictions)
 
 
 def _commit(root: str, pending: list, storage_options, console: Console) -> list[tuple[str, int]]:
