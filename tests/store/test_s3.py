@@ -243,9 +243,11 @@ def test_throttling_and_timeouts_are_retried_with_backoff(s3_server, s3_bucket):
     commits and reads all succeed."""
     from vieval_runner.testing.s3_server import FlakyProxy
 
-    with FlakyProxy(s3_server.endpoint, every=4, stall_every=9, stall_s=1.5) as proxy:
+    # timeout 2 s: a stalled GET (2.5 s) always exceeds it, while an ordinary request keeps
+    # headroom on a loaded 2-core CI machine (at 1 s, a slow PUT timed out there once)
+    with FlakyProxy(s3_server.endpoint, every=4, stall_every=9, stall_s=2.5) as proxy:
         opts = s3_server.storage_options(
-            AWS_ENDPOINT_URL=proxy.endpoint, max_retries="6", retry_timeout="60s", timeout="1s"
+            AWS_ENDPOINT_URL=proxy.endpoint, max_retries="6", retry_timeout="60s", timeout="2s"
         )
         url = f"s3://{s3_bucket}/throttled"
         create_store(url, storage_options=opts)
