@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from vieval_runner import cli
@@ -342,3 +343,16 @@ def test_compare_two_steps_json_and_bad_step(tmp_path):
 
     bad = _vieval("compare", str(tmp_path / "st"), "0", "999")
     assert bad.returncode == 2 and "has no step 999" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "low"),
+    [("summary", "--resamples", "0", 100), ("summary", "--ap-resamples", "49", 50),
+     ("compare", "--resamples", "-5", 100), ("summary", "--seed", "-1", 0)],
+)  # fmt: skip
+def test_bootstrap_counts_below_the_config_minimum_are_refused(command, flag, value, low, capsys):
+    args = [command, "some-store", *(["0", "100"] if command == "compare" else []), flag, value]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    assert exit_.value.code == 2  # argparse's usage error, before any store is opened
+    assert f"argument {flag}: must be at least {low}, got {value}" in capsys.readouterr().err

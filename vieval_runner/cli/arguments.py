@@ -164,10 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def at_least(low: int):
+    """An argparse type: an int no smaller than ``low`` (the config's own minimum)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def add_stats_arguments(p: argparse.ArgumentParser, ap: bool = False) -> None:
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (2000)")
+    p.add_argument(
+        "--resamples", type=at_least(100), default=2000, help="bootstrap resamples (2000)"
+    )
     if ap:  # only the summary bounds AP (compare has no AP comparison)
-        p.add_argument(
-            "--ap-resamples", type=int, default=200, help="bootstrap resamples of AP50/AP (200)"
-        )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0: reproducible)")
+        p.add_argument("--ap-resamples", type=at_least(50), default=200,
+                       help="bootstrap resamples of AP50/AP (200)")  # fmt: skip
+    p.add_argument("--seed", type=at_least(0), default=0, help="bootstrap seed (0: reproducible)")
