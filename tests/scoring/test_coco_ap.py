@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from vieval_runner.records import Box
 from vieval_runner.scoring import aggregate_grounding, coco_average_precision, score_grounding
+from vieval_runner.testing.stat_stores import cocoeval_precision
 
 
 def scored_step(seed: int, n: int = 30) -> tuple[list[list[Box]], list[list[Box]]]:
@@ -44,35 +40,11 @@ def scored_step(seed: int, n: int = 30) -> tuple[list[list[Box]], list[list[Box]
     return preds, refs
 
 
-def _xywh(b: Box) -> list[float]:
-    return [b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1]
-
-
 def cocoeval_stats(preds, refs, max_dets=(1, 10, 100)) -> np.ndarray:
-    """Built straight from pycocotools: every specimen an image, one category."""
-    anns, aid = [], 1
-    for img, bs in enumerate(refs, 1):
-        for b in bs:
-            x, y, w, h = _xywh(b)
-            anns.append({"id": aid, "image_id": img, "category_id": 1, "bbox": [x, y, w, h],
-                         "area": w * h, "iscrowd": 0})  # fmt: skip
-            aid += 1
-    gt = COCO()
-    gt.dataset = {"images": [{"id": i} for i in range(1, len(refs) + 1)],
-                  "categories": [{"id": 1, "name": "phrase"}], "annotations": anns}  # fmt: skip
-    results = [{"image_id": img, "category_id": 1, "bbox": _xywh(b), "score": b.score}
-               for img, bs in enumerate(preds, 1) for b in bs]  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, "bbox")
-        ev.params.maxDets = list(max_dets)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    # summarize() hard-codes maxDets=100 for AP, so read AP at the last maxDets from the
-    # accumulated precision array [iou, recall, class, area, maxDets] ("all" area is index 0).
-    prec = ev.eval["precision"][:, :, 0, 0, -1]
+    """AP, AP50, AP75 straight from pycocotools' COCOeval (every specimen an image, one
+    category), read from its accumulated precision at the last maxDets: summarize() hard-codes
+    maxDets=100 for AP."""
+    prec = cocoeval_precision(preds, refs, max_dets)[:, :, 0]  # area "all"
     return np.array([prec.mean(), prec[0].mean(), prec[5].mean()])
 
 

@@ -44,18 +44,25 @@ def scored_step(seed: int, n: int = 40):
     return preds, refs
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_area_range_ap_equals_pycocotools(seed):
-    preds, refs = scored_step(seed)
+def assert_area_aps_equal_pycocotools(preds, refs) -> None:
+    """``area_range_ap`` at every area range against pycocotools COCOeval's accumulated
+    precision on the same boxes (-1 where a range has no reference: our None)."""
     prec = cocoeval_precision(preds, refs)
-    for a, area in enumerate(("all", "small", "medium", "large")):
+    for a, area in enumerate(AREA_RANGES):
         p = prec[:, :, a]
         got = area_range_ap(preds, refs, area)
         if (p > -1).sum() == 0:
-            assert got is None
+            assert got is None, area
             continue
         assert got["ap"] == pytest.approx(p[p > -1].mean(), abs=1e-6), area
         assert got["ap50"] == pytest.approx(p[0].mean(), abs=1e-6), area
+        assert got["ap75"] == pytest.approx(p[5].mean(), abs=1e-6), area
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_area_range_ap_equals_pycocotools(seed):
+    preds, refs = scored_step(seed)
+    assert_area_aps_equal_pycocotools(preds, refs)
     assert area_range_ap(preds, refs, "small")["ap"] != pytest.approx(
         area_range_ap(preds, refs, "large")["ap"], abs=1e-3
     )
@@ -140,33 +147,22 @@ def crowded_step(seed: int, n: int = 60):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_crowded_images_equal_pycocotools(seed):
     preds, refs = crowded_step(seed)
-    prec = cocoeval_precision(preds, refs)  # pycocotools COCOeval, areaRng as it defines it
-    for a, area in enumerate(AREA_RANGES):
-        p = prec[:, :, a]
-        got = area_range_ap(preds, refs, area)
-        if (p > -1).sum() == 0:
-            assert got is None
-            continue
-        assert got["ap"] == pytest.approx(p[p > -1].mean(), abs=1e-6), area
-        assert got["ap75"] == pytest.approx(p[5].mean(), abs=1e-6), area
+    assert_area_aps_equal_pycocotools(preds, refs)
 
 
 def test_equal_ious_and_ignored_references_match_as_pycocotools():
     # A detection equally close to two references (IoU 0.818 each) takes the later one
     # (COCOeval's scan keeps the last of equal IoUs), which leaves the first for the next
     # detection, its exact copy; had it taken the first, the copy would overlap what is left
-    # by 0.667 only, a false positive from IoU 0.7 on. Under "small", a detection overlapping a small and a larger (ignored)
-    # reference takes the small one although the other's IoU is higher (0.879 < 0.886).
+    # by 0.667 only, a false positive from IoU 0.7 on. Under "small", a detection overlapping
+    # a small and a larger (ignored) reference takes the small one although the other's IoU
+    # is higher (0.879 < 0.886).
     tie = ([Box(1, 0, 11, 10, score=0.9), Box(0, 0, 10, 10, score=0.8)],
            [Box(0, 0, 10, 10), Box(2, 0, 12, 10)])  # fmt: skip
     ignored = ([Box(0, 0, 32, 32, score=0.7)], [Box(0, 0, 30, 30), Box(0, 0, 34, 34)])
     preds, refs = crowded_step(7, 20)
     preds, refs = [tie[0], ignored[0], *preds], [tie[1], ignored[1], *refs]
-    prec = cocoeval_precision(preds, refs)
-    for a, area in enumerate(AREA_RANGES):
-        p = prec[:, :, a]
-        got = area_range_ap(preds, refs, area)
-        assert got["ap"] == pytest.approx(p[p > -1].mean(), abs=1e-6), area
+    assert_area_aps_equal_pycocotools(preds, refs)
     alone = cocoeval_precision([tie[0]], [tie[1]])[:, :, 0]
     assert area_range_ap([tie[0]], [tie[1]])["ap"] == pytest.approx(alone.mean(), abs=1e-6)
     assert alone[4] == pytest.approx(np.ones(101))  # at IoU 0.7 both detections are true positives

@@ -156,7 +156,7 @@ def detection_table(
     if single.any():
         k = np.flatnonzero(single)
         g = g_start[img[k]]
-        iou = _paired_iou(box[k, :4], gts[g])
+        iou = pairwise_iou_arrays(box[k, None, :4], gts[g, None])[:, 0, 0]  # row k with row k
         over = iou[None, :] >= np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[:, None]
         for t in range(n_t):  # the first (best-scored) detection over t takes the reference
             hit = np.flatnonzero(over[t])
@@ -171,16 +171,6 @@ def detection_table(
     return DetectionTable(
         img[final], (matched & ~ignored)[:, final], (~matched & ~ignored)[:, final], refs, n_img
     )
-
-
-def _paired_iou(p: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """IoU of row k of ``p`` with row k of ``r``."""
-    lt = np.maximum(p[:, :2], r[:, :2])
-    rb = np.minimum(p[:, 2:], r[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    union = np.prod(p[:, 2:] - p[:, :2], -1) + np.prod(r[:, 2:] - r[:, :2], -1) - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
 
 
 def weighted_ap(table: DetectionTable, weights: np.ndarray) -> dict[str, np.ndarray]:

@@ -97,8 +97,9 @@ def build_stat_store(
     return specimens
 
 
-def cocoeval_precision(preds, refs):
-    """pycocotools' accumulated precision [iou, recall, area] (areas: all, small, medium, large)."""
+def cocoeval_precision(preds, refs, max_dets=(1, 10, 100)):
+    """pycocotools' accumulated precision [iou, recall, area] at the last of ``max_dets``
+    (areas: all, small, medium, large; COCOeval sorts ``maxDets``)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -124,6 +125,7 @@ def cocoeval_precision(preds, refs):
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         ev = COCOeval(gt, gt.loadRes(res), "bbox")
+        ev.params.maxDets = list(max_dets)
         ev.evaluate()
         ev.accumulate()
     return ev.eval["precision"][:, :, 0, :, -1]
