@@ -142,14 +142,30 @@ def test_embeddings_are_kept_only_for_a_next_checkpoint_with_the_same_tower(
 ):
     """Steps 0, 100, 200, 300: only 100's embeddings can serve the next step (200 shares its
     tower, read by the prefetch), so only they are copied to the host and kept."""
+    from concurrent.futures import wait
+
+    from vieval_runner.model import prefetch
+
     kept = []
     real_store = VisionCache._store
     monkeypatch.setattr(
         VisionCache, "_store", lambda self, ids, out: kept.extend(ids) or real_store(self, ids, out)
     )
+    # the next checkpoint's read finishes before the step goes on: an unfinished read counts
+    # as "may share the tower" and keeps embeddings, which made the count depend on timing
+    real_prefetch = prefetch.prefetch_checkpoint
+
+    reads = []
+
+    def read_now(*args, **kwargs):
+        reads.append(wait([real_prefetch(*args, **kwargs)]).done.pop())
+        return reads[-1]
+
+    monkeypatch.setattr(prefetch, "prefetch_checkpoint", read_now)
     config = run_config(tmp_path, shared_vision_run)
     assert runner.run(config, quiet_console()).evaluated == [0, 100, 200, 300]
     assert len(kept) == 6  # one step's specimens, not four
+    assert len(reads) >= 3  # the next checkpoints' reads went through read_now
 
 
 def test_embeddings_wanted_follows_the_next_checkpoint(tmp_path):
