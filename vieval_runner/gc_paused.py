@@ -14,9 +14,9 @@ def paused_gc() -> Iterator[None]:
     Parsing, scoring or indexing a whole step allocates hundreds of thousands of small
     objects (boxes, dicts, lists) that reference counting frees; each allocation threshold
     they cross starts a collection that walks every tracked object of the process again (the
-    store's rows, the specimens, every module). Measured: rescoring 10 steps of 2,000
-    specimens 3.8 -> 3.1 s, COCO AP of a 100,000-specimen step 9.0 -> 7.3 s. Cycles made
-    inside the block are collected after it."""
+    store's rows, the specimens, every module); docs/benchmarks.md ("Scoring, rescoring and
+    the store reads", issue 23) has what it saves. Cycles made inside the block are collected
+    after it."""
     was_on = gc.isenabled()
     gc.disable()
     try:
