@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vieval_runner.records import Box, ParseResult
@@ -57,10 +58,10 @@ def clean_text(text: str) -> str:
 
 # A cleaned text plus, for each of its characters, the index of that character in the raw
 # text: parsers report box spans in raw-text positions, whatever they removed before reading.
-Mapped = tuple[str, list[int]]
+Mapped = tuple[str, Sequence[int]]
 
 
-def remove_map(text: str, where: list[int], pattern: re.Pattern) -> Mapped:
+def remove_map(text: str, where: Sequence[int], pattern: re.Pattern) -> Mapped:
     """``pattern.sub("", text)`` that also drops the removed characters from ``where``."""
     parts: list[str] = []
     kept: list[int] = []
@@ -76,9 +77,9 @@ def remove_map(text: str, where: list[int], pattern: re.Pattern) -> Mapped:
     return "".join(parts), kept
 
 
-def clean_text_map(text: str, where: list[int] | None = None) -> Mapped:
+def clean_text_map(text: str, where: Sequence[int] | None = None) -> Mapped:
     """``clean_text`` and the raw index of each kept character (``where``: of ``text``'s)."""
-    where = list(range(len(text))) if where is None else where
+    where = range(len(text)) if where is None else where  # a range slices and indexes alike
     text, where = remove_map(text, where, _PAD_RE)
     m = _LEAD_RE.match(text)
     if m:
@@ -92,7 +93,7 @@ def clean_text_map(text: str, where: list[int] | None = None) -> Mapped:
     return stripped, where[start : start + len(stripped)]
 
 
-def raw_span(where: list[int], start: int, end: int) -> tuple[int, int] | None:
+def raw_span(where: Sequence[int], start: int, end: int) -> tuple[int, int] | None:
     """Span ``[start, end)`` of a mapped text as a span of the raw text (None if empty)."""
     start, end = max(start, 0), min(end, len(where))
     if end <= start:
@@ -102,15 +103,20 @@ def raw_span(where: list[int], start: int, end: int) -> tuple[int, int] | None:
 
 def to_float(value: object) -> float | None:
     """A coordinate as float (``inf`` for overflowing ints), or None if it is not a number."""
+    kind = type(value)
+    if kind is float:
+        return value  # type: ignore[return-value]
+    if kind is int:
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf  # type: ignore[operator]
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        try:
-            return float(value)
-        except OverflowError:
-            return math.inf if value > 0 else -math.inf
+        return to_float(int(value))
     if isinstance(value, float):
-        return value
+        return float(value)
     if isinstance(value, str):
         try:
             return float(value.strip())
@@ -119,7 +125,20 @@ def to_float(value: object) -> float | None:
     return None
 
 
+_PLAIN_NUMBERS = (int, float)
+_BIG = 2.0**53  # below it an int is exactly a float
+
+
 def _check_size(name: str, size: object) -> tuple[float, float]:
+    if type(size) is tuple and len(size) == 2:  # the usual (W, H) of positive numbers
+        w, h = size
+        if (
+            type(w) in _PLAIN_NUMBERS
+            and type(h) in _PLAIN_NUMBERS
+            and 0 < w < _BIG
+            and 0 < h < _BIG
+        ):
+            return size
     ok = isinstance(size, (tuple, list)) and len(size) == 2
     if ok:
         vals = [to_float(v) for v in size]
@@ -180,11 +199,13 @@ class Collector:
     was an explicitly empty structure such as ``[]``); ``result`` turns them into one status.
     """
 
-    def __init__(self, ctx: ParseContext, where: list[int] | None = None) -> None:
+    def __init__(self, ctx: ParseContext, where: Sequence[int] | None = None) -> None:
         self.ctx = ctx
         self.boxes: list[Box] = []
         self.flags: set[str] = set()
         self.where = where  # raw index of each character of the text the parser reads
+        self._w, self._h = float(ctx.image_size[0]), float(ctx.image_size[1])
+        self._tol = 1e-6 * max(self._w, self._h)  # float noise of bin arithmetic is in range
 
     def add(
         self,
@@ -197,18 +218,25 @@ class Collector:
 
         ``span``: where the box stood in the text being read (mapped to the raw text through
         ``where``); it becomes ``Box.span``."""
-        if len(xyxy) != 4 or not all(v is not None and v == v for v in xyxy):  # v != v: NaN
-            self.flags.add("malformed")  # NaN has no place in the image: the box is dropped
+        if len(xyxy) != 4:
+            self.flags.add("malformed")
             return
-        w, h = float(self.ctx.image_size[0]), float(self.ctx.image_size[1])
+        a, b, c, d = xyxy
+        # v != v: NaN has no place in the image, so the box is dropped (as a missing number is)
+        if a is None or b is None or c is None or d is None or a != a or b != b or c != c or d != d:
+            self.flags.add("malformed")
+            return
+        w, h, tol = self._w, self._h, self._tol
         # corners ordered (what sorted() does, written out: this runs once per box)
-        x1, x2 = (xyxy[2], xyxy[0]) if xyxy[2] < xyxy[0] else (xyxy[0], xyxy[2])
-        y1, y2 = (xyxy[3], xyxy[1]) if xyxy[3] < xyxy[1] else (xyxy[1], xyxy[3])
-        tol = 1e-6 * max(w, h)  # float noise of bin arithmetic is not "out of range"
+        x1, x2 = (c, a) if c < a else (a, c)
+        y1, y2 = (d, b) if d < b else (b, d)
         if x1 < -tol or y1 < -tol or x2 > w + tol or y2 > h + tol:
             self.flags.add("out_of_range")
-        x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
-        y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
+        # clamped into the image: min(max(v, 0.0), w), written out for the same reason
+        x1 = 0.0 if x1 < 0.0 else w if x1 > w else x1
+        x2 = 0.0 if x2 < 0.0 else w if x2 > w else x2
+        y1 = 0.0 if y1 < 0.0 else h if y1 > h else y1
+        y2 = 0.0 if y2 < 0.0 else h if y2 > h else y2
         text = label.strip() if isinstance(label, str) else ("" if label is None else str(label))
         if span is not None and self.where is not None:
             span = raw_span(self.where, *span)

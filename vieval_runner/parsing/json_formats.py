@@ -14,6 +14,7 @@ the parsed value (where the two disagree, e.g. duplicate keys, a child takes its
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -92,13 +93,19 @@ def _child_spans(body: str, span: Span, n: int) -> list[Span]:
     return [span] * n
 
 
+@functools.cache
+def _foreign_keys(spec: JsonSpec) -> tuple[str, ...]:
+    """The box keys of other conventions, which ``spec`` refuses."""
+    owned = set(spec.box_keys) | ({"x_min"} if spec.corner_keys else set())
+    return tuple(k for k in _BOXISH if k not in owned)
+
+
 class _Reader:
     """Walks parsed JSON values and adds the boxes of one format to a collector."""
 
     def __init__(self, spec: JsonSpec, col: Collector, sx: float, sy: float, body: str) -> None:
         self.spec, self.col, self.sx, self.sy, self.body = spec, col, sx, sy, body
-        owned = set(spec.box_keys) | ({"x_min"} if spec.corner_keys else set())
-        self.foreign = tuple(k for k in _BOXISH if k not in owned)
+        self.foreign = _foreign_keys(spec)
 
     def add(self, nums: list[float | None], label: object, span: Span) -> None:
         if self.spec.y_first:
@@ -111,8 +118,12 @@ class _Reader:
         if depth > _MAX_DEPTH:
             col.flags.add("malformed")
             return
-        if isinstance(v, dict):
-            key = next((k for k in spec.box_keys if k in v), None)
+        if type(v) is dict:  # json and ast give plain dicts and lists
+            key = None
+            for k in spec.box_keys:
+                if k in v:
+                    key = k
+                    break
             if spec.corner_keys and all(k in v for k in spec.corner_keys):
                 self.add([to_float(v[k]) for k in spec.corner_keys], _label(v), span)
             elif key is not None:

@@ -205,7 +205,7 @@ def _salvage(s: str, start: int, limit: int, flags: set[str], depth: int = 0) ->
 def json_values(body: str) -> tuple[list[tuple[object, Span]], set[str]]:
     """Every top-level JSON value in ``body`` with its span (prose between them is skipped),
     and flags."""
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     values: list = []
     flags: set[str] = set()
     pos = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from rich.console import Console
@@ -27,6 +28,17 @@ from vieval_runner.records import Box, Prediction, Specimen
 # commit, not per step. An interrupted rescore loses at most one such batch.
 COMMIT_STEPS = 16
 COMMIT_ROWS = 50_000
+# The stored columns a prediction is parsed again from (`_reparse`).
+_PARSE_INPUTS = (
+    "specimen_id",
+    "raw_text",
+    "input_width",
+    "input_height",
+    "confidence",
+    "token_logprobs",
+    "token_ends",
+    "truncated",
+)
 
 
 def _specimens_by_id(reader) -> dict[str, Specimen]:
@@ -58,31 +70,48 @@ def rescore_store(
     reader = store.open_store(root, storage_options=storage_options)
     specimens = _specimens_by_id(reader)
     done: list[tuple[str, int]] = []
-    pending: list[tuple[dict, list[dict]]] = []  # rescored, not yet committed
+    for batch in _batches(reader, run_id):
+        # One collection pause for the whole batch, commit included: its rows are freed by
+        # reference counting after the commit, so no collection walks them (see gc_paused).
+        with paused_gc():
+            pending = [_rescored(root, reader, specimens, *step) for step in batch]
+            done += _commit(root, pending, storage_options, console)
+    return done
+
+
+def _batches(reader, run_id: str | None) -> Iterator[list[tuple[str, int, dict]]]:
+    """The stored steps as (run, step, committing evaluation), in batches of at most
+    ``COMMIT_STEPS`` steps or ``COMMIT_ROWS`` rows (a step's rows are never split)."""
+    batch: list[tuple[str, int, dict]] = []
+    rows = 0
     for run in [run_id] if run_id else reader.runs():
         committed = reader.committed(run)  # step -> the evaluation that committed it
         for step in reader.steps(run):
-            with paused_gc():  # a step's worth of small objects: see gc_paused
-                pending.append(_rescored(root, reader, specimens, run, step, committed[step]))
-                if sum(len(r) for _, r in pending) >= COMMIT_ROWS or len(pending) >= COMMIT_STEPS:
-                    done += _commit(root, pending, storage_options, console)
-    if pending:
-        done += _commit(root, pending, storage_options, console)
-    return done
+            batch.append((run, step, committed[step]))
+            rows += committed[step].get("n_specimens") or 0
+            if rows >= COMMIT_ROWS or len(batch) >= COMMIT_STEPS:
+                yield batch
+                batch, rows = [], 0
+    if batch:
+        yield batch
 
 
 def _rescored(root, reader, specimens, run: str, step: int, previous: dict) -> tuple[dict, list]:
     """One stored step parsed and scored again: its new evaluation row and prediction rows."""
     config = Config.model_validate(json.loads(previous["config"]))
+    table = reader.step(run, step)
+    # only the columns parsing reads, column by column (a step's full rows are 5x the work)
+    columns = {name: table.column(name).to_pylist() for name in _PARSE_INPUTS}
     step_specimens, predictions = [], []
-    for row in reader.step(run, step).to_pylist():
-        specimen = specimens.get(row["specimen_id"])
+    for i, specimen_id in enumerate(columns["specimen_id"]):
+        specimen = specimens.get(specimen_id)
         if specimen is None:
             raise store.StoreError(
-                f"{root}: prediction for specimen {row['specimen_id']!r} (run {run}, step {step}) "
+                f"{root}: prediction for specimen {specimen_id!r} (run {run}, step {step}) "
                 "has no row in the specimens table"
             )
         step_specimens.append(specimen)
+        row = {name: values[i] for name, values in columns.items()}
         predictions.append(_reparse(row, specimen, previous, config))
     aggregates = score_predictions(config, step_specimens, predictions, device="cpu")
     now = datetime.now(UTC)

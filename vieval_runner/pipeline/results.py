@@ -10,6 +10,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from operator import attrgetter
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import parsing, scoring, store
@@ -17,6 +18,8 @@ from vieval_runner.config import Config, dump_config
 from vieval_runner.pipeline.resume import config_hash, resolved
 from vieval_runner.records import Box, Prediction, Specimen
 from vieval_runner.version import __version__
+
+_CORNERS = attrgetter("x1", "y1", "x2", "y2")
 
 
 def evaluation_row(
@@ -220,7 +223,7 @@ def frame_columns(
     if configured is None or not specimens or specimens[0].task != "grounding":
         return {}
     raw = [[b.raw for b in p.pred_boxes if b.raw is not None] for p in predictions]
-    refs = [[b.as_list() for b in s.ref_boxes] for s in specimens]
+    refs = [list(map(_CORNERS, s.ref_boxes)) for s in specimens]
     sizes = [(s.width, s.height) for s in specimens]
     inputs = [p.input_size for p in predictions]
     fit = scoring.fit_frames(raw, refs, sizes, inputs, configured)

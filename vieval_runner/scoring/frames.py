@@ -15,6 +15,7 @@ frames with numpy; a step of a few thousand boxes takes milliseconds.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,21 +72,27 @@ def _greedy_matches(iou: np.ndarray, pred: np.ndarray, ref: np.ndarray, threshol
     keep = np.nonzero(iou >= threshold)[0]
     if len(keep) == 0:
         return 0
-    order = keep[np.argsort(-iou[keep], kind="stable")]
-    used_p, used_r, n = set(), set(), 0
-    for p, r in zip(pred[order].tolist(), ref[order].tolist(), strict=True):
-        if p not in used_p and r not in used_r:
-            used_p.add(p)
-            used_r.add(r)
+    p, r = pred[keep], ref[keep]
+    # A candidate whose prediction and reference are in no other candidate is matched whatever
+    # the order, so only the others go through the greedy loop (most steps have few of them).
+    alone = (np.bincount(p)[p] == 1) & (np.bincount(r)[r] == 1)
+    n = int(alone.sum())
+    rest = keep[~alone]
+    order = rest[np.argsort(-iou[rest], kind="stable")]
+    used_p, used_r = set(), set()
+    for a, b in zip(pred[order].tolist(), ref[order].tolist(), strict=True):
+        if a not in used_p and b not in used_r:
+            used_p.add(a)
+            used_r.add(b)
             n += 1
     return n
 
 
 def _flat(boxes: Sequence[Sequence[Sequence[float]]]) -> tuple[np.ndarray, np.ndarray]:
     """All specimens' boxes as one (N, 4) array, and each specimen's count."""
-    counts = np.array([len(b) for b in boxes], dtype=np.int64)
-    rows = [v for b in boxes for v in b]
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 4), counts
+    counts = np.fromiter(map(len, boxes), dtype=np.int64, count=len(boxes))
+    numbers = chain.from_iterable(chain.from_iterable(boxes))  # no nested lists for numpy
+    return np.fromiter(numbers, dtype=np.float64).reshape(-1, 4), counts
 
 
 def fit_frames(
@@ -127,16 +134,21 @@ def fit_frames(
     k = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
     p_idx = (np.cumsum(n_pred) - n_pred)[spec] + k // np.maximum(n_ref[spec], 1)
     r_idx = (np.cumsum(n_ref) - n_ref)[spec] + k % np.maximum(n_ref[spec], 1)
-    wh = sizes[spec]  # (P, 2) each pair's image size
-    scale = np.stack([_scales(f, wh, inputs[spec]) for f in frames])  # (F, P, 2)
-    boxes = preds[p_idx][None] * np.tile(scale, 2)  # (F, P, 4) in pixels
-    x = np.sort(np.clip(boxes[..., 0::2], 0, wh[None, :, :1]), axis=-1)
-    y = np.sort(np.clip(boxes[..., 1::2], 0, wh[None, :, 1:]), axis=-1)
+    # each frame's predicted boxes in pixels, clipped to the image and ordered, box by box
+    box_spec = np.repeat(np.arange(len(n_pred)), n_pred)
+    wh, in_wh = sizes[box_spec], inputs[box_spec]  # (N, 2) each box's image and input size
+    scale = np.stack([_scales(f, wh, in_wh) for f in frames])  # (F, N, 2)
+    boxes = preds[None] * np.tile(scale, 2)  # (F, N, 4)
+    x = np.clip(boxes[..., 0::2], 0, wh[None, :, :1])  # (F, N, 2): x1, x2 (unordered)
+    y = np.clip(boxes[..., 1::2], 0, wh[None, :, 1:])
+    x1, x2 = np.minimum(x[..., 0], x[..., 1]), np.maximum(x[..., 0], x[..., 1])
+    y1, y2 = np.minimum(y[..., 0], y[..., 1]), np.maximum(y[..., 0], y[..., 1])
+    area_p = ((x2 - x1) * (y2 - y1))[:, p_idx]  # (F, P) from here on: one column a pair
+    x1, x2, y1, y2 = x1[:, p_idx], x2[:, p_idx], y1[:, p_idx], y2[:, p_idx]
     r = refs[r_idx]
-    iw = np.clip(np.minimum(x[..., 1], r[:, 2]) - np.maximum(x[..., 0], r[:, 0]), 0, None)
-    ih = np.clip(np.minimum(y[..., 1], r[:, 3]) - np.maximum(y[..., 0], r[:, 1]), 0, None)
+    iw = np.clip(np.minimum(x2, r[:, 2]) - np.maximum(x1, r[:, 0]), 0, None)
+    ih = np.clip(np.minimum(y2, r[:, 3]) - np.maximum(y1, r[:, 1]), 0, None)
     inter = iw * ih
-    area_p = (x[..., 1] - x[..., 0]) * (y[..., 1] - y[..., 0])
     union = area_p + (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1]) - inter
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)  # (F, P)
     for f, frame in enumerate(frames):

@@ -271,6 +271,9 @@ def config_hash(config: object) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_BOX_KEYS = frozenset(("x1", "y1", "x2", "y2", "label", "score"))
+
+
 def _box_rows(value: object, what: str) -> list[dict] | None:
     if value is None:
         return None
@@ -278,6 +281,8 @@ def _box_rows(value: object, what: str) -> list[dict] | None:
     for i, box in enumerate(value):  # type: ignore[union-attr]
         if isinstance(box, Box):
             out.append(box.to_row())
+        elif type(box) is dict and box.keys() == _BOX_KEYS and box["label"] is not None:
+            out.append(box)  # a row as `Box.to_row` writes it; Arrow checks the number types
         elif isinstance(box, Mapping):
             out.append(Box.from_row(box).to_row())
         else:
