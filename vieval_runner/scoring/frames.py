@@ -15,8 +15,8 @@ frames with numpy; a step of a few thousand boxes takes milliseconds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
