@@ -455,6 +455,14 @@ def test_config_errors_raise():
         parse_grounding("x", "qwen4", (W, H))
     with pytest.raises(ValueError, match="image_size"):
         ParseContext(image_size=(0, 10))
+    # every kind of bad size is refused, the tuples of plain numbers checked quickly included
+    for size in [(float("nan"), 10), (10, float("inf")), (-1, 10), (True, 10), (10**400, 5),
+                 (None, 5), (10,), [10, 0]]:  # fmt: skip
+        with pytest.raises(ValueError, match="image_size"):
+            ParseContext(image_size=size)
+    for size, kept in [((640, 480), (640, 480)), ([640, 480.5], (640, 480.5)),
+                       ((2**60, 1e300), (2**60, 1e300))]:  # fmt: skip
+        assert ParseContext(image_size=size).image_size == kept
     with pytest.raises(ValueError, match="coords"):
         parse_grounding("x", "plain_xyxy", (W, H), coords="feet")
 

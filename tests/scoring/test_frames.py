@@ -64,6 +64,19 @@ def test_micro_f1_counts_unmatched_predictions_and_references():
     assert fit.f1["normalized_1"] == pytest.approx(0.5)
 
 
+def test_matching_is_greedy_by_iou_where_candidates_share_a_box():
+    """The check matches greedily by IoU (highest first), as its docstring says. Specimen 0:
+    P1 overlaps A (IoU 0.9) and B (0.667), P2 only A (0.8); greedy takes P1-A and leaves
+    P2 and B unmatched (the optimum would pair both). Specimen 1: one exact, lone pair."""
+    a, b = [0, 0, 100, 100], [0, 0, 60, 100]
+    p1, p2 = [0, 0, 90, 100], [20, 0, 100, 100]
+    raws = [[p1, p2], [[10, 10, 50, 50]]]
+    refs = [[a, b], [[10, 10, 50, 50]]]
+    fit = fit_frames(raws, refs, [(500, 400)] * 2, [None] * 2, "pixel", min_boxes=1)
+    # TP 2 (P1-A, the lone pair) of 3 predictions and 3 references: F1 = 2 * 2 / (3 + 3)
+    assert fit.f1["pixel"] == pytest.approx(4 / 6)
+
+
 def test_a_large_step_is_cheap():
     raws, refs, sizes, inputs = _step(n=2000, seed=3)
     start = time.perf_counter()

@@ -50,6 +50,19 @@ def test_bad_box_names_row_and_column():
         rows_to_table(rows, PREDICTIONS_SCHEMA, "predictions")
 
 
+def test_box_rows_in_store_shape_are_checked_by_arrow():
+    """Rows as `Box.to_row` writes them are stored as given; a bad number still names the row,
+    and a box row without a label (or with other keys) goes through `Box` (label "")."""
+    good = {"x1": 1, "y1": 2.0, "x2": 3.5, "y2": 4.0, "label": "cat", "score": None}
+    unlabelled = good | {"label": None}
+    rows = [_prediction(0, pred_boxes=[good, unlabelled])]
+    boxes = rows_to_table(rows, PREDICTIONS_SCHEMA, "predictions").column("pred_boxes")
+    assert boxes.to_pylist()[0] == [good | {"x1": 1.0}, good | {"x1": 1.0, "label": ""}]
+    rows = [_prediction(0, pred_boxes=[good]), _prediction(1, pred_boxes=[good | {"x2": "far"}])]
+    with pytest.raises(StoreError, match=r"predictions row 1: column 'pred_boxes' value"):
+        rows_to_table(rows, PREDICTIONS_SCHEMA, "predictions")
+
+
 def test_bad_timestamp_names_row_and_column():
     rows = [{"eval_id": "e", "started_at": "2026-12-04"}, {"eval_id": "f", "started_at": "noon"}]
     with pytest.raises(StoreError, match=r"evaluations row 1 column 'started_at': not an ISO"):

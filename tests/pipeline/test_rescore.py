@@ -1,0 +1,103 @@
+"""`vieval rescore` (`pipeline/rescore.py`): stored raw text parsed and scored again, several
+steps per commit, on a real Delta store."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from vieval_runner import store
+from vieval_runner.config import config_from_dict, dump_config
+from vieval_runner.pipeline import rescore
+from vieval_runner.records import Box, Prediction, Specimen
+
+STEPS = (100, 200, 300, 400, 500)
+# (id, width, height, reference box in pixels)
+SPECIMENS = [("a", 640, 480, (64, 96, 192, 192)), ("b", 1000, 500, (100, 50, 400, 250))]
+
+
+def _raw_text(step: int, width: int, height: int, ref: tuple) -> str:
+    """Qwen3-VL JSON: ``bbox_2d`` on a 0-1000 grid of the image (Qwen3-VL's grounding
+    convention), the box drifting right as the step grows less."""
+    shift = 2000 // step
+    x1, y1, x2, y2 = ref
+    grid = [x1 * 1000 / width + shift, y1 * 1000 / height, x2 * 1000 / width + shift,
+            y2 * 1000 / height]  # fmt: skip
+    return json.dumps([{"bbox_2d": [round(v) for v in grid], "label": "thing"}])
+
+
+@pytest.fixture()
+def stored(tmp_path):
+    """A store with five grounding steps whose rows hold raw text but no parsed boxes."""
+    root = str(tmp_path / "store")
+    config = config_from_dict(
+        {"run_dir": str(tmp_path / "run"), "base_model": str(tmp_path / "base"), "store": root,
+         "task": "grounding", "data": {"path": str(tmp_path)}, "device": "cpu",
+         "output_format": "qwen3_vl_json"}
+    )  # fmt: skip
+    png = io.BytesIO()
+    Image.new("RGB", (8, 6), (90, 120, 150)).save(png, format="PNG")
+    specimens = [
+        Specimen(sid, "grounding", "thing", w, h, image_bytes=png.getvalue(),
+                 ref_boxes=[Box(*ref, label="thing")])
+        for sid, w, h, ref in SPECIMENS
+    ]  # fmt: skip
+    store.create_store(root)
+    store.write_specimens(root, specimens, "v1")
+    for step in STEPS:
+        rows = [
+            store.prediction_row(Prediction(sid, _raw_text(step, w, h, ref), "ok", []))
+            for sid, w, h, ref in SPECIMENS
+        ]
+        eval_row = {"run_id": "r", "step": step, "status": "ok", "task": "grounding",
+                    "model_family": "qwen3_vl", "output_format": "qwen3_vl_json",
+                    "config": json.dumps(dump_config(config))}  # fmt: skip
+        store.commit_step(root, eval_row, rows)
+    return root
+
+
+def test_every_step_is_parsed_and_scored_again_in_batches(stored, monkeypatch):
+    monkeypatch.setattr(rescore, "COMMIT_STEPS", 2)  # 5 steps: batches of 2, 2 and 1
+    before = store.open_store(stored)
+    old_ids = {s: before.committed("r")[s]["eval_id"] for s in STEPS}
+    versions = before.version
+
+    done = rescore.rescore_store(stored, console=Console(quiet=True))
+
+    assert done == [("r", s) for s in STEPS]
+    reader = store.open_store(stored)
+    grew = {name: reader.version[name] - versions[name] for name in versions}
+    # one predictions overwrite and one evaluations append per batch, not per step
+    assert grew["predictions"] == 3 and grew["evaluations"] == 3
+    for step in STEPS:
+        marker = reader.committed("r")[step]
+        assert json.loads(marker["timings"])["rescore_of"] == old_ids[step]
+        rows = {r["specimen_id"]: r for r in reader.step("r", step).to_pylist()}
+        # specimen a: 0-1000 grid numbers x (640, 480) / 1000, shifted by 2000 // step
+        shift = 2000 // step * 640 / 1000
+        box = rows["a"]["pred_boxes"][0]
+        assert rows["a"]["parse_status"] == "ok"
+        assert (box["x1"], box["y1"], box["x2"], box["y2"]) == pytest.approx(
+            (64 + shift, 96, 192 + shift, 192), abs=0.33
+        )
+        assert rows["a"]["tp"] == 1 and rows["b"]["tp"] == 1
+        assert marker["f1"] == 1.0 and marker["eval_id"] != old_ids[step]
+
+
+def test_a_row_without_its_specimen_names_the_store_run_and_step(stored):
+    store.commit_step(
+        stored,
+        {"run_id": "r", "step": 600, "status": "ok", "task": "grounding",
+         "output_format": "qwen3_vl_json",
+         "config": store.open_store(stored).committed("r")[100]["config"]},
+        [store.prediction_row(Prediction("ghost", "[]", "empty", []))],
+    )  # fmt: skip
+    with pytest.raises(store.StoreError, match=r"'ghost' \(run r, step 600\).*specimens table"):
+        rescore.rescore_store(stored, console=Console(quiet=True))
+    # the steps before it in the same batch were not committed half-way: still the originals
+    reader = store.open_store(stored)
+    assert "rescore_of" not in (reader.committed("r")[500].get("timings") or "")
