@@ -82,3 +82,8 @@ def test_a_large_step_is_cheap():
     start = time.perf_counter()
     fit_frames(raws, refs, sizes, inputs, "relative_1000")
     assert time.perf_counter() - start < 1.0  # about 0.06 s on a 2-core CPU
+
+
+def test_a_box_without_four_numbers_is_refused():
+    with pytest.raises(ValueError, match="four numbers each; got 3 numbers in 1 boxes"):
+        fit_frames([[[1, 2, 3]]], [[[1, 2, 3, 4]]], [(10, 10)], [None], "pixel")

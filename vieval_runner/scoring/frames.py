@@ -92,7 +92,11 @@ def _flat(boxes: Sequence[Sequence[Sequence[float]]]) -> tuple[np.ndarray, np.nd
     """All specimens' boxes as one (N, 4) array, and each specimen's count."""
     counts = np.fromiter(map(len, boxes), dtype=np.int64, count=len(boxes))
     numbers = chain.from_iterable(chain.from_iterable(boxes))  # no nested lists for numpy
-    return np.fromiter(numbers, dtype=np.float64).reshape(-1, 4), counts
+    flat = np.fromiter(numbers, dtype=np.float64)
+    if flat.size != 4 * int(counts.sum()):
+        raise ValueError(f"boxes must be four numbers each; got {flat.size} numbers in "
+                         f"{int(counts.sum())} boxes")  # fmt: skip
+    return flat.reshape(-1, 4), counts
 
 
 def fit_frames(
