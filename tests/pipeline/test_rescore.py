@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -101,3 +102,49 @@ def test_a_row_without_its_specimen_names_the_store_run_and_step(stored):
     # the steps before it in the same batch were not committed half-way: still the originals
     reader = store.open_store(stored)
     assert "rescore_of" not in (reader.committed("r")[500].get("timings") or "")
+
+
+def test_a_text_repeated_from_the_step_before_is_read_once_and_scored_by_its_own_tokens(
+    tmp_path, monkeypatch
+):
+    """Steps 100 and 200 wrote the same text with other token log-probabilities; step 300 the
+    same text cut at max_new_tokens. The parser's reading is reused only where every input it
+    reads is the same, and each step's boxes get the scores of its own tokens."""
+    root = str(tmp_path / "store")
+    config = config_from_dict(
+        {"run_dir": str(tmp_path / "run"), "base_model": str(tmp_path / "base"), "store": root,
+         "task": "grounding", "data": {"path": str(tmp_path)}, "device": "cpu",
+         "output_format": "qwen3_vl_json"}
+    )  # fmt: skip
+    png = io.BytesIO()
+    Image.new("RGB", (8, 6), (90, 120, 150)).save(png, format="PNG")
+    spec = Specimen("a", "grounding", "thing", 640, 480, image_bytes=png.getvalue(),
+                    ref_boxes=[Box(64, 96, 192, 192, label="thing")])  # fmt: skip
+    store.create_store(root)
+    store.write_specimens(root, [spec], "v1")
+    text = '[{"bbox_2d": [100, 200, 300, 400], "label": "thing"}]'
+    steps = {100: ([-0.1, -0.2], False), 200: ([-1.0, -2.0], False), 300: ([-1.0, -2.0], True)}
+    for step, (logprobs, cut) in steps.items():
+        row = store.prediction_row(Prediction("a", text, "ok", [], token_logprobs=logprobs,
+                                              token_ends=[26, len(text)], truncated=cut))  # fmt: skip
+        eval_row = {"run_id": "r", "step": step, "status": "ok", "task": "grounding",
+                    "model_family": "qwen3_vl", "output_format": "qwen3_vl_json",
+                    "config": json.dumps(dump_config(config))}  # fmt: skip
+        store.commit_step(root, eval_row, [row])
+    reads = []
+    real_read = rescore.read_output
+    monkeypatch.setattr(rescore, "read_output", lambda *a: reads.append(a[1]) or real_read(*a))
+
+    rescore.rescore_store(root, console=Console(quiet=True))
+
+    assert len(reads) == 2  # step 200 reused step 100's reading; step 300 (cut) read anew
+    reader = store.open_store(root)
+    got = {s: reader.step("r", s).to_pylist()[0] for s in steps}
+    for step in (100, 200):
+        box = got[step]["pred_boxes"][0]
+        # Qwen3-VL's 0-1000 grid on a 640 x 480 image
+        assert (box["x1"], box["y1"], box["x2"], box["y2"]) == pytest.approx((64, 96, 192, 192))
+        # both tokens wrote the box: exp(mean log-probability), docs/metrics.md
+        assert box["score"] == pytest.approx(math.exp(sum(steps[step][0]) / 2))
+        assert got[step]["parse_status"] == "ok"
+    assert got[300]["parse_status"] == "truncated"

@@ -24,9 +24,10 @@ def test_quick_run_prints_every_figure_and_the_ratio_last():
     lines = out.strip().splitlines()
     assert lines[1].startswith("ANLS step, 600 answers")
     assert lines[2].startswith("rescore, 2 stored steps x 100 specimens")
-    assert "store reads" in lines[2] and "scoring" in lines[2]
-    assert lines[3].startswith("grounding step, 600 specimens")
-    assert lines[4].startswith("scored grounding step, 600 specimens")
-    assert lines[5].startswith("its 95% intervals")
-    assert "equal AP" in lines[6]  # pycocotools (dev extra) is the baseline
+    assert "store reads" in lines[2] and "metric code" in lines[2]
+    assert lines[3].startswith("rescore, 76% of outputs as at the step before, 2 stored steps")
+    assert lines[4].startswith("grounding step, 600 specimens")
+    assert lines[5].startswith("scored grounding step, 600 specimens")
+    assert lines[6].startswith("its 95% intervals")
+    assert "equal AP" in lines[7]  # pycocotools (dev extra) is the baseline
     assert LAST_LINE.match(lines[-1]), lines[-1]

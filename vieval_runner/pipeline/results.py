@@ -16,7 +16,7 @@ from vieval_runner import checkpoints as ckpts
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config, dump_config
 from vieval_runner.pipeline.resume import config_hash, resolved
-from vieval_runner.records import Box, Prediction, Specimen
+from vieval_runner.records import Box, ParseResult, Prediction, Specimen
 from vieval_runner.version import __version__
 
 _CORNERS = attrgetter("x1", "y1", "x2", "y2")
@@ -129,19 +129,47 @@ def parse_text(
     back to ``confidence`` (the whole output's), so AP50 and AP@[.5:.95] can rank boxes
     within and across outputs. ``token_ends`` are offsets in ``text``, which must be the
     decoded text they were computed on."""
-    if specimen.task == "grounding":
-        result = parsing.parse_grounding(
-            text,
-            output_format,
-            (specimen.width, specimen.height),
-            input_size=input_size,
-            coords=coords,
-            default_label=specimen.prompt,
-            truncated=truncated,
-        )
-    else:
-        result = parsing.parse_answer(text)
-    boxes = result.boxes
+    result = read_output(specimen, text, input_size, output_format, coords, truncated)
+    return prediction_of(
+        specimen, text, result, input_size, confidence, token_logprobs, token_ends, truncated
+    )
+
+
+def read_output(
+    specimen: Specimen,
+    text: str,
+    input_size,
+    output_format: str | None,
+    coords: str | None,
+    truncated: bool | None = None,
+) -> ParseResult:
+    """The parser's reading of one output: boxes (unscored) or the answer, and a status. A
+    pure function of its arguments, so rescore reuses it for text that did not change."""
+    if specimen.task != "grounding":
+        return parsing.parse_answer(text)
+    return parsing.parse_grounding(
+        text,
+        output_format,
+        (specimen.width, specimen.height),
+        input_size=input_size,
+        coords=coords,
+        default_label=specimen.prompt,
+        truncated=truncated,
+    )
+
+
+def prediction_of(
+    specimen: Specimen,
+    text: str,
+    result: ParseResult,
+    input_size,
+    confidence: float | None = None,
+    token_logprobs: Sequence[float] | None = None,
+    token_ends: Sequence[int] | None = None,
+    truncated: bool | None = None,
+) -> Prediction:
+    """A Prediction from the parser's reading of ``text``, its boxes scored (`parse_text`)."""
+    boxes = list(result.boxes)  # its own list: a reading may be shared by several steps
     logprobs = None if token_logprobs is None else list(token_logprobs)
     ends = None if token_ends is None else list(token_ends)
     if logprobs is not None and ends is not None and len(logprobs) == len(ends):
