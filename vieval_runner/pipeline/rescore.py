@@ -1,6 +1,7 @@
 """`vieval rescore STORE`: re-parse and re-score stored raw text with the current parser and
 scorer, committing each step anew (parser and scorer versions recorded), several steps per
-commit. No model is loaded."""
+commit. No model is loaded. A text that the same specimen also wrote at the step before is
+read once (parsing is a pure function of the text and its settings)."""
 
 from __future__ import annotations
 
