@@ -67,9 +67,13 @@ def test_every_step_is_parsed_and_scored_again_in_batches(stored, monkeypatch):
     old_ids = {s: before.committed("r")[s]["eval_id"] for s in STEPS}
     versions = before.version
 
-    done = rescore.rescore_store(stored, console=Console(quiet=True))
+    out = io.StringIO()
+    done = rescore.rescore_store(stored, console=Console(file=out, width=100))
 
     assert done == [("r", s) for s in STEPS]
+    said = out.getvalue()  # progress over all steps, and each step once its batch is committed
+    assert "rescoring steps" in said and "5/5" in said
+    assert [f"rescored run r step {s} (2 specimens)" in said for s in STEPS] == [True] * 5
     reader = store.open_store(stored)
     grew = {name: reader.version[name] - versions[name] for name in versions}
     # one predictions overwrite and one evaluations append per batch, not per step

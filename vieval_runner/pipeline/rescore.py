@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config
@@ -76,12 +77,25 @@ def rescore_store(
     # previous step's), and parsing is the largest part of a rescore.
     readings: dict[str, tuple[tuple, ParseResult]] = {}
     done: list[tuple[str, int]] = []
-    for batch in _batches(reader, run_id):
-        # One collection pause for the whole batch, commit included: its rows are freed by
-        # reference counting after the commit, so no collection walks them (see gc_paused).
-        with paused_gc():
-            pending = [_rescored(root, reader, specimens, readings, *step) for step in batch]
-            done += _commit(root, pending, storage_options, console)
+    batches = list(_batches(reader, run_id))
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        steps = progress.add_task("rescoring steps", total=sum(map(len, batches)))
+        for batch in batches:
+            # One collection pause for the whole batch, commit included: its rows are freed
+            # by reference counting after the commit, so no collection walks them.
+            with paused_gc():
+                pending = []
+                for step in batch:
+                    pending.append(_rescored(root, reader, specimens, readings, *step))
+                    progress.advance(steps)
+                done += _commit(root, pending, storage_options, progress.console)
     return done
 
 
