@@ -152,3 +152,25 @@ def test_a_text_repeated_from_the_step_before_is_read_once_and_scored_by_its_own
         assert box["score"] == pytest.approx(math.exp(sum(steps[step][0]) / 2))
         assert got[step]["parse_status"] == "ok"
     assert got[300]["parse_status"] == "truncated"
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        (None, r"run r step 600 \(evaluation e600\) has no stored config"),
+        ("{not json", r"run r step 600 \(evaluation e600\): its stored config cannot be read"),
+        ("UNKNOWN KEY", r"step 600 \(evaluation e600\): its stored config cannot be read.*colour"),
+    ],
+)
+def test_a_step_whose_config_cannot_be_read_is_named(stored, config, said):
+    previous = store.open_store(stored).committed("r")[100]["config"]
+    if config == "UNKNOWN KEY":  # a key this version does not know (unknown keys are errors)
+        config = json.dumps(json.loads(previous) | {"colour": "red"})
+    store.commit_step(
+        stored,
+        {"run_id": "r", "step": 600, "eval_id": "e600", "status": "ok", "task": "grounding",
+         "output_format": "qwen3_vl_json", "config": config},
+        [store.prediction_row(Prediction("a", "[]", "empty", []))],
+    )  # fmt: skip
+    with pytest.raises(store.StoreError, match=said):
+        rescore.rescore_store(stored, console=Console(quiet=True))

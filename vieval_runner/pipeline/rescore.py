@@ -120,7 +120,7 @@ def _rescored(
     root, reader, specimens, readings, run: str, step: int, previous: dict
 ) -> tuple[dict, list]:
     """One stored step parsed and scored again: its new evaluation row and prediction rows."""
-    config = Config.model_validate(json.loads(previous["config"]))
+    config = _stored_config(root, run, step, previous)
     table = reader.step(run, step)
     # only the columns parsing reads, column by column (a step's full rows are 5x the work)
     columns = {name: table.column(name).to_pylist() for name in _PARSE_INPUTS}
@@ -154,6 +154,20 @@ def _rescored(
         }
     )
     return eval_row, prediction_rows(run, step, eval_row["eval_id"], predictions)
+
+
+def _stored_config(root: str, run: str, step: int, previous: dict) -> Config:
+    """The config a step was evaluated with (rescore scores it the same way again)."""
+    where = f"{root}: run {run} step {step} (evaluation {previous.get('eval_id')})"
+    if not previous.get("config"):
+        raise store.StoreError(f"{where} has no stored config: rescore needs the config the "
+                               "step was evaluated with")  # fmt: skip
+    try:
+        return Config.model_validate(json.loads(previous["config"]))
+    except ValueError as exc:  # bad JSON, or a config this version no longer reads
+        first = str(exc).strip().splitlines()
+        raise store.StoreError(f"{where}: its stored config cannot be read: "
+                               f"{' / '.join(first[:3])}") from None  # fmt: skip
 
 
 def _commit(root: str, pending: list, storage_options, console: Console) -> list[tuple[str, int]]:
