@@ -31,9 +31,9 @@ def _raw_text(step: int, width: int, height: int, ref: tuple) -> str:
     return json.dumps([{"bbox_2d": [round(v) for v in grid], "label": "thing"}])
 
 
-@pytest.fixture()
-def stored(tmp_path):
-    """A store with five grounding steps whose rows hold raw text but no parsed boxes."""
+def _new_store(tmp_path, specimens: list[tuple]) -> tuple[str, str]:
+    """An empty store with ``specimens`` ((id, width, height, reference box)), and the config
+    JSON of a qwen3_vl_json grounding evaluation to commit steps with."""
     root = str(tmp_path / "store")
     config = config_from_dict(
         {"run_dir": str(tmp_path / "run"), "base_model": str(tmp_path / "base"), "store": root,
@@ -42,22 +42,32 @@ def stored(tmp_path):
     )  # fmt: skip
     png = io.BytesIO()
     Image.new("RGB", (8, 6), (90, 120, 150)).save(png, format="PNG")
-    specimens = [
-        Specimen(sid, "grounding", "thing", w, h, image_bytes=png.getvalue(),
-                 ref_boxes=[Box(*ref, label="thing")])
-        for sid, w, h, ref in SPECIMENS
-    ]  # fmt: skip
     store.create_store(root)
-    store.write_specimens(root, specimens, "v1")
+    store.write_specimens(
+        root,
+        [Specimen(sid, "grounding", "thing", w, h, image_bytes=png.getvalue(),
+                  ref_boxes=[Box(*ref, label="thing")]) for sid, w, h, ref in specimens],
+        "v1",
+    )  # fmt: skip
+    return root, json.dumps(dump_config(config))
+
+
+def _commit(root: str, config: str, step: int, rows: list[dict]) -> None:
+    eval_row = {"run_id": "r", "step": step, "status": "ok", "task": "grounding",
+                "model_family": "qwen3_vl", "output_format": "qwen3_vl_json", "config": config}  # fmt: skip
+    store.commit_step(root, eval_row, rows)
+
+
+@pytest.fixture()
+def stored(tmp_path):
+    """A store with five grounding steps whose rows hold raw text but no parsed boxes."""
+    root, config = _new_store(tmp_path, SPECIMENS)
     for step in STEPS:
         rows = [
             store.prediction_row(Prediction(sid, _raw_text(step, w, h, ref), "ok", []))
             for sid, w, h, ref in SPECIMENS
         ]
-        eval_row = {"run_id": "r", "step": step, "status": "ok", "task": "grounding",
-                    "model_family": "qwen3_vl", "output_format": "qwen3_vl_json",
-                    "config": json.dumps(dump_config(config))}  # fmt: skip
-        store.commit_step(root, eval_row, rows)
+        _commit(root, config, step, rows)
     return root
 
 
@@ -114,27 +124,13 @@ def test_a_text_repeated_from_the_step_before_is_read_once_and_scored_by_its_own
     """Steps 100 and 200 wrote the same text with other token log-probabilities; step 300 the
     same text cut at max_new_tokens. The parser's reading is reused only where every input it
     reads is the same, and each step's boxes get the scores of its own tokens."""
-    root = str(tmp_path / "store")
-    config = config_from_dict(
-        {"run_dir": str(tmp_path / "run"), "base_model": str(tmp_path / "base"), "store": root,
-         "task": "grounding", "data": {"path": str(tmp_path)}, "device": "cpu",
-         "output_format": "qwen3_vl_json"}
-    )  # fmt: skip
-    png = io.BytesIO()
-    Image.new("RGB", (8, 6), (90, 120, 150)).save(png, format="PNG")
-    spec = Specimen("a", "grounding", "thing", 640, 480, image_bytes=png.getvalue(),
-                    ref_boxes=[Box(64, 96, 192, 192, label="thing")])  # fmt: skip
-    store.create_store(root)
-    store.write_specimens(root, [spec], "v1")
+    root, config = _new_store(tmp_path, [("a", 640, 480, (64, 96, 192, 192))])
     text = '[{"bbox_2d": [100, 200, 300, 400], "label": "thing"}]'
     steps = {100: ([-0.1, -0.2], False), 200: ([-1.0, -2.0], False), 300: ([-1.0, -2.0], True)}
     for step, (logprobs, cut) in steps.items():
         row = store.prediction_row(Prediction("a", text, "ok", [], token_logprobs=logprobs,
                                               token_ends=[26, len(text)], truncated=cut))  # fmt: skip
-        eval_row = {"run_id": "r", "step": step, "status": "ok", "task": "grounding",
-                    "model_family": "qwen3_vl", "output_format": "qwen3_vl_json",
-                    "config": json.dumps(dump_config(config))}  # fmt: skip
-        store.commit_step(root, eval_row, [row])
+        _commit(root, config, step, [row])
     reads = []
     real_read = rescore.read_output
     monkeypatch.setattr(rescore, "read_output", lambda *a: reads.append(a[1]) or real_read(*a))

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner.config import Config
 from vieval_runner.pipeline import overlap, resume, step
 from vieval_runner.pipeline.preflight import empty_selection
+from vieval_runner.pipeline.progress import progress_bar
 from vieval_runner.pipeline.ranks import (
     Ranks,
     all_gather,
@@ -173,14 +173,7 @@ def run(config: Config, console: Console) -> step.RunOutcome:
     )
     if not plan.todo:
         return outcome
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,  # quiet on ranks other than 0: one set of bars
-        transient=False,
-    ) as progress:
+    with progress_bar(console) as progress:  # quiet on ranks other than 0: one set of bars
         overall = progress.add_task("checkpoints", total=len(plan.todo))
         todo = [ckpt for ckpt, _ in plan.todo]
         for index, (ckpt, digest) in enumerate(plan.todo):

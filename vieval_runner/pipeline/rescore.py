@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vieval_runner import parsing, scoring, store
 from vieval_runner.config import Config
 from vieval_runner.families import default_coords
 from vieval_runner.gc_paused import paused_gc
+from vieval_runner.pipeline.progress import progress_bar
 from vieval_runner.pipeline.results import (
     frame_columns,
     prediction_of,
@@ -78,14 +78,7 @@ def rescore_store(
     readings: dict[str, tuple[tuple, ParseResult]] = {}
     done: list[tuple[str, int]] = []
     batches = list(_batches(reader, run_id))
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
+    with progress_bar(console) as progress:
         steps = progress.add_task("rescoring steps", total=sum(map(len, batches)))
         for batch in batches:
             # One collection pause for the whole batch, commit included: its rows are freed

@@ -13,13 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from vieval_runner import checkpoints as ckpts
 from vieval_runner import store
 from vieval_runner.config import Config
 from vieval_runner.pipeline import overlap, resume, step, tracking
 from vieval_runner.pipeline.preflight import empty_selection
+from vieval_runner.pipeline.progress import progress_bar
 from vieval_runner.pipeline.session import (
     Session,
     note_checkpoints,
@@ -47,14 +48,7 @@ def evaluate_checkpoints(
     )
     if not todo:
         return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
+    with progress_bar(console) as progress:
         overall = progress.add_task("checkpoints", total=len(todo))
         by_step = {ckpt.step: (ckpt, digest) for ckpt, digest in todo}
 
