@@ -8,36 +8,14 @@ import torch
 
 from vieval_runner.records import Box
 from vieval_runner.scoring import aggregate_grounding, coco_average_precision, score_grounding
+from vieval_runner.testing import stat_stores
 from vieval_runner.testing.stat_stores import cocoeval_precision
 
 
 def scored_step(seed: int, n: int = 30) -> tuple[list[list[Box]], list[list[Box]]]:
     """References plus predictions: jittered copies of references (some far off), random
     extra boxes, random scores; some specimens without references or without predictions."""
-    rng = np.random.default_rng(seed)
-    preds, refs = [], []
-    for i in range(n):
-        ref = []
-        for _ in range(int(rng.integers(0, 4))):
-            x, y = rng.uniform(0, 300, 2)
-            w, h = rng.uniform(5, 100, 2)
-            ref.append(Box(x, y, x + w, y + h))
-        pred = []
-        for b in ref:
-            if rng.uniform() < 0.8:
-                j = rng.normal(0, rng.choice([2.0, 8.0, 20.0]), 4)
-                x1, y1, x2, y2 = np.array(b.as_list()) + j
-                pred.append(Box(min(x1, x2), min(y1, y2), max(x1, x2) + 1, max(y1, y2) + 1))
-        for _ in range(int(rng.integers(0, 3))):
-            x, y = rng.uniform(0, 300, 2)
-            w, h = rng.uniform(5, 100, 2)
-            pred.append(Box(x, y, x + w, y + h))
-        pred = [Box(*b.as_list(), score=float(rng.uniform())) for b in pred]
-        if i % 7 == 3:
-            pred = []
-        preds.append(list(rng.permutation(np.array(pred, dtype=object))) if pred else [])
-        refs.append(ref)
-    return preds, refs
+    return stat_stores.scored_step(seed, n)
 
 
 def cocoeval_stats(preds, refs, max_dets=(1, 10, 100)) -> np.ndarray:

@@ -16,32 +16,16 @@ from vieval_runner.scoring.weighted_ap import (
     detection_table,
     weighted_ap,
 )
+from vieval_runner.testing import stat_stores
 from vieval_runner.testing.stat_stores import cocoeval_precision
 
 
 def scored_step(seed: int, n: int = 40):
-    rng = np.random.default_rng(seed)
-    preds, refs = [], []
-    for i in range(n):
-        ref = []
-        for _ in range(int(rng.integers(0, 4))):
-            x, y = rng.uniform(0, 300, 2)
-            w, h = rng.choice([8.0, 40.0, 130.0]) * rng.uniform(0.7, 1.3, 2)
-            ref.append(Box(x, y, x + w, y + h))
-        pred = []
-        for b in ref:
-            if rng.uniform() < 0.8:
-                j = rng.normal(0, rng.choice([1.0, 4.0, 15.0]), 4)
-                x1, y1, x2, y2 = np.array(b.as_list()) + j
-                pred.append(Box(min(x1, x2), min(y1, y2), max(x1, x2) + 1, max(y1, y2) + 1))
-        for _ in range(int(rng.integers(0, 3))):
-            x, y = rng.uniform(0, 300, 2)
-            w, h = rng.choice([8.0, 40.0, 130.0]) * rng.uniform(0.7, 1.3, 2)
-            pred.append(Box(x, y, x + w, y + h))
-        pred = [Box(*b.as_list(), score=round(float(rng.uniform()), 2)) for b in pred]
-        preds.append(pred if i % 9 != 4 else [])
-        refs.append(ref)
-    return preds, refs
+    """Boxes of COCO's three area ranges (sides about 8, 40 and 130 pixels), scores rounded
+    to 0.01 (ties), predictions in written order."""
+    sides = lambda rng: rng.choice([8.0, 40.0, 130.0]) * rng.uniform(0.7, 1.3, 2)  # noqa: E731
+    return stat_stores.scored_step(seed, n, sizes=sides, jitter=(1.0, 4.0, 15.0),
+                                   score_decimals=2, empty=(9, 4), shuffle=False)  # fmt: skip
 
 
 def assert_area_aps_equal_pycocotools(preds, refs) -> None:

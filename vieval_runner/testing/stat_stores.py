@@ -97,6 +97,52 @@ def build_stat_store(
     return specimens
 
 
+def scored_step(
+    seed: int,
+    n: int,
+    *,
+    sizes=lambda rng: rng.uniform(5, 100, 2),
+    jitter: tuple[float, ...] = (2.0, 8.0, 20.0),
+    score_decimals: int | None = None,
+    empty: tuple[int, int] = (7, 3),
+    shuffle: bool = True,
+) -> tuple[list[list[Box]], list[list[Box]]]:
+    """A random step of scored detections for AP tests against pycocotools: 0-3 references
+    per image (``sizes(rng)`` gives a box's (w, h)), 80 % of them found with normal jitter of
+    one of ``jitter``'s scales, 0-2 stray boxes, uniform scores (rounded to
+    ``score_decimals``: ties), no predictions on images ``i % empty[0] == empty[1]``, and the
+    predictions of an image in random order when ``shuffle``."""
+    rng = np.random.default_rng(seed)
+    preds, refs = [], []
+    for i in range(n):
+        ref = []
+        for _ in range(int(rng.integers(0, 4))):
+            x, y = rng.uniform(0, 300, 2)
+            w, h = sizes(rng)
+            ref.append(Box(x, y, x + w, y + h))
+        pred = []
+        for b in ref:
+            if rng.uniform() < 0.8:
+                j = rng.normal(0, rng.choice(jitter), 4)
+                x1, y1, x2, y2 = np.array(b.as_list()) + j
+                pred.append(Box(min(x1, x2), min(y1, y2), max(x1, x2) + 1, max(y1, y2) + 1))
+        for _ in range(int(rng.integers(0, 3))):
+            x, y = rng.uniform(0, 300, 2)
+            w, h = sizes(rng)
+            pred.append(Box(x, y, x + w, y + h))
+        scores = [float(rng.uniform()) for _ in pred]
+        if score_decimals is not None:
+            scores = [round(v, score_decimals) for v in scores]
+        pred = [Box(*b.as_list(), score=v) for b, v in zip(pred, scores, strict=True)]
+        if i % empty[0] == empty[1]:
+            pred = []
+        if shuffle and pred:
+            pred = list(rng.permutation(np.array(pred, dtype=object)))
+        preds.append(pred)
+        refs.append(ref)
+    return preds, refs
+
+
 def cocoeval_precision(preds, refs, max_dets=(1, 10, 100)):
     """pycocotools' accumulated precision [iou, recall, area] at the last of ``max_dets``
     (areas: all, small, medium, large; COCOeval sorts ``maxDets``)."""
