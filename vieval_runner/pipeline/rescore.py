@@ -117,6 +117,8 @@ def _rescored(
     table = reader.step(run, step)
     # only the columns parsing reads, column by column (a step's full rows are 5x the work)
     columns = {name: table.column(name).to_pylist() for name in _PARSE_INPUTS}
+    fmt = previous["output_format"]
+    coords = default_coords(previous.get("model_family"), config.coords)  # the step's frame
     step_specimens, predictions = [], []
     for i, specimen_id in enumerate(columns["specimen_id"]):
         specimen = specimens.get(specimen_id)
@@ -127,14 +129,13 @@ def _rescored(
             )
         step_specimens.append(specimen)
         row = {name: values[i] for name, values in columns.items()}
-        predictions.append(_reparse(row, specimen, previous, config, readings))
+        predictions.append(_reparse(row, specimen, fmt, coords, readings))
     aggregates = score_predictions(config, step_specimens, predictions, device="cpu")
     now = datetime.now(UTC)
     recomputed = (*store.AGGREGATE_METRICS, *store.FRAME_CHECK_COLUMNS)
     eval_row = {k: v for k, v in previous.items() if k not in recomputed}
     eval_row.update({k: v for k, v in aggregates.items() if k in store.AGGREGATE_METRICS})
-    coords = default_coords(previous.get("model_family"), config.coords)
-    eval_row.update(frame_columns(step_specimens, predictions, previous["output_format"], coords))
+    eval_row.update(frame_columns(step_specimens, predictions, fmt, coords))
     eval_row["ci95"] = aggregates.get("ci95")
     eval_row.update(
         {
@@ -176,8 +177,8 @@ def _commit(root: str, pending: list, storage_options, console: Console) -> list
 def _reparse(
     row: dict,
     specimen: Specimen,
-    evaluation: dict,
-    config: Config,
+    fmt: str | None,
+    coords: str | None,
     readings: dict[str, tuple[tuple, ParseResult]],
 ) -> Prediction:
     """A stored row parsed again (the parser's last reading of the same inputs is reused)."""
@@ -187,8 +188,6 @@ def _reparse(
         if row.get("input_width") and row.get("input_height")
         else None
     )
-    coords = default_coords(evaluation.get("model_family"), config.coords)
-    fmt = evaluation["output_format"]
     truncated = row.get("truncated")  # null in rows stored before it was kept: unknown
     key = (text, input_size, fmt, coords, truncated)
     last = readings.get(specimen.specimen_id)
